@@ -1,0 +1,172 @@
+"""The ``maas`` command line: train, manage the registry, run the quickstart.
+
+Errors print one line and exit 1; ``--verbose`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Optional, get_args
+
+from pydantic import BaseModel
+
+from maas_ray.errors import MaasError
+
+logger = logging.getLogger("maas_ray.cli")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """One --flag per config field, parsed by the model itself (lists are comma-separated)."""
+    for name, field in model.model_fields.items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE", help=field.description
+        )
+
+
+def _flag_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
+    out = {}
+    for name, field in model.model_fields.items():
+        raw = getattr(args, name, None)
+        if raw is None:
+            continue
+        is_list = "list" in str(field.annotation)
+        out[name] = [v.strip() for v in raw.split(",") if v.strip()] if is_list else raw
+    return out
+
+
+def _registry(args: argparse.Namespace):
+    from maas_ray.registry import Registry
+
+    return Registry(args.registry)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import ray
+
+    from maas_ray.train import TrainConfig, train_and_publish
+
+    cfg = TrainConfig.load(args.config, **_flag_values(args, TrainConfig))
+    ray.init(address=args.address, logging_level=logging.WARNING)
+    try:
+        report = train_and_publish(cfg, _registry(args))
+    finally:
+        ray.shutdown()
+    m = report.manifest
+    print(
+        f"published {m.model}:{m.version}  test_accuracy={report.test_accuracy:.4f}  "
+        f"parity_max_abs_diff={report.parity_max_abs_diff:.2e}  "
+        f"mean_epoch={report.mean_epoch_seconds:.2f}s  wall={report.wall_seconds:.1f}s"
+    )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    if args.models_cmd == "list":
+        if args.model:
+            aliases = reg.aliases(args.model)
+            for v in reg.list_versions(args.model):
+                m = reg.describe(args.model, v)
+                tags = ",".join(a for a, av in aliases.items() if av == v)
+                acc = m.metrics.get("test_accuracy")
+                print(f"{m.model}:{v}\t{m.created_at:%Y-%m-%d %H:%M}\t"
+                      f"{'acc=%.4f' % acc if acc is not None else '-'}\t{tags}")
+        else:
+            for name in reg.list_models():
+                versions = reg.list_versions(name)
+                print(f"{name}\tversions={len(versions)}\tlatest={versions[-1]}\taliases={reg.aliases(name)}")
+    elif args.models_cmd == "describe":
+        print(reg.describe(args.model, args.version).model_dump_json(indent=2))
+    elif args.models_cmd == "publish":
+        from maas_ray.registry import ProcessorSpec
+
+        def spec(name: str, params: Optional[str]) -> ProcessorSpec:
+            return ProcessorSpec(name=name, params=json.loads(params) if params else {})
+
+        m = reg.publish(
+            args.model,
+            args.onnx_file,
+            preprocessor=spec(args.preprocessor, args.preprocessor_params),
+            postprocessor=spec(args.postprocessor, args.postprocessor_params),
+            description=args.description,
+        )
+        print(f"published {m.model}:{m.version} sha256={m.sha256}")
+    elif args.models_cmd == "alias":
+        v = reg.set_alias(args.model, args.alias, args.version)
+        print(f"{args.model}:{args.alias} -> {v}")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from maas_ray.quickstart import run_quickstart
+
+    return run_quickstart(registry_root=args.registry, epochs=args.epochs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from maas_ray.train import TrainConfig
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", default=None, help="Registry root (default $MAAS_REGISTRY_ROOT or ~/.maas_ray/registry).")
+    common.add_argument("-v", "--verbose", action="store_true", help="Debug logs and tracebacks.")
+
+    parser = argparse.ArgumentParser(prog="maas", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("train", parents=[common], help="Train with Ray Train DDP, export, publish.")
+    p.add_argument("--config", help="TrainConfig YAML, e.g. deployments/train/digits.yaml.")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start or join a local one).")
+    _add_model_flags(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    models = sub.add_parser("models", help="Inspect and manage the model registry.")
+    msub = models.add_subparsers(dest="models_cmd", required=True)
+    p = msub.add_parser("list", parents=[common], help="List models, or the versions of one.")
+    p.add_argument("model", nargs="?")
+    p = msub.add_parser("describe", parents=[common], help="Print a version's manifest.")
+    p.add_argument("model")
+    p.add_argument("version", nargs="?", default=None, help="Version or alias (default: latest).")
+    p = msub.add_parser("publish", parents=[common], help="Publish any .onnx file as a new version.")
+    p.add_argument("model")
+    p.add_argument("onnx_file")
+    p.add_argument("--preprocessor", default="tensor")
+    p.add_argument("--preprocessor-params", default=None, help="JSON object.")
+    p.add_argument("--postprocessor", default="tensor")
+    p.add_argument("--postprocessor-params", default=None, help="JSON object.")
+    p.add_argument("--description", default="")
+    p = msub.add_parser("alias", parents=[common], help="Point an alias (e.g. production) at a version.")
+    p.add_argument("model")
+    p.add_argument("alias")
+    p.add_argument("version")
+    for p in msub.choices.values():
+        p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("quickstart", parents=[common], help="Train, publish, serve and query digits end to end.")
+    p.add_argument("--epochs", type=int, default=30)
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except MaasError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The manifest stored next to every model.onnx: everything needed to serve,
+audit and reproduce a version without the code that trained it."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Open Inference Protocol v2 datatypes <-> numpy; ONNX element types map onto these.
+OIP_TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+NUMPY_TO_OIP: dict[np.dtype, str] = {v: k for k, v in OIP_TO_NUMPY.items()}
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Model and alias names become path segments and URL parts: keep them plain."""
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"invalid {kind} name {value!r}: use letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit, at most 128 characters)"
+        )
+    return value
+
+
+class TensorSpec(BaseModel):
+    """One named input or output tensor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Tensor name as in the ONNX graph.")
+    datatype: str = Field(description="OIP v2 datatype, e.g. FP32, INT64.")
+    shape: list[int] = Field(description="Dimensions; -1 marks a dynamic one (the batch).")
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, v: str) -> str:
+        if v not in OIP_TO_NUMPY:
+            raise ValueError(f"unknown datatype {v!r}; expected one of {sorted(OIP_TO_NUMPY)}")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _valid_shape(cls, v: list[int]) -> list[int]:
+        if any(d < -1 or d == 0 for d in v):
+            raise ValueError(f"invalid shape {v}: dimensions are positive or -1 (dynamic)")
+        return v
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return OIP_TO_NUMPY[self.datatype]
+
+
+class ProcessorSpec(BaseModel):
+    """A named pre- or postprocessor and its parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="tensor", description="Registered processor name.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Processor parameters.")
+
+
+class ParentRef(BaseModel):
+    """The version a model was fine-tuned from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Parent model name.")
+    version: int = Field(ge=1, description="Parent version.")
+
+
+class Manifest(BaseModel):
+    """Self-description of one immutable model version."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="Model name.")
+    version: int = Field(ge=1, description="Integer version, assigned by the registry.")
+    inputs: list[TensorSpec] = Field(min_length=1, description="Input tensors of the graph.")
+    outputs: list[TensorSpec] = Field(min_length=1, description="Output tensors of the graph.")
+    preprocessor: ProcessorSpec = Field(default_factory=ProcessorSpec)
+    postprocessor: ProcessorSpec = Field(default_factory=ProcessorSpec)
+    metrics: dict[str, float] = Field(default_factory=dict, description="e.g. test_accuracy.")
+    training_config: Optional[dict[str, Any]] = Field(
+        default=None, description="The TrainConfig the version was trained with, if any."
+    )
+    parent: Optional[ParentRef] = Field(default=None, description="Fine-tuned from.")
+    frameworks: dict[str, str] = Field(
+        default_factory=dict, description="Versions of onnx, onnxruntime, torch, maas_ray."
+    )
+    sha256: str = Field(description="sha256 of model.onnx, checked on every load.")
+    size_bytes: int = Field(ge=1, description="Size of model.onnx.")
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    description: str = Field(default="", description="Free text.")
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        return check_name("model", v)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, v: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {v!r}")
+        return v

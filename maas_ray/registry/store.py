@@ -1,0 +1,333 @@
+"""A versioned model registry on any ``pyarrow.fs`` filesystem (local, s3://, gs://).
+
+Layout, as in Triton and TF Serving::
+
+    <root>/<model>/<version>/model.onnx
+    <root>/<model>/<version>/manifest.json     (written last: its presence = visible)
+    <root>/<model>/_aliases/<alias>.json
+    <root>/<model>/_claims/<version>/<token>   (who owns a version number)
+    <root>/<model>/_staging/<token>/           (uploads in flight)
+
+Publishing never shows a half-written version: artifacts are uploaded to a
+staging prefix, a version number is claimed, then the staging directory is
+renamed into place (local) or copied with the manifest last (object stores,
+which have no rename). Claims use "write, then list": a writer owns version
+``v`` only if its claim is the only one under ``_claims/v``; if two writers see
+each other both withdraw and retry. With linearizable writes and listings
+(POSIX, S3 since 2020, GCS) at most one writer can see itself alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import pyarrow.fs as pafs
+from pydantic import ValidationError
+
+from maas_ray.errors import (
+    ConfigError,
+    IntegrityError,
+    ModelNotFoundError,
+    PublishConflictError,
+    RegistryError,
+    VersionNotFoundError,
+)
+from maas_ray.registry.manifest import (
+    NUMPY_TO_OIP,
+    Manifest,
+    ParentRef,
+    ProcessorSpec,
+    TensorSpec,
+    check_name,
+)
+
+logger = logging.getLogger(__name__)
+
+REGISTRY_ENV = "MAAS_REGISTRY_ROOT"
+DEFAULT_ROOT = "~/.maas_ray/registry"
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+_MAX_PUBLISH_ATTEMPTS = 50
+
+
+def default_root() -> str:
+    """The registry root from ``$MAAS_REGISTRY_ROOT``, else ``~/.maas_ray/registry``."""
+    return os.environ.get(REGISTRY_ENV) or DEFAULT_ROOT
+
+
+def schema_from_onnx(model_bytes: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Read input/output names, datatypes and shapes from an ONNX graph."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    try:
+        proto = onnx.load_model_from_string(model_bytes)
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # onnx raises several unrelated types
+        raise ConfigError(f"not a valid ONNX model: {exc}") from exc
+    initializers = {init.name for init in proto.graph.initializer}
+
+    def spec(value_info: Any) -> TensorSpec:
+        ttype = value_info.type.tensor_type
+        dtype = tensor_dtype_to_np_dtype(ttype.elem_type)
+        if dtype not in NUMPY_TO_OIP:
+            raise ConfigError(f"tensor {value_info.name!r} has unsupported dtype {dtype}")
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim]
+        return TensorSpec(name=value_info.name, datatype=NUMPY_TO_OIP[dtype], shape=dims)
+
+    inputs = [spec(v) for v in proto.graph.input if v.name not in initializers]
+    outputs = [spec(v) for v in proto.graph.output]
+    return inputs, outputs
+
+
+def framework_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("maas-ray", "onnx", "onnxruntime", "onnxruntime-gpu", "torch"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A verified artifact: the manifest and the ONNX bytes it describes."""
+
+    manifest: Manifest
+    model_bytes: bytes
+
+
+class Registry:
+    """Publish, list, resolve and load immutable model versions.
+
+    Args:
+        root: a local directory or a ``pyarrow.fs`` URI (``s3://bucket/prefix``,
+            ``gs://...``; query parameters such as ``?endpoint_override=`` pass
+            through to pyarrow). Defaults to ``$MAAS_REGISTRY_ROOT``.
+    """
+
+    def __init__(self, root: Optional[str] = None) -> None:
+        root = root or default_root()
+        self.root = root
+        try:
+            if "://" in root:
+                self._fs, base = pafs.FileSystem.from_uri(root)
+            else:
+                self._fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
+        except Exception as exc:  # pyarrow raises ArrowInvalid / OSError
+            raise ConfigError(f"cannot open registry root {root!r}: {exc}") from exc
+        self._base = base.rstrip("/")
+        self._local = isinstance(self._fs, pafs.LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.root!r})"
+
+    # ---- paths and small I/O helpers -------------------------------------------------
+    def _path(self, *parts: Union[str, int]) -> str:
+        return "/".join([self._base, *(str(p) for p in parts)])
+
+    def _children(self, path: str) -> list[pafs.FileInfo]:
+        try:
+            return self._fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except OSError as exc:
+            raise RegistryError(f"cannot list {path!r}: {exc}") from exc
+
+    def _exists(self, path: str) -> bool:
+        return self._fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def _read(self, path: str) -> bytes:
+        with self._fs.open_input_stream(path) as f:
+            return f.read()
+
+    def _write(self, path: str, data: bytes, *, atomic: bool = False) -> None:
+        self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        if atomic and self._local:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with self._fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self._fs.move(tmp, path)  # rename(2): readers see old or new, never half
+        else:  # a single PUT on object stores is atomic already
+            with self._fs.open_output_stream(path) as f:
+                f.write(data)
+
+    # ---- listing and resolving ---------------------------------------------------------
+    def list_models(self) -> list[str]:
+        """Names of models with at least one published version."""
+        names = [
+            i.base_name
+            for i in self._children(self._base)
+            if i.type == pafs.FileType.Directory and not i.base_name.startswith((".", "_"))
+        ]
+        return sorted(n for n in names if self.list_versions(n, must_exist=False))
+
+    def list_versions(self, model: str, *, must_exist: bool = True) -> list[int]:
+        """Published versions of ``model``, ascending."""
+        check_name("model", model)
+        versions = [
+            int(i.base_name)
+            for i in self._children(self._path(model))
+            if i.type == pafs.FileType.Directory and i.base_name.isdigit()
+        ]
+        visible = sorted(v for v in versions if self._exists(self._path(model, v, MANIFEST_FILE)))
+        if must_exist and not visible:
+            raise ModelNotFoundError(f"model {model!r} does not exist in registry {self.root!r}")
+        return visible
+
+    def aliases(self, model: str) -> dict[str, int]:
+        """Alias name -> version for ``model``."""
+        out = {}
+        for info in self._children(self._path(model, "_aliases")):
+            if info.base_name.endswith(".json"):
+                out[info.base_name[: -len(".json")]] = json.loads(self._read(info.path))["version"]
+        return dict(sorted(out.items()))
+
+    def resolve(self, model: str, ref: Union[int, str, None] = None) -> int:
+        """Turn a version number, ``"latest"``/None, or an alias into a version number."""
+        versions = self.list_versions(model)
+        if ref is None or ref == "latest":
+            return versions[-1]
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+            version = int(ref)
+        else:
+            alias_path = self._path(model, "_aliases", f"{check_name('alias', ref)}.json")
+            if not self._exists(alias_path):
+                raise VersionNotFoundError(
+                    f"model {model!r} has no version or alias {ref!r}; "
+                    f"versions {versions}, aliases {sorted(self.aliases(model))}"
+                )
+            version = int(json.loads(self._read(alias_path))["version"])
+        if version not in versions:
+            raise VersionNotFoundError(
+                f"model {model!r} has no version {version}; versions are {versions}"
+            )
+        return version
+
+    def describe(self, model: str, ref: Union[int, str, None] = None) -> Manifest:
+        """The manifest of one version (no checksum check: use :meth:`load` to serve)."""
+        version = self.resolve(model, ref)
+        raw = self._read(self._path(model, version, MANIFEST_FILE))
+        try:
+            return Manifest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise IntegrityError(f"manifest of {model}:{version} is invalid: {exc}") from exc
+
+    def load(self, model: str, ref: Union[int, str, None] = None) -> LoadedModel:
+        """Read a version and verify its size and sha256; raise rather than serve a bad file."""
+        manifest = self.describe(model, ref)
+        data = self._read(self._path(model, manifest.version, MODEL_FILE))
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != manifest.size_bytes or digest != manifest.sha256:
+            raise IntegrityError(
+                f"{model}:{manifest.version} failed its integrity check: model.onnx has "
+                f"{len(data)} bytes with sha256 {digest[:12]}..., the manifest expects "
+                f"{manifest.size_bytes} bytes with sha256 {manifest.sha256[:12]}...; refusing to load"
+            )
+        return LoadedModel(manifest=manifest, model_bytes=data)
+
+    # ---- aliases -------------------------------------------------------------------------
+    def set_alias(self, model: str, alias: str, ref: Union[int, str]) -> int:
+        """Point ``alias`` (e.g. ``production``) at a version; returns the version."""
+        check_name("alias", alias)
+        if alias.isdigit() or alias == "latest":
+            raise ConfigError(f"alias {alias!r} would shadow a version reference")
+        version = self.resolve(model, ref)
+        body = {"version": version, "updated_at": datetime.now(timezone.utc).isoformat()}
+        self._write(self._path(model, "_aliases", f"{alias}.json"), json.dumps(body).encode(), atomic=True)
+        logger.info("alias %s:%s -> version %d", model, alias, version)
+        return version
+
+    def delete_alias(self, model: str, alias: str) -> None:
+        path = self._path(model, "_aliases", f"{check_name('alias', alias)}.json")
+        if not self._exists(path):
+            raise VersionNotFoundError(f"model {model!r} has no alias {alias!r}")
+        self._fs.delete_file(path)
+
+    # ---- publishing ----------------------------------------------------------------------
+    def publish(
+        self,
+        model: str,
+        onnx_model: Union[bytes, str, Path],
+        *,
+        preprocessor: Optional[ProcessorSpec] = None,
+        postprocessor: Optional[ProcessorSpec] = None,
+        metrics: Optional[dict[str, float]] = None,
+        training_config: Optional[dict[str, Any]] = None,
+        parent: Optional[ParentRef] = None,
+        description: str = "",
+    ) -> Manifest:
+        """Publish an ONNX model (bytes or a path) as the next version of ``model``.
+
+        The schema is read from the graph, so any ONNX file can be published.
+        """
+        check_name("model", model)
+        data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
+        inputs, outputs = schema_from_onnx(data)
+        if parent is not None:
+            self.resolve(parent.model, parent.version)  # the parent must exist
+        fields = dict(
+            model=model,
+            inputs=inputs,
+            outputs=outputs,
+            preprocessor=preprocessor or ProcessorSpec(),
+            postprocessor=postprocessor or ProcessorSpec(),
+            metrics=metrics or {},
+            training_config=training_config,
+            parent=parent,
+            frameworks=framework_versions(),
+            sha256=hashlib.sha256(data).hexdigest(),
+            size_bytes=len(data),
+            description=description,
+        )
+        token = f"{time.time_ns():020d}-{uuid.uuid4().hex}"
+        staging = self._path(model, "_staging", token)
+        self._write(f"{staging}/{MODEL_FILE}", data)
+        try:
+            version = self._claim_version(model, token)
+            manifest = Manifest(version=version, **fields)
+            self._write(f"{staging}/{MANIFEST_FILE}", manifest.model_dump_json(indent=2).encode())
+            self._commit(staging, self._path(model, version))
+        except BaseException:
+            self._fs.delete_dir_contents(staging, missing_dir_ok=True)
+            raise
+        if not self._local:  # a local commit renamed the staging directory away
+            self._fs.delete_dir(staging)
+        logger.info("published %s:%d (sha256 %s)", model, version, manifest.sha256[:12])
+        return manifest
+
+    def _claim_version(self, model: str, token: str) -> int:
+        claims = self._path(model, "_claims")
+        for attempt in range(_MAX_PUBLISH_ATTEMPTS):
+            taken = [int(i.base_name) for i in self._children(claims) if i.base_name.isdigit()]
+            taken += self.list_versions(model, must_exist=False)
+            version = max(taken, default=0) + 1
+            mine = f"{claims}/{version}/{token}"
+            self._write(mine, b"")
+            rivals = [i.base_name for i in self._children(f"{claims}/{version}")]
+            if rivals == [token]:
+                return version
+            self._fs.delete_file(mine)  # we saw a rival: withdraw and retry after jitter
+            time.sleep(random.uniform(0, 0.02 * (attempt + 1)))
+        raise PublishConflictError(
+            f"could not claim a version of {model!r} after {_MAX_PUBLISH_ATTEMPTS} attempts"
+        )
+
+    def _commit(self, staging: str, final: str) -> None:
+        if self._local:
+            self._fs.move(staging, final)  # rename(2) of the directory: all or nothing
+            return
+        # Object stores have no rename; the manifest goes last and marks the version visible.
+        self._fs.copy_file(f"{staging}/{MODEL_FILE}", f"{final}/{MODEL_FILE}")
+        self._fs.copy_file(f"{staging}/{MANIFEST_FILE}", f"{final}/{MANIFEST_FILE}")

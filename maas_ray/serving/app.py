@@ -1,0 +1,105 @@
+"""``build_app(args) -> Application``: what ``serve run deployments/<app>.yaml`` imports.
+
+Every Serve option comes from AppArgs; defaults below are sized for small CPU
+boxes and merged under the user's options (as Ray Serve LLM's builders do).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Union
+
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import Application
+
+from maas_ray.errors import ConfigError, MaasError
+from maas_ray.registry import Registry
+from maas_ray.serving.config import AppArgs, ModelConfig
+from maas_ray.serving.deployments import ModelServer, PostprocessServer, PreprocessServer
+from maas_ray.serving.ingress import Ingress
+from maas_ray.serving.processors import POSTPROCESSORS, PREPROCESSORS
+from maas_ray.train.config import format_validation_error
+
+logger = logging.getLogger(__name__)
+
+INGRESS_NAME = "Ingress"
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "ingress": {"max_ongoing_requests": 512, "ray_actor_options": {"num_cpus": 0.25}},
+    "inference": {"max_ongoing_requests": 512, "ray_actor_options": {"num_cpus": 1}},
+    "preprocess": {"max_ongoing_requests": 512, "ray_actor_options": {"num_cpus": 0.25}},
+    "postprocess": {"max_ongoing_requests": 512, "ray_actor_options": {"num_cpus": 0.25}},
+}
+
+
+def parse_args(args: Union[AppArgs, dict[str, Any]]) -> AppArgs:
+    if isinstance(args, AppArgs):
+        return args
+    try:
+        return AppArgs.model_validate(args)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "app args")) from exc
+
+
+def _check_against_registry(args: AppArgs) -> dict[str, list[int]]:
+    """Resolve every version/alias now, so a bad config fails at build time, not in a replica."""
+    registry = Registry(args.registry_root)
+    resolved = {}
+    for i, m in enumerate(args.models):
+        versions = []
+        for j, v in enumerate(m.versions):
+            try:
+                number = registry.resolve(m.name, v.version)
+            except MaasError as exc:
+                raise ConfigError(f"app args: models.{i}.versions.{j}.version: {exc}") from exc
+            manifest = registry.describe(m.name, number)
+            for stage, known, spec in (
+                ("preprocessor", PREPROCESSORS, m.preprocessor or manifest.preprocessor),
+                ("postprocessor", POSTPROCESSORS, m.postprocessor or manifest.postprocessor),
+            ):
+                if spec.name not in known:
+                    raise ConfigError(
+                        f"app args: models.{i}.{stage}: unknown {stage} {spec.name!r} "
+                        f"(for {m.name}:{number}); known: {sorted(known)}"
+                    )
+            versions.append(number)
+        if len(set(versions)) != len(versions):
+            raise ConfigError(f"app args: models.{i}.versions: two entries resolve to the same version: {versions}")
+        resolved[m.name] = versions
+    return resolved
+
+
+def _version_routes(args: AppArgs, m: ModelConfig, version: int) -> dict[str, Any]:
+    common = dict(registry_root=args.registry_root, model=m.model_dump(mode="json"), version=version)
+    batching = m.batching.model_dump()
+    if m.placement == "ingress":
+        return {}
+    infer = serve.deployment(ModelServer, name=f"{m.name}-v{version}", user_config=batching,
+                             **m.inference.serve_options(DEFAULTS["inference"])).bind(**common)
+    if m.placement == "fused":
+        return {"infer": infer}
+    return {
+        "pre": serve.deployment(PreprocessServer, name=f"{m.name}-v{version}-pre",
+                                **m.preprocess.serve_options(DEFAULTS["preprocess"])).bind(**common),
+        "infer": infer,
+        "post": serve.deployment(PostprocessServer, name=f"{m.name}-v{version}-post",
+                                 **m.postprocess.serve_options(DEFAULTS["postprocess"])).bind(**common),
+    }
+
+
+def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
+    """Build the Serve application for ``args`` (a dict from YAML, or AppArgs)."""
+    args = parse_args(args)
+    resolved = _check_against_registry(args)
+    routes = {m.name: {v: _version_routes(args, m, v) for v in resolved[m.name]} for m in args.models}
+    user_config = {
+        "traffic": {m.name: {str(n): v.weight for n, v in zip(resolved[m.name], m.versions)} for m in args.models},
+        "batching": {m.name: m.batching.model_dump() for m in args.models if m.placement == "ingress"},
+    }
+    ingress_defaults = DEFAULTS["ingress"]
+    if any(m.placement == "ingress" for m in args.models):  # the ingress runs the models too
+        ingress_defaults = {**ingress_defaults, "ray_actor_options": {"num_cpus": 1}}
+    ingress = serve.deployment(Ingress, name=INGRESS_NAME, user_config=user_config,
+                               **args.ingress.serve_options(ingress_defaults))
+    logger.info("built app for %s", {m: v for m, v in resolved.items()})
+    return ingress.bind(args=args.model_dump(mode="json"), routes=routes)

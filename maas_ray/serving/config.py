@@ -1,0 +1,125 @@
+"""AppArgs: the ``args:`` of every ``serve run`` YAML, validated at build time."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from maas_ray.registry.manifest import ProcessorSpec, check_name
+
+
+class DeploymentOptions(BaseModel):
+    """Ray Serve options for one deployment; unset fields keep Serve's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: Optional[Union[int, Literal["auto"]]] = Field(default=None, description="Fixed replica count.")
+    autoscaling_config: Optional[dict[str, Any]] = Field(
+        default=None, description="Serve autoscaling: min_replicas, max_replicas, target_ongoing_requests, ..."
+    )
+    max_ongoing_requests: Optional[int] = Field(default=None, ge=1, description="Per-replica concurrency cap.")
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=dict, description="num_cpus, num_gpus (may be fractional), memory, resources..."
+    )
+
+    @field_validator("num_replicas")
+    @classmethod
+    def _replicas(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"num_replicas must be >= 0, got {v}")
+        return v
+
+    @field_validator("ray_actor_options")
+    @classmethod
+    def _actor_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in ("num_cpus", "num_gpus"):
+            if key in v and not (isinstance(v[key], (int, float)) and v[key] >= 0):
+                raise ValueError(f"ray_actor_options.{key} must be a number >= 0, got {v[key]!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "DeploymentOptions":
+        if self.autoscaling_config is not None and isinstance(self.num_replicas, int):
+            raise ValueError(
+                f"set num_replicas ({self.num_replicas}) or autoscaling_config, not both"
+            )
+        return self
+
+    def serve_options(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        opts = dict(defaults)
+        opts.update(self.model_dump(exclude_none=True, exclude={"ray_actor_options"}))
+        opts["ray_actor_options"] = {**defaults.get("ray_actor_options", {}), **self.ray_actor_options}
+        if "autoscaling_config" in opts:
+            opts.pop("num_replicas", None)
+        return opts
+
+
+class BatchingConfig(BaseModel):
+    """Dynamic batching knobs; they go into user_config and change live."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(default=32, ge=1, description="Most items run in one onnxruntime call.")
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, description="How long a batch waits to fill.")
+
+
+class VersionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: Union[int, str] = Field(description="Version number or registry alias (resolved at build time).")
+    weight: float = Field(default=1.0, ge=0.0, description="Traffic share; 0 = reachable only by pin.")
+
+
+class ModelConfig(BaseModel):
+    """One served model: its versions, traffic split, processors, placement and scaling."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field(description="Registry model name (also the URL name).")
+    versions: list[VersionConfig] = Field(min_length=1, description="Versions to deploy with their weights.")
+    placement: Literal["split", "fused", "ingress"] = Field(
+        default="fused",
+        description="split: pre/post as their own deployments; fused: pre+infer+post in the inference "
+        "replica; ingress: everything in the ingress replica (fewest hops, for small models).",
+    )
+    preprocessor: Optional[ProcessorSpec] = Field(default=None, description="Override the manifest's.")
+    postprocessor: Optional[ProcessorSpec] = Field(default=None, description="Override the manifest's.")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="onnxruntime provider choice.")
+    intra_op_threads: Optional[int] = Field(default=None, ge=1, description="Default: the replica's num_cpus.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    inference: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    preprocess: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    postprocess: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name("model", v)
+
+    @model_validator(mode="after")
+    def _weights(self) -> "ModelConfig":
+        if sum(v.weight for v in self.versions) <= 0:
+            raise ValueError(f"model {self.name!r}: all version weights are 0; at least one must be > 0")
+        refs = [str(v.version) for v in self.versions]
+        if len(set(refs)) != len(refs):
+            raise ValueError(f"model {self.name!r}: versions listed twice: {refs}")
+        return self
+
+
+class AppArgs(BaseModel):
+    """Arguments of :func:`maas_ray.serving.build_app`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    registry_root: Optional[str] = Field(default=None, description="Default: $MAAS_REGISTRY_ROOT.")
+    models: list[ModelConfig] = Field(min_length=1, description="Models served by this app.")
+    ingress: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Ingress deployment options.")
+    request_key_header: str = Field(default="x-request-key", description="Header that makes the split sticky.")
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> "AppArgs":
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models listed twice: {names}")
+        return self

@@ -1,0 +1,235 @@
+"""Pre- and postprocessors, chosen by name in the manifest (or overridden in the app config).
+
+A preprocessor turns decoded request tensors into the model's feeds and validates
+them against the schema (the only place bad input is rejected, before batching).
+A postprocessor turns model outputs into response tensors. Both are plain
+classes, run inside whichever replica the placement puts them in.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+from typing import Any, ClassVar
+
+import numpy as np
+
+from maas_ray.errors import ConfigError, InvalidInputError
+from maas_ray.registry.manifest import Manifest, ProcessorSpec, TensorSpec
+
+logger = logging.getLogger(__name__)
+Tensors = dict[str, np.ndarray]
+
+
+def check_tensor(spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
+    """Validate one batched input against its schema; returns it in the schema dtype."""
+    if arr.ndim != len(spec.shape):
+        raise InvalidInputError(
+            f"input {spec.name!r}: expected shape {spec.shape} ({len(spec.shape)} dims, -1 = any), "
+            f"got {list(arr.shape)}"
+        )
+    for got, want in zip(arr.shape, spec.shape):
+        if want != -1 and got != want:
+            raise InvalidInputError(f"input {spec.name!r}: expected shape {spec.shape} (-1 = any), got {list(arr.shape)}")
+    if arr.shape[0] == 0:
+        raise InvalidInputError(f"input {spec.name!r}: empty batch")
+    dtype = spec.numpy_dtype
+    if arr.dtype == dtype:
+        return arr
+    if arr.dtype == object or arr.dtype.kind in "SU":
+        raise InvalidInputError(f"input {spec.name!r}: expected datatype {spec.datatype}, got {arr.dtype}")
+    if dtype.kind in "iu" and arr.dtype.kind == "f" and not np.all(np.mod(arr, 1) == 0):
+        raise InvalidInputError(f"input {spec.name!r}: expected datatype {spec.datatype}, got fractional numbers")
+    return arr.astype(dtype)
+
+
+class Preprocessor:
+    name: ClassVar[str]
+
+    def __init__(self, manifest: Manifest, params: dict[str, Any]) -> None:
+        self.inputs = manifest.inputs
+        self.params = params
+
+    def __call__(self, tensors: Tensors, *, strict_dtypes: bool) -> Tensors:
+        raise NotImplementedError
+
+
+class TensorPreprocessor(Preprocessor):
+    """Pass-through: request tensors must match the graph inputs by name, shape and dtype."""
+
+    name = "tensor"
+
+    def __call__(self, tensors: Tensors, *, strict_dtypes: bool) -> Tensors:
+        expected = [s.name for s in self.inputs]
+        missing = [n for n in expected if n not in tensors]
+        if missing:
+            raise InvalidInputError(f"missing input(s) {missing}; model expects {expected}")
+        extra = [n for n in tensors if n not in expected]
+        if extra:
+            raise InvalidInputError(f"unknown input(s) {extra}; model expects {expected}")
+        feeds = {}
+        for spec in self.inputs:
+            arr = tensors[spec.name]
+            if strict_dtypes and arr.dtype != spec.numpy_dtype and arr.dtype != object:
+                # OIP requests declare their datatype: a mismatch is the client's error.
+                from maas_ray.serving.protocol import datatype_of
+
+                raise InvalidInputError(
+                    f"input {spec.name!r}: expected datatype {spec.datatype}, got {datatype_of(arr)}"
+                )
+            feeds[spec.name] = check_tensor(spec, arr)
+        sizes = {a.shape[0] for a in feeds.values()}
+        if len(sizes) > 1:
+            raise InvalidInputError(f"inputs disagree on the batch size: {sorted(sizes)}")
+        return feeds
+
+
+class ImagePreprocessor(Preprocessor):
+    """Images in, model feeds out: decode PNG/JPEG (raw or base64), grey/RGB, resize, scale.
+
+    Params: height, width, channels (1 or 3); pixel_max: the value of full
+    intensity in raw pixel arrays (255 for 8-bit images, 16 for sklearn digits);
+    invert_encoded: flip decoded images (dark ink on light paper -> bright ink);
+    mean, std: normalisation after scaling to [0, 1]. The result is reshaped to the
+    model's input shape, so flat (B, H*W) MLPs and (B, C, H, W) CNNs both work.
+    """
+
+    name = "image"
+
+    def __init__(self, manifest: Manifest, params: dict[str, Any]) -> None:
+        super().__init__(manifest, params)
+        if len(self.inputs) != 1:
+            raise ConfigError(f"image preprocessor needs a one-input model, {manifest.model} has {len(self.inputs)}")
+        try:
+            self.h, self.w = int(params["height"]), int(params["width"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"image preprocessor needs integer 'height' and 'width', got {params}") from exc
+        self.c = int(params.get("channels", 1))
+        if self.c not in (1, 3):
+            raise ConfigError(f"image preprocessor channels must be 1 or 3, got {self.c}")
+        self.pixel_max = float(params.get("pixel_max", 255.0))
+        self.invert = bool(params.get("invert_encoded", False))
+        self.mean = float(params.get("mean", 0.0))
+        self.std = float(params.get("std", 1.0))
+        self.spec = self.inputs[0]
+
+    def _decode(self, item: Any, i: int) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        raw = item
+        if isinstance(item, str):
+            try:
+                raw = base64.b64decode(item, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise InvalidInputError(f"image {i}: not base64: {exc}") from exc
+        try:
+            img = Image.open(io.BytesIO(raw))
+            img = img.convert("L" if self.c == 1 else "RGB").resize((self.w, self.h), Image.BILINEAR)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise InvalidInputError(f"image {i}: cannot decode as PNG/JPEG: {exc}") from exc
+        x = np.asarray(img, dtype=np.float32) / 255.0  # (H, W) or (H, W, C)
+        return 1.0 - x if self.invert else x
+
+    def _pixels(self, arr: np.ndarray) -> np.ndarray:
+        if arr.dtype.kind not in "iuf":
+            raise InvalidInputError(f"input {self.spec.name!r}: pixels must be numbers, got {arr.dtype}")
+        n = arr.shape[0]
+        per_item = self.h * self.w * self.c
+        if arr[0].size != per_item:
+            raise InvalidInputError(
+                f"input {self.spec.name!r}: each image needs {self.h}x{self.w}x{self.c} = {per_item} "
+                f"pixels, got shape {list(arr.shape[1:])}"
+            )
+        return arr.reshape(n, self.h, self.w, self.c).astype(np.float32) / self.pixel_max
+
+    def __call__(self, tensors: Tensors, *, strict_dtypes: bool) -> Tensors:
+        if len(tensors) != 1:
+            raise InvalidInputError(f"expected one input (images), got {sorted(tensors)}")
+        arr = next(iter(tensors.values()))
+        if arr.ndim == 0:
+            raise InvalidInputError("expected a batch of images")
+        if arr.dtype == object:  # encoded images
+            x = np.stack([self._decode(v, i) for i, v in enumerate(arr.reshape(-1))])
+            x = x.reshape(len(x), self.h, self.w, self.c)
+        else:
+            x = self._pixels(arr)  # (N, H, W, C)
+        x = (x - self.mean) / self.std
+        if len(self.spec.shape) == 4 and self.spec.shape[1] == self.c:
+            x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        x = x.reshape(len(x), *[d for d in self.spec.shape[1:]]) if -1 not in self.spec.shape[1:] else x
+        return {self.spec.name: check_tensor(self.spec, np.ascontiguousarray(x))}
+
+
+class Postprocessor:
+    name: ClassVar[str]
+
+    def __init__(self, manifest: Manifest, params: dict[str, Any]) -> None:
+        self.outputs = manifest.outputs
+        self.params = params
+
+    def __call__(self, outputs: Tensors) -> Tensors:
+        raise NotImplementedError
+
+
+class TensorPostprocessor(Postprocessor):
+    """Pass the model outputs through unchanged."""
+
+    name = "tensor"
+
+    def __call__(self, outputs: Tensors) -> Tensors:
+        return outputs
+
+
+class ClassificationPostprocessor(Postprocessor):
+    """Logits -> label, probabilities (softmax) and the top-k labels with their scores.
+
+    Params: labels (class names; default "0".."C-1"), top_k (default 3),
+    apply_softmax (default true; false if the graph already outputs probabilities).
+    """
+
+    name = "classification"
+
+    def __init__(self, manifest: Manifest, params: dict[str, Any]) -> None:
+        super().__init__(manifest, params)
+        self.labels = params.get("labels")
+        self.top_k = int(params.get("top_k", 3))
+        self.softmax = bool(params.get("apply_softmax", True))
+        if self.top_k < 1:
+            raise ConfigError(f"classification top_k must be >= 1, got {self.top_k}")
+
+    def __call__(self, outputs: Tensors) -> Tensors:
+        logits = next(iter(outputs.values())).astype(np.float32)  # (N, C)
+        if self.softmax:
+            z = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs = z / z.sum(axis=1, keepdims=True)
+        else:
+            probs = logits
+        labels = np.asarray(self.labels if self.labels else [str(i) for i in range(probs.shape[1])], dtype=object)
+        k = min(self.top_k, probs.shape[1])
+        top = np.argsort(-probs, axis=1)[:, :k]  # (N, k)
+        return {
+            "label": labels[top[:, 0]],
+            "probabilities": probs,
+            "top_k_labels": labels[top],
+            "top_k_scores": np.take_along_axis(probs, top, axis=1),
+        }
+
+
+PREPROCESSORS: dict[str, type[Preprocessor]] = {c.name: c for c in (TensorPreprocessor, ImagePreprocessor)}
+POSTPROCESSORS: dict[str, type[Postprocessor]] = {c.name: c for c in (TensorPostprocessor, ClassificationPostprocessor)}
+
+
+def make_preprocessor(manifest: Manifest, override: ProcessorSpec | None = None) -> Preprocessor:
+    spec = override or manifest.preprocessor
+    if spec.name not in PREPROCESSORS:
+        raise ConfigError(f"unknown preprocessor {spec.name!r}; known: {sorted(PREPROCESSORS)}")
+    return PREPROCESSORS[spec.name](manifest, spec.params)
+
+
+def make_postprocessor(manifest: Manifest, override: ProcessorSpec | None = None) -> Postprocessor:
+    spec = override or manifest.postprocessor
+    if spec.name not in POSTPROCESSORS:
+        raise ConfigError(f"unknown postprocessor {spec.name!r}; known: {sorted(POSTPROCESSORS)}")
+    return POSTPROCESSORS[spec.name](manifest, spec.params)

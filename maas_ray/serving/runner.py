@@ -1,0 +1,115 @@
+"""The model runner: one onnxruntime session, dynamic batching, nothing else.
+
+HTTP, routing and processors live elsewhere; this is the thin part that KServe's
+runtimes are (load, predict). The session factory is injectable for unit tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Callable, Optional
+
+import numpy as np
+from ray import serve
+
+from maas_ray.errors import InferenceError, MaasError
+from maas_ray.registry.manifest import Manifest
+from maas_ray.runtime import create_session
+
+logger = logging.getLogger(__name__)
+Tensors = dict[str, np.ndarray]
+
+
+class OnnxRunner:
+    """Run batched feeds through an onnxruntime session."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        model_bytes: bytes,
+        *,
+        device: str = "auto",
+        intra_op_threads: Optional[int] = None,
+        session_factory: Callable = create_session,
+    ) -> None:
+        self.manifest = manifest
+        self.session = session_factory(model_bytes, device=device, intra_op_threads=intra_op_threads)
+        self.provider = self.session.get_providers()[0]
+        self.output_names = [o.name for o in manifest.outputs]
+        logger.info("%s:%d runs on %s", manifest.model, manifest.version, self.provider)
+
+    def run(self, feeds: Tensors) -> Tensors:
+        try:
+            return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise InferenceError(f"{self.manifest.model}:{self.manifest.version} inference failed: {exc}") from exc
+
+    def warm_up(self) -> None:
+        """One run on zeros so the first request does not pay for lazy initialisation."""
+        feeds = {
+            s.name: np.zeros([1 if d == -1 else d for d in s.shape], dtype=s.numpy_dtype)
+            for s in self.manifest.inputs
+        }
+        self.run(feeds)
+
+
+def run_batch(runner: OnnxRunner, requests: list[Tensors]) -> list[Tensors | MaasError]:
+    """Concatenate requests along the batch axis, run once per shape group, split back.
+
+    Requests whose non-batch dims differ (dynamic dims) go in separate groups. If a
+    group fails, its requests are retried one by one so one bad item fails only its
+    own request.
+    """
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, feeds in enumerate(requests):
+        groups[tuple((n, a.shape[1:]) for n, a in sorted(feeds.items()))].append(i)
+    results: list = [None] * len(requests)
+    for idx in groups.values():
+        sizes = [next(iter(requests[i].values())).shape[0] for i in idx]
+        if len(idx) == 1:
+            feeds = requests[idx[0]]
+        else:
+            feeds = {n: np.concatenate([requests[i][n] for i in idx]) for n in requests[idx[0]]}
+        try:
+            out = runner.run(feeds)
+        except MaasError:
+            for i in idx:
+                try:
+                    results[i] = runner.run(requests[i])
+                except MaasError as exc:
+                    results[i] = exc
+            continue
+        bounds = np.cumsum([0, *sizes])
+        for j, i in enumerate(idx):
+            results[i] = {n: a[bounds[j] : bounds[j + 1]] for n, a in out.items()}
+    return results
+
+
+class BatchedRunner:
+    """Dynamic batching with ``@serve.batch``; the knobs change live via :meth:`set_batching`."""
+
+    def __init__(self, runner: OnnxRunner, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.002) -> None:
+        self.runner = runner
+        self.set_batching(max_batch_size, batch_wait_timeout_s)
+
+    def set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self._infer_batch.set_max_batch_size(max_batch_size)
+        self._infer_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def infer(self, feeds: Tensors) -> Tensors:
+        result = await self._infer_batch(feeds)
+        if isinstance(result, MaasError):
+            raise result
+        return result
+
+    async def _run_in_thread(self, requests: list[Tensors]) -> list:
+        # onnxruntime releases the GIL: run it off the event loop so requests keep flowing.
+        return await asyncio.get_running_loop().run_in_executor(None, run_batch, self.runner, requests)
+
+    # batch_size_fn: max_batch_size counts items, not requests (a request may hold many).
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, batch_size_fn=lambda reqs: sum(
+        next(iter(r.values())).shape[0] for r in reqs))
+    async def _infer_batch(self, requests: list[Tensors]) -> list:
+        return await self._run_in_thread(requests)

@@ -1,0 +1,74 @@
+import pickle
+
+import pytest
+from pydantic import ValidationError
+
+import maas_ray
+from maas_ray import errors
+from maas_ray.registry import Manifest, TensorSpec
+from maas_ray.train import TrainConfig
+
+pytestmark = pytest.mark.unit
+
+
+def test_public_api_is_exactly_all():
+    public = sorted(n for n in dir(maas_ray) if not n.startswith("_") and n not in {"errors", "registry", "runtime"})
+    assert sorted(maas_ray.__all__) == maas_ray.__all__
+    assert set(maas_ray.__all__) <= set(public)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"epochs": 0}, "epochs: Input should be greater than or equal to 1 (got 0)"),
+        ({"lr": -1}, "lr: Input should be greater than 0 (got -1)"),
+        ({"hidden_sizes": [64, -3]}, "hidden_sizes must be positive, got [64, -3]"),
+        ({"data": "features.csv"}, "got 'features.csv'"),
+        ({"parent": "digits"}, "parent must look like 'model:version'"),
+        ({"model_name": "bad name"}, "invalid model name 'bad name'"),
+        ({"epochz": 3}, "epochz: Extra inputs are not permitted"),
+    ],
+)
+def test_train_config_names_field_and_value(overrides, message):
+    with pytest.raises(errors.ConfigError) as info:
+        TrainConfig.load(None, **overrides)
+    assert message in str(info.value)
+
+
+def test_train_config_from_yaml_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 5\nhidden_sizes: [32]\n")
+    cfg = TrainConfig.load(str(path), epochs=7)
+    assert cfg.epochs == 7 and cfg.hidden_sizes == [32]
+    assert TrainConfig.load("deployments/train/digits.yaml").min_test_accuracy == 0.97
+
+
+def test_manifest_validation_quotes_bad_values():
+    with pytest.raises(ValidationError, match="unknown datatype 'FLOAT32'"):
+        TensorSpec(name="x", datatype="FLOAT32", shape=[-1, 4])
+    with pytest.raises(ValidationError, match=r"invalid shape \[0, 4\]"):
+        TensorSpec(name="x", datatype="FP32", shape=[0, 4])
+    with pytest.raises(ValidationError, match="sha256 must be 64 lowercase hex digits, got 'abc'"):
+        Manifest(
+            model="m", version=1, sha256="abc", size_bytes=1,
+            inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1])],
+            outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1])],
+        )
+
+
+ALL_ERRORS = [getattr(errors, n) for n in errors.__all__]
+
+
+@pytest.mark.parametrize("cls", ALL_ERRORS, ids=lambda c: c.__name__)
+def test_errors_pickle_and_keep_status(cls):
+    exc = cls("model 'x' has no version 3")
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is cls and str(back) == str(exc) and back.status_code == cls.status_code
+    assert back.to_dict() == {"error": "model 'x' has no version 3"}
+
+
+def test_status_codes():
+    assert errors.InvalidInputError.status_code == 400
+    assert errors.ModelNotFoundError.status_code == errors.VersionNotFoundError.status_code == 404
+    assert errors.ModelNotReadyError.status_code == 503
+    assert errors.IntegrityError.status_code == 500
