@@ -100,3 +100,13 @@ class ModelNotReadyError(MaasError):
 
 class InferenceError(MaasError):
     """The runtime failed on input that passed validation. 500."""
+
+
+def unwrap_remote(exc: BaseException) -> BaseException:
+    """Ray re-raises a replica's or task's error as RayTaskError; return our own error inside.
+
+    The maas_ray error pickles across processes intact (status code and message), so the
+    caller can answer with it as if it had been raised locally.
+    """
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, MaasError) else exc

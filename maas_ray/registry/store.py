@@ -310,7 +310,7 @@ class Registry:
     def _claim_version(self, model: str, token: str) -> int:
         claims = self._path(model, "_claims")
         for attempt in range(_MAX_PUBLISH_ATTEMPTS):
-            taken = [int(i.base_name) for i in self._children(claims) if i.base_name.isdigit()]
+            taken = self._claimed_versions(claims)
             taken += self.list_versions(model, must_exist=False)
             version = max(taken, default=0) + 1
             mine = f"{claims}/{version}/{token}"
@@ -323,6 +323,24 @@ class Registry:
         raise PublishConflictError(
             f"could not claim a version of {model!r} after {_MAX_PUBLISH_ATTEMPTS} attempts"
         )
+
+    def _claimed_versions(self, claims: str) -> list[int]:
+        """Versions with at least one claim object under ``_claims/<v>/``.
+
+        A withdrawn claim leaves its directory behind (an empty dir locally, a
+        directory marker written by pyarrow on S3); it must not burn the number.
+        """
+        try:
+            infos = self._fs.get_file_info(pafs.FileSelector(claims, allow_not_found=True, recursive=True))
+        except OSError as exc:
+            raise RegistryError(f"cannot list {claims!r}: {exc}") from exc
+        out = set()
+        for info in infos:
+            if info.type == pafs.FileType.File:
+                head = info.path[len(claims) + 1 :].split("/", 1)[0]
+                if head.isdigit():
+                    out.add(int(head))
+        return sorted(out)
 
     def _commit(self, staging: str, final: str) -> None:
         if self._local:

@@ -6,6 +6,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from maas_ray.errors import unwrap_remote
+
 
 class MaasClient:
     """Call a running maas-ray app from any Ray driver or task connected to the cluster.
@@ -34,10 +36,16 @@ class MaasClient:
         timeout_s: float = 60.0,
     ) -> dict[str, Any]:
         """Blocking inference; raises the same maas_ray errors HTTP maps to 4xx/5xx."""
-        return self._call(model, inputs, version, key).result(timeout_s=timeout_s)
+        try:
+            return self._call(model, inputs, version, key).result(timeout_s=timeout_s)
+        except Exception as exc:
+            raise unwrap_remote(exc) from None
 
     async def infer_async(self, model: str, inputs: dict[str, Any], *, version=None, key=None) -> dict[str, Any]:
-        return await self._call(model, inputs, version, key)
+        try:
+            return await self._call(model, inputs, version, key)
+        except Exception as exc:
+            raise unwrap_remote(exc) from None
 
     def _call(self, model, inputs, version, key):
         return self._handle.predict.remote(model, inputs, None if version is None else str(version), key)

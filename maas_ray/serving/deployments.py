@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Optional
 
 import numpy as np
@@ -86,8 +87,8 @@ class ModelServer:
     async def run(self, feeds: Tensors) -> Tensors:
         return await self.pipeline.batched.infer(feeds)
 
-    def provider(self) -> str:
-        return self.pipeline.provider
+    def describe(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "provider": self.pipeline.provider}
 
 
 class PreprocessServer:

@@ -3,6 +3,7 @@
 
 import json
 import logging
+import os
 from typing import Any, Optional
 
 import numpy as np
@@ -10,7 +11,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from maas_ray.errors import ConfigError, InvalidInputError, MaasError, ModelNotFoundError, VersionNotFoundError
+from maas_ray.errors import (
+    ConfigError,
+    InvalidInputError,
+    MaasError,
+    ModelNotFoundError,
+    VersionNotFoundError,
+    unwrap_remote,
+)
 from maas_ray.registry import Manifest, Registry
 from maas_ray.serving import protocol
 from maas_ray.serving.config import AppArgs, ModelConfig
@@ -22,14 +30,8 @@ VERSION_HEADER = "x-model-version"
 Tensors = dict[str, np.ndarray]
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    """Errors raised in another replica arrive as RayTaskError; answer with their cause."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
-
-
 def _error_response(exc: BaseException) -> JSONResponse:
-    exc = _unwrap(exc)
+    exc = unwrap_remote(exc)
     if isinstance(exc, MaasError):
         return JSONResponse({"error": exc.message}, status_code=exc.status_code)
     logger.exception("unhandled error", exc_info=exc)
@@ -55,6 +57,11 @@ class _Route:
             outputs = self.handles["infer"].run.remote(feeds)
             return await self.handles["post"].remote(outputs)
         return await self.handles["infer"].infer.remote(tensors, strict)
+
+    async def describe(self) -> dict[str, Any]:
+        if self.local is not None:
+            return {"pid": os.getpid(), "provider": self.local.provider}
+        return await self.handles["infer"].describe.remote()
 
 
 @serve.ingress(api)
@@ -124,6 +131,13 @@ class Ingress:
         v = self._pick(model, None if version is None else str(version), key)
         outputs = await self.routes[model][v].infer(tensors, False)
         return protocol.encode_v2(model, v, outputs)
+
+    async def replicas(self) -> dict[str, Any]:
+        """Which process and onnxruntime provider serve each version (ops and tests)."""
+        return {
+            "ingress_pid": os.getpid(),
+            "models": {m: {v: await r.describe() for v, r in rs.items()} for m, rs in self.routes.items()},
+        }
 
     # ---- OIP v2 ---------------------------------------------------------------------
     @api.get("/v2/health/live")

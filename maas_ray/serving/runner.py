@@ -95,11 +95,15 @@ class BatchedRunner:
         self.set_batching(max_batch_size, batch_wait_timeout_s)
 
     def set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.max_batch_size = max_batch_size
         self._infer_batch.set_max_batch_size(max_batch_size)
         self._infer_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def infer(self, feeds: Tensors) -> Tensors:
-        result = await self._infer_batch(feeds)
+        if next(iter(feeds.values())).shape[0] > self.max_batch_size:
+            result = (await self._run_in_thread([feeds]))[0]  # already a full batch on its own
+        else:
+            result = await self._infer_batch(feeds)
         if isinstance(result, MaasError):
             raise result
         return result

@@ -48,7 +48,7 @@ def s3_endpoint():
     with pytest.MonkeyPatch.context() as mp_env:
         for key, value in CREDENTIALS.items():
             mp_env.setenv(key, value)
-        for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
             mp_env.delenv(key, raising=False)  # a developer's real settings must not leak in
         port = _free_port()
         server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -78,10 +78,15 @@ def reg(root) -> Registry:
     return Registry(root)
 
 
-def test_uri_query_parameters_reach_pyarrow(reg, s3_endpoint):
-    assert reg._local is False
-    assert reg._fs.endpoint_override == s3_endpoint  # not silently pointed at AWS
-    assert reg.list_models() == []
+def test_uri_query_parameters_reach_pyarrow(root, s3_endpoint):
+    # ?endpoint_override=...&scheme=http in the root URI is all the configuration needed:
+    # the object lands on the loopback server (fake credentials would fail on AWS).
+    reg = Registry(root)
+    assert reg._local is False and reg.list_models() == []
+    reg.publish("lin", linear_onnx())
+    direct = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http")
+    info = direct.get_file_info(f"{reg._base}/lin/1/{MODEL_FILE}")
+    assert info.type == pafs.FileType.File and info.size == len(linear_onnx())
 
 
 def test_aws_endpoint_url_env_var_is_honoured(s3_endpoint, monkeypatch):
@@ -133,7 +138,7 @@ def test_publish_leaves_no_staging_objects(reg):
     listing = reg._fs.get_file_info(pafs.FileSelector(reg._path("lin"), recursive=True))
     paths = {info.path[len(reg._path("lin")) + 1 :] for info in listing}
     assert {"1/model.onnx", "1/manifest.json"} <= paths
-    assert not any(p.startswith("_staging/") and p.count("/") > 1 for p in paths), paths
+    assert not [p for p in paths if p.startswith("_staging/")], paths  # uploads cleaned up
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_last_byte"])
@@ -155,8 +160,7 @@ def test_withdrawn_claim_does_not_burn_a_version(reg):
     """Two publishers that collide on v and both withdraw leave v free for the next one.
 
     A withdrawal deletes the claim object; pyarrow then writes a directory marker
-    ``_claims/<v>/`` so the "directory" survives, and ``_claim_version`` counts
-    every listed claim directory as taken, empty or not.
+    ``_claims/<v>/``; only claim objects (files) may count as taken.
     """
     reg.publish("lin", linear_onnx())
     rival = reg._path("lin", "_claims", 2, "rival-token")
@@ -172,7 +176,8 @@ def _publish_many(root: str, env: dict, barrier, n: int, proc: int, out) -> None
     barrier.wait(timeout=120)  # start together so claims really collide
     published = []
     for i in range(n):
-        manifest = reg.publish("race", linear_onnx(seed=100 * proc + i), description=f"p{proc}-{i}")
+        model = linear_onnx(seed=100 * proc + i)
+        manifest = reg.publish("race", model, description=f"p{proc}-{i}")
         published.append((manifest.version, manifest.description, manifest.sha256))
     out.put(published)
 
@@ -202,4 +207,9 @@ def test_concurrent_publish_from_processes_loses_nothing(root):
     for version, description, sha in results:  # and holds its own publisher's artifact
         loaded = reg.load("race", version)
         assert (loaded.manifest.description, loaded.manifest.sha256) == (description, sha)
-    assert versions == list(range(1, n_procs * n_each + 1)), f"gaps in {versions}"
+    for p in range(n_procs):  # a publisher's later model always gets a later version
+        own = [v for v, d, _ in results if d.startswith(f"p{p}-")]
+        assert own == sorted(own), own
+    # Not asserted: versions == 1..9. Colliding claimants both withdraw, and a third
+    # publisher may meanwhile take v+1, so gaps are possible by design (see
+    # test_withdrawn_claim_does_not_burn_a_version for the avoidable, common case).

@@ -1,0 +1,55 @@
+"""Deploy a Serve config file (or dict) from Python: the path ``serve run/deploy <yaml>`` takes.
+
+Going through the controller's ``apply_config`` keeps `serve deploy` semantics:
+a change to a deployment's ``user_config`` only (e.g. traffic weights) reconfigures
+running replicas in place; a change to ``args`` rebuilds the app.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from maas_ray.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def load_config(config: Union[str, Path, dict[str, Any]]):
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = config if isinstance(config, dict) else yaml.safe_load(Path(config).read_text())
+    try:
+        return ServeDeploySchema.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid Serve config: {exc}") from exc
+
+
+def deploy(config: Union[str, Path, dict[str, Any]], *, timeout_s: float = 180.0) -> None:
+    """Apply a Serve config to the connected cluster and wait until every app is RUNNING."""
+    from ray import serve
+    from ray.serve._private import api as serve_api
+
+    schema = load_config(config)
+    client = serve_api.serve_start(
+        http_options=schema.http_options.model_dump(),
+        proxy_location=schema.proxy_location,
+    )
+    client.deploy_apps(schema, _blocking=False)
+    names = [app.name for app in schema.applications]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in names}
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        failed = {n: apps[n].message for n, s in states.items() if s == "DEPLOY_FAILED"}
+        if failed:
+            raise ConfigError(f"deploy failed: {failed}")
+        time.sleep(0.5)
+    raise TimeoutError(f"apps {names} not RUNNING after {timeout_s}s: {states}")

@@ -1,0 +1,59 @@
+"""One real Ray instance for the whole integration session; Serve is shut down between modules."""
+
+import os
+import time
+
+import pytest
+
+from tests.conftest import TEST_ENV
+
+NUM_CPUS = 4  # logical CPUs on a 2-core box: room for the ingress, two versions and a scale-up
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    for k, v in TEST_ENV.items():
+        os.environ.setdefault(k, v)
+    ray.init(num_cpus=NUM_CPUS, logging_level="WARNING", log_to_driver=True)
+    yield ray.get_runtime_context().gcs_address
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def registry_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("registry"))
+
+
+@pytest.fixture(scope="session")
+def trained(ray_cluster, registry_root, tmp_path_factory):
+    """digits:1 trained from scratch, digits:2 fine-tuned from it (parent recorded)."""
+    from maas_ray.registry import Registry
+    from maas_ray.train import TrainConfig, train_and_publish
+
+    runs = str(tmp_path_factory.mktemp("runs"))
+    reg = Registry(registry_root)
+    first = train_and_publish(
+        TrainConfig.load("deployments/train/digits.yaml", storage_path=runs, run_name="digits-v1"), reg
+    )
+    second = train_and_publish(
+        TrainConfig.load(
+            "deployments/train/digits.yaml", storage_path=runs, run_name="digits-v2",
+            epochs=8, lr=1e-3, parent="digits:1",
+        ),
+        reg,
+    )
+    return first, second
+
+
+@pytest.fixture
+def serve_cleanup(ray_cluster):
+    from ray import serve
+
+    yield
+    serve.shutdown()
+    time.sleep(0.5)

@@ -1,0 +1,85 @@
+"""Real Ray Train DDP on CPU: train, export, parity, publish; fine-tune; survive a killed worker."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from maas_ray.registry import Registry
+from maas_ray.runtime import create_session
+from maas_ray.train import TrainConfig, train_and_publish
+from maas_ray.train.data import load_dataset
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_ddp_training_exports_passes_parity_and_publishes(trained, registry_root):
+    first, second = trained
+    assert first.test_accuracy >= 0.97, first
+    assert first.parity_max_abs_diff <= 1e-4
+    m = first.manifest
+    assert (m.model, m.version) == ("digits", 1)
+    assert [(t.name, t.datatype, t.shape) for t in m.inputs] == [("input", "FP32", [-1, 64])]
+    assert m.preprocessor.name == "image" and m.postprocessor.params["labels"] == [str(i) for i in range(10)]
+    assert m.training_config["num_workers"] == 2 and m.metrics["test_accuracy"] == first.test_accuracy
+
+    # the published artifact itself classifies the held-out split as reported
+    loaded = Registry(registry_root).load("digits", 1)
+    ds = load_dataset("digits", test_fraction=0.2, seed=0)
+    session = create_session(loaded.model_bytes, device="cpu")
+    logits = session.run(None, {"input": ds.x_test})[0]
+    assert np.isclose((logits.argmax(1) == ds.y_test).mean(), first.test_accuracy, atol=1e-6)
+
+
+def test_fine_tune_records_parent(trained):
+    _, second = trained
+    assert second.manifest.version == 2
+    assert second.manifest.parent is not None and second.manifest.parent.version == 1
+    assert second.test_accuracy >= 0.97
+
+
+def _train_workers() -> list[psutil.Process]:
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any("RayTrainWorker" in part for part in p.info["cmdline"] or []):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return procs
+
+
+def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(ray_cluster, tmp_path):
+    runs = tmp_path / "runs"
+    cfg = TrainConfig.load(
+        "deployments/train/digits.yaml",
+        model_name="digits-ft", storage_path=str(runs), run_name="killed", epochs=40, checkpoint_every=2,
+    )
+    reg = Registry(str(tmp_path / "registry"))
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(report=train_and_publish(cfg, reg)), daemon=True)
+    thread.start()
+
+    deadline = time.monotonic() + 180
+    killed = None
+    while time.monotonic() < deadline and thread.is_alive():
+        # A second checkpoint on disk means the controller has registered the first
+        # (each worker's report queue holds one report until the controller takes it).
+        registered = len(list((runs / "killed").glob("checkpoint_*"))) >= 2
+        workers = _train_workers()
+        if registered and len(workers) >= 2:
+            killed = workers[-1].pid
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.1)
+    assert killed is not None, "training finished or stalled before a worker could be killed"
+    thread.join(timeout=300)
+    report = outcome["report"]
+    assert report.resumed_from_epoch > 0, "the replacement workers did not resume from a checkpoint"
+    assert report.epochs_run == cfg.epochs - report.resumed_from_epoch
+    assert report.test_accuracy >= 0.97
+    assert reg.list_versions("digits-ft") == [1]
