@@ -1,0 +1,160 @@
+"""The Ray-based systems, one per process: the harness sets the Serve env vars
+(RAY_SERVE_THROUGHPUT_OPTIMIZED, RAY_SERVE_ENABLE_HA_PROXY, ...) before this starts Ray.
+
+    python -m benchmarks.servers.ray_server ray-plain --port 8103 --model-path m.onnx
+    python -m benchmarks.servers.ray_server ray-tuned --port 8104 --model-path m.onnx --max-batch-size 64
+    python -m benchmarks.servers.ray_server maas --port 8105 --registry /tmp/reg --model mlp --placement fused
+
+It starts its own Ray instance (``address="local"``), serves until SIGTERM/SIGINT,
+then shuts Serve and Ray down (which also stops HAProxy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+
+import numpy as np
+from fastapi import FastAPI, Request
+
+logger = logging.getLogger("benchmarks.ray_server")
+DTYPES = {"FP32": np.float32, "INT64": np.int64}
+
+
+def _decode(body: dict) -> dict[str, np.ndarray]:
+    return {t["name"]: np.asarray(t["data"], dtype=DTYPES[t["datatype"]]).reshape(t["shape"]) for t in body["inputs"]}
+
+
+def _encode(model: str, names: list[str], outputs: list[np.ndarray]) -> dict:
+    return {"model_name": model, "outputs": [
+        {"name": n, "datatype": "FP32", "shape": list(a.shape), "data": a.reshape(-1).tolist()}
+        for n, a in zip(names, outputs)]}
+
+
+def plain_app(model_path: str):
+    """What a newcomer writes from the Serve docs: FastAPI ingress, defaults everywhere."""
+    import onnxruntime as ort
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment
+    @serve.ingress(api)
+    class OnnxModel:
+        def __init__(self, path: str) -> None:
+            self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            self.names = [o.name for o in self.session.get_outputs()]
+
+        @api.post("/v2/models/{model}/infer")
+        async def infer(self, model: str, request: Request) -> dict:
+            feeds = _decode(await request.json())
+            return _encode(model, self.names, self.session.run(self.names, feeds))
+
+    return OnnxModel.bind(model_path)
+
+
+def tuned_app(model_path: str, max_batch_size: int, threads: int):
+    """The same deployment with ``@serve.batch`` and a high ``max_ongoing_requests``."""
+    import onnxruntime as ort
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=1024)
+    @serve.ingress(api)
+    class OnnxModel:
+        def __init__(self, path: str) -> None:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+            self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            self.names = [o.name for o in self.session.get_outputs()]
+            self.input = self.session.get_inputs()[0].name
+
+        @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=0.002)
+        async def run(self, xs: list[np.ndarray]) -> list[list[np.ndarray]]:
+            sizes = np.cumsum([0, *[len(x) for x in xs]])
+            # onnxruntime releases the GIL: run it off the event loop so requests keep flowing
+            outs = await asyncio.to_thread(self.session.run, self.names, {self.input: np.concatenate(xs)})
+            return [[o[a:b] for o in outs] for a, b in zip(sizes[:-1], sizes[1:])]
+
+        @api.post("/v2/models/{model}/infer")
+        async def infer(self, model: str, request: Request) -> dict:
+            feeds = _decode(await request.json())
+            return _encode(model, self.names, await self.run(feeds[self.input]))
+
+    return OnnxModel.bind(model_path)
+
+
+def maas_config(port: int, registry: str, model: str, placement: str, max_batch_size: int, threads: int) -> dict:
+    """A Serve config for maas_ray's real app (``build_app``), sized for 2 cores."""
+    m = {
+        "name": model, "placement": placement, "versions": [{"version": 1}],
+        "intra_op_threads": threads,
+        "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.002},
+        "inference": {"ray_actor_options": {"num_cpus": 1.5}},
+        "preprocess": {"ray_actor_options": {"num_cpus": 0.1}},
+        "postprocess": {"ray_actor_options": {"num_cpus": 0.1}},
+    }
+    ingress_cpus = 1.5 if placement == "ingress" else 0.25
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": "maas", "route_prefix": "/", "import_path": "maas_ray.serving.app:build_app",
+            "args": {"registry_root": registry, "models": [m],
+                     "ingress": {"ray_actor_options": {"num_cpus": ingress_cpus}}},
+        }],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("system", choices=["ray-plain", "ray-tuned", "maas"])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--num-cpus", type=float, default=2)
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    p.add_argument("--model-path", help="ONNX file (ray-plain, ray-tuned)")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--registry", help="registry root (maas)")
+    p.add_argument("--model", help="registry model name (maas)")
+    p.add_argument("--placement", choices=["split", "fused", "ingress"], default="fused")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False)
+    try:
+        if a.system == "maas":
+            from maas_ray.serving.deploy import deploy
+
+            deploy(maas_config(a.port, a.registry, a.model, a.placement, a.max_batch_size, a.threads))
+        else:
+            serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+            app = plain_app(a.model_path) if a.system == "ray-plain" else tuned_app(
+                a.model_path, a.max_batch_size, a.threads)
+            serve.run(app, name="bench", route_prefix="/")
+        print(f"READY {a.system} on port {a.port}", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt as exc:
+        logger.info("stopping: %s", exc)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+        logger.info("Serve and Ray are down")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""build_app validates its args against the registry at build time (no Ray cluster needed)."""
+
+import pytest
+
+from maas_ray.errors import ConfigError
+from maas_ray.registry import ProcessorSpec, Registry
+from maas_ray.serving import build_app
+from tests.helpers import linear_onnx
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def root(tmp_path):
+    reg = Registry(str(tmp_path))
+    reg.publish("m", linear_onnx())
+    reg.publish("m", linear_onnx(seed=1))
+    reg.set_alias("m", "production", 1)
+    return str(tmp_path)
+
+
+def args(root, versions, **model):
+    return {"registry_root": root, "models": [{"name": "m", "versions": versions, **model}]}
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"versions": [{"version": 9}]}, "models.0.versions.0.version: model 'm' has no version 9; versions are [1, 2]"),
+        ({"versions": [{"version": "staging"}]}, "models.0.versions.0.version: model 'm' has no version or alias 'staging'"),
+        ({"versions": [{"version": 1, "weight": -1}]}, "models.0.versions.0.weight: Input should be greater than or equal to 0 (got -1)"),
+        ({"versions": [{"version": 1, "weight": 0}, {"version": 2, "weight": 0}]}, "all version weights are 0"),
+        ({"versions": [{"version": 1}, {"version": "production"}]}, "two entries resolve to the same version: [1, 1]"),
+        ({"versions": [{"version": 1}], "postprocessor": {"name": "softmaxx"}}, "models.0.postprocessor: unknown postprocessor 'softmaxx'"),
+        ({"versions": [{"version": 1}], "placement": "sideways"}, "models.0.placement: Input should be 'split', 'fused' or 'ingress' (got 'sideways')"),
+        ({"versions": [{"version": 1}], "inference": {"ray_actor_options": {"num_gpus": -0.5}}}, "num_gpus must be a number >= 0, got -0.5"),
+        ({"versions": [{"version": 1}], "inference": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}}}, "not both"),
+    ],
+)
+def test_bad_config_fails_at_build_time_naming_field_and_value(root, bad, message):
+    with pytest.raises(ConfigError) as info:
+        build_app(args(root, **bad))
+    assert message in str(info.value)
+
+
+def test_unknown_model_fails_at_build_time(root):
+    with pytest.raises(ConfigError, match="models.0.versions.0.version: model 'x' does not exist"):
+        build_app({"registry_root": root, "models": [{"name": "x", "versions": [{"version": 1}]}]})
+
+
+def test_valid_config_builds_every_placement(root):
+    for placement in ("split", "fused", "ingress"):
+        app = build_app(args(root, [{"version": "production", "weight": 3}, {"version": 2, "weight": 1}], placement=placement,
+                             inference={"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.25}}))
+        assert app is not None
+    reg = Registry(root)
+    reg.publish("m", linear_onnx(), postprocessor=ProcessorSpec(name="classification"))
+    assert build_app(args(root, [{"version": 3}])) is not None
+
+
+def test_deployment_yamls_parse(tmp_path):
+    from maas_ray.serving.deploy import load_config
+
+    for name in ("digits-cpu.yaml", "digits-gpu.yaml"):
+        schema = load_config(f"deployments/{name}")
+        app = schema.applications[0]
+        assert app.import_path == "maas_ray.serving.app:build_app"
+        from maas_ray.serving.app import parse_args
+
+        parsed = parse_args(app.args)
+        assert [v.weight for v in parsed.models[0].versions] == [90, 10]

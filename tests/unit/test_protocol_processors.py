@@ -1,0 +1,170 @@
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maas_ray.errors import ConfigError, InferenceError, InvalidInputError
+from maas_ray.registry.manifest import Manifest, ProcessorSpec, TensorSpec
+from maas_ray.serving import protocol
+from maas_ray.serving.processors import make_postprocessor, make_preprocessor
+from maas_ray.serving.router import TrafficRouter
+from maas_ray.serving.runner import OnnxRunner, run_batch
+
+pytestmark = pytest.mark.unit
+
+
+def manifest(shape=(-1, 4), pre="tensor", pre_params=None, post="tensor", post_params=None, dtype="FP32"):
+    return Manifest(
+        model="m", version=1, sha256="0" * 64, size_bytes=1,
+        inputs=[TensorSpec(name="input", datatype=dtype, shape=list(shape))],
+        outputs=[TensorSpec(name="logits", datatype="FP32", shape=[-1, 3])],
+        preprocessor=ProcessorSpec(name=pre, params=pre_params or {}),
+        postprocessor=ProcessorSpec(name=post, params=post_params or {}),
+    )
+
+
+def test_decode_v2_json_and_binary_extension():
+    body = {"id": "r1", "inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3, 4]]}],
+            "outputs": [{"name": "logits"}]}
+    tensors, meta = protocol.decode_v2(json.dumps(body).encode())
+    assert tensors["input"].dtype == np.float32 and tensors["input"].tolist() == [[1, 2], [3, 4]]
+    assert meta == {"id": "r1", "outputs": ["logits"]}
+
+    raw = np.arange(6, dtype=np.int64)
+    header = json.dumps({"inputs": [{"name": "ids", "datatype": "INT64", "shape": [2, 3],
+                                     "parameters": {"binary_data_size": raw.nbytes}}]}).encode()
+    tensors, _ = protocol.decode_v2(header + raw.tobytes(), header_length=len(header))
+    assert tensors["ids"].shape == (2, 3) and tensors["ids"].dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{", "request body is not valid JSON"),
+        (b"[]", "non-empty 'inputs' list"),
+        (json.dumps({"inputs": [{"name": "x", "datatype": "FLOAT", "shape": [1], "data": [1]}]}).encode(), "unknown datatype 'FLOAT'"),
+        (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1]}]}).encode(), "shape [2] needs 2 values, got 1"),
+        (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1], "data": [1]}]}).encode(), "shape must be a list of non-negative integers"),
+        (json.dumps({"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": ["a"]}]}).encode(), "input 'x': data is not INT32"),
+        (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}).encode(), "input 'x': missing 'data'"),
+    ],
+)
+def test_decode_v2_rejects_bad_bodies(body, message):
+    with pytest.raises(InvalidInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        protocol.decode_v2(body)
+
+
+def test_v1_decode_and_encode():
+    t = protocol.decode_v1(b'{"instances": [[1, 2], [3, 4]]}', ["input"])
+    assert t["input"].shape == (2, 2)
+    t = protocol.decode_v1(json.dumps({"instances": [{"b64": base64.b64encode(b"png").decode()}]}).encode(), ["input"])
+    assert t["input"].dtype == object and t["input"][0] == b"png"
+    t = protocol.decode_v1(b'{"instances": [{"a": 1, "b": [1, 2]}, {"a": 2, "b": [3, 4]}]}', ["a", "b"])
+    assert t["a"].tolist() == [1, 2] and t["b"].shape == (2, 2)
+    with pytest.raises(InvalidInputError, match=r"instances\[0\] is missing input\(s\) \['b'\]"):
+        protocol.decode_v1(b'{"instances": [{"a": 1}]}', ["a", "b"])
+    out = protocol.encode_v1({"label": np.array(["a", "b"], dtype=object), "p": np.array([[0.5], [0.25]], np.float32)})
+    assert out == {"predictions": [{"label": "a", "p": [0.5]}, {"label": "b", "p": [0.25]}]}
+    assert protocol.encode_v1({"y": np.array([[1.0], [2.0]])}) == {"predictions": [[1.0], [2.0]]}
+
+
+def test_encode_v2_datatypes():
+    body = protocol.encode_v2("m", 3, {"y": np.zeros((2, 2), np.float32), "l": np.array([b"x", "y"], dtype=object)}, "id1")
+    assert body["model_version"] == "3" and body["id"] == "id1"
+    assert body["outputs"][0] == {"name": "y", "datatype": "FP32", "shape": [2, 2], "data": [0.0] * 4}
+    assert body["outputs"][1]["data"] == ["x", "y"] and body["outputs"][1]["datatype"] == "BYTES"
+
+
+def test_tensor_preprocessor_validates_against_schema():
+    pre = make_preprocessor(manifest())
+    x = np.ones((3, 4), np.float32)
+    assert pre({"input": x}, strict_dtypes=True)["input"] is x
+    with pytest.raises(InvalidInputError, match=r"expected datatype FP32, got FP64"):
+        pre({"input": x.astype(np.float64)}, strict_dtypes=True)
+    assert pre({"input": x.astype(np.float64)}, strict_dtypes=False)["input"].dtype == np.float32
+    with pytest.raises(InvalidInputError, match=r"expected shape \[-1, 4\] \(-1 = any\), got \[3, 5\]"):
+        pre({"input": np.ones((3, 5), np.float32)}, strict_dtypes=True)
+    with pytest.raises(InvalidInputError, match=r"unknown input\(s\) \['extra'\]"):
+        pre({"input": x, "extra": x}, strict_dtypes=True)
+    ints = make_preprocessor(manifest(dtype="INT64"))
+    with pytest.raises(InvalidInputError, match="fractional"):
+        ints({"input": np.full((1, 4), 0.5)}, strict_dtypes=False)
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8), "L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_image_preprocessor_pixels_and_encoded_images():
+    params = {"height": 2, "width": 2, "channels": 1, "pixel_max": 16.0, "invert_encoded": True}
+    pre = make_preprocessor(manifest(shape=(-1, 4), pre="image", pre_params=params))
+    out = pre({"x": np.array([[[0, 16], [8, 4]]])}, strict_dtypes=True)["input"]
+    np.testing.assert_allclose(out, [[0, 1, 0.5, 0.25]])
+    png = _png(np.array([[255, 0], [127, 191]]))
+    enc = pre({"x": np.array([png, base64.b64encode(png).decode()], dtype=object)}, strict_dtypes=True)["input"]
+    np.testing.assert_allclose(enc, [[0, 1, 128 / 255, 64 / 255]] * 2, atol=1e-6)
+    with pytest.raises(InvalidInputError, match="image 0: cannot decode as PNG/JPEG"):
+        pre({"x": np.array([b"garbage"], dtype=object)}, strict_dtypes=True)
+    with pytest.raises(InvalidInputError, match=r"each image needs 2x2x1 = 4 pixels, got shape \[3\]"):
+        pre({"x": np.ones((1, 3))}, strict_dtypes=True)
+    cnn = make_preprocessor(manifest(shape=(-1, 1, 2, 2), pre="image", pre_params=params))
+    assert cnn({"x": np.zeros((5, 2, 2))}, strict_dtypes=True)["input"].shape == (5, 1, 2, 2)
+    with pytest.raises(ConfigError, match="needs integer 'height' and 'width'"):
+        make_preprocessor(manifest(pre="image"))
+
+
+def test_classification_postprocessor():
+    post = make_postprocessor(manifest(post="classification", post_params={"labels": ["a", "b", "c"], "top_k": 2}))
+    out = post({"logits": np.array([[0.0, 2.0, 1.0]], np.float32)})
+    assert out["label"].tolist() == ["b"] and out["top_k_labels"].tolist() == [["b", "c"]]
+    assert np.isclose(out["probabilities"].sum(), 1) and out["top_k_scores"][0, 0] == out["probabilities"].max()
+    with pytest.raises(ConfigError, match="unknown postprocessor 'nope'"):
+        make_postprocessor(manifest(post="nope"))
+
+
+def test_router_weights_sticky_keys_and_zero_weight():
+    r = TrafficRouter({1: 90, 2: 10, 3: 0})
+    picks = [r.choose() for _ in range(20000)]
+    assert 3 not in picks and abs(picks.count(2) / len(picks) - 0.1) < 0.01
+    assert len({r.choose("user-42") for _ in range(50)}) == 1
+    keyed = [r.choose(f"k{i}") for i in range(5000)]
+    assert abs(keyed.count(2) / len(keyed) - 0.1) < 0.02
+    with pytest.raises(ConfigError, match=r"got \{1: 0\}"):
+        TrafficRouter({1: 0})
+
+
+class FakeSession:
+    """Echo x + 1 unless any value is negative (a runtime failure)."""
+
+    def __init__(self):
+        self.batches = []
+
+    def get_providers(self):
+        return ["CPUExecutionProvider"]
+
+    def run(self, names, feeds):
+        x = feeds["input"]
+        self.batches.append(x.shape[0])
+        if (x < 0).any():
+            raise RuntimeError("onnxruntime: bad value")
+        return [x[:, :3] + 1]
+
+
+def test_run_batch_concatenates_splits_and_isolates_failures():
+    session = FakeSession()
+    runner = OnnxRunner(manifest(), b"", session_factory=lambda *a, **k: session)
+    reqs = [np.full((n, 4), i, np.float32) for i, n in enumerate([1, 3, 2])]
+    out = run_batch(runner, [{"input": r} for r in reqs])
+    assert session.batches == [6]
+    for r, o in zip(reqs, out):
+        np.testing.assert_array_equal(o["logits"], r[:, :3] + 1)
+    session.batches.clear()
+    out = run_batch(runner, [{"input": reqs[0]}, {"input": -np.ones((2, 4), np.float32)}, {"input": reqs[2]}])
+    assert isinstance(out[1], InferenceError) and "bad value" in str(out[1])
+    np.testing.assert_array_equal(out[2]["logits"], reqs[2][:, :3] + 1)
+    assert session.batches == [5, 1, 2, 2]  # the failed batch is retried request by request
