@@ -89,13 +89,16 @@ class Ingress:
         """user_config: {"traffic": {model: {version: weight}}, "batching": {model: {...}}}."""
         for model, weights in (user_config.get("traffic") or {}).items():
             versions = self._versions(model)
-            try:
-                parsed = {int(v): float(w) for v, w in weights.items()}
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"user_config.traffic.{model}: weights must map versions to numbers, got {weights}") from exc
-            unknown = sorted(set(parsed) - set(versions))
-            if unknown:
-                raise ConfigError(f"user_config.traffic.{model}: versions {unknown} are not deployed; deployed: {sorted(versions)}")
+            parsed: dict[int, float] = {}
+            for ref, weight in weights.items():  # keys: version numbers or build-time aliases
+                number = self.aliases[model].get(str(ref), int(ref) if str(ref).isdigit() else None)
+                if number not in versions:
+                    raise ConfigError(
+                        f"user_config.traffic.{model}: version {ref!r} is not deployed; deployed: {sorted(versions)}"
+                    )
+                if not isinstance(weight, (int, float)):
+                    raise ConfigError(f"user_config.traffic.{model}.{ref}: weight must be a number, got {weight!r}")
+                parsed[number] = float(weight)
             self.routers[model] = TrafficRouter(parsed)
             logger.info("traffic for %s is now %s", model, parsed)
         for model, batching in (user_config.get("batching") or {}).items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any, Optional, get_args
 
@@ -49,6 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from maas_ray.train import TrainConfig, train_and_publish
 
     cfg = TrainConfig.load(args.config, **_flag_values(args, TrainConfig))
+    # Per-epoch reports wait for the controller's poll (2 s by default); workers inherit this.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     ray.init(address=args.address, logging_level=logging.WARNING)
     try:
         report = train_and_publish(cfg, _registry(args))
@@ -101,7 +104,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from maas_ray.quickstart import run_quickstart
+    from maas_ray.cli.quickstart import run_quickstart
 
     return run_quickstart(registry_root=args.registry, epochs=args.epochs)
 

@@ -1,0 +1,99 @@
+"""Results -> markdown tables (with ratios to the limit and to each baseline) and a PNG plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+BASELINES = ("flask", "kserve", "ray-plain", "ray-tuned")
+
+
+def peak(points: list[dict]) -> Optional[dict]:
+    good = [p for p in points if p["ok"] > 0]
+    return max(good, key=lambda p: p["rps"]) if good else None
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def _ms(v: float) -> str:
+    return f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    out = [f"# Benchmark results ({meta['started']})", "",
+           f"Host: {meta['host']}; {meta['cores']} cores given to every system; loopback; wrk closed loop, "
+           f"{meta['duration_s']} s per point after a warm-up; one item per request, so req/s = items/s. "
+           f"Command: `{meta['command']}`.", ""]
+    for wname, w in results["workloads"].items():
+        lim = w["limit"]
+        out += [f"## {wname}: {w['description']}", "",
+                f"**Limit** (raw onnxruntime in process, {lim['threads']} threads): batch 1 = "
+                f"{lim['batch1_items_per_s']:,.0f} items/s; best batch {lim['best_batch']} = "
+                f"{lim['best_items_per_s']:,.0f} items/s. Sweep: "
+                + ", ".join(f"b{b}: {v['items_per_s']:,.0f}" for b, v in lim["sweep"].items()) + ".", ""]
+        peaks = {s: peak(r["points"]) for s, r in w["systems"].items() if r.get("points")}
+        base = {b: peaks[b]["rps"] for b in BASELINES if peaks.get(b)}
+        out += ["| system | peak items/s (at c) | p50 / p99 at peak, ms | p50 at c=1, ms | errors | "
+                "vs limit b1 | vs limit best | " + " | ".join(f"vs {b}" for b in BASELINES) + " |",
+                "|---|---|---|---|---|---|---|" + "---|" * len(BASELINES)]
+        for s, r in w["systems"].items():
+            if not r.get("points"):
+                out.append(f"| {s} | skipped: {r.get('note', 'no data')} |" + " |" * (6 + len(BASELINES)))
+                continue
+            p = peaks[s]
+            c1 = next((q for q in r["points"] if q["concurrency"] == 1), None)
+            errs = sum(q["errors"] for q in r["points"])
+            if p is None:
+                out.append(f"| {s} | 0 (all failed) | - | - | {errs} |" + " - |" * (2 + len(BASELINES)))
+                continue
+            out.append(
+                f"| {s} | {p['rps']:,.0f} (c={p['concurrency']}) | {_ms(p['p50_ms'])} / {_ms(p['p99_ms'])} | "
+                f"{_ms(c1['p50_ms']) if c1 else '-'} | {errs} | {_ratio(p['rps'], lim['batch1_items_per_s'])} | "
+                f"{_ratio(p['rps'], lim['best_items_per_s'])} | "
+                + " | ".join(_ratio(p["rps"], base.get(b)) for b in BASELINES) + " |")
+        out += ["", "<details><summary>every point</summary>", "",
+                "| system | c | items/s | p50 ms | p90 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
+        for s, r in w["systems"].items():
+            for q in r.get("points", []):
+                out.append(f"| {s} | {q['concurrency']} | {q['rps']:,.0f} | {_ms(q['p50_ms'])} | "
+                           f"{_ms(q['p90_ms'])} | {_ms(q['p99_ms'])} | {q['errors']} |")
+        notes = [f"- {s}: {r['note']}" for s, r in w["systems"].items() if r.get("note")]
+        out += ["", "</details>", ""] + (["Notes:", *notes, ""] if notes else [])
+    return "\n".join(out)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["workloads"])
+    fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names), 5.5), squeeze=False)
+    for ax, wname in zip(axes[0], names):
+        w = results["workloads"][wname]
+        for i, (s, r) in enumerate(w["systems"].items()):
+            pts = [q for q in r.get("points", []) if q["ok"] > 0]
+            if not pts:
+                continue
+            style = "--" if s.startswith(("flask", "kserve", "ray-")) else "-"
+            ax.plot([q["rps"] for q in pts], [q["p99_ms"] for q in pts], style, marker="o", label=s,
+                    color=plt.cm.tab10(i % 10))
+            for q in pts:
+                ax.annotate(f"c{q['concurrency']}", (q["rps"], q["p99_ms"]), fontsize=6, alpha=0.6)
+        for key, ls in (("batch1_items_per_s", ":"), ("best_items_per_s", "-.")):
+            ax.axvline(w["limit"][key], color="k", ls=ls, lw=1,
+                       label=f"limit {'b1' if key.startswith('batch1') else 'b' + str(w['limit']['best_batch'])}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("throughput, items/s (log)")
+        ax.set_ylabel("p99 latency, ms (log)")
+        ax.set_title(f"{wname} ({results['meta']['cores']} cores)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

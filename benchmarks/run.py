@@ -1,0 +1,143 @@
+"""One command, every system side by side: ``python -m benchmarks.run --out benchmarks/results``.
+
+For each workload (``benchmarks/workloads.py``): export to ONNX, publish to a temp
+maas_ray registry, measure the limit (raw onnxruntime), then start each system
+(``benchmarks/systems.py``) in its own process, warm it up, and sweep concurrency
+with wrk. Writes ``results.json``, ``results.md`` and ``results.png`` under --out.
+
+    python -m benchmarks.run --out benchmarks/results                 # full run, ~20 min on 2 cores
+    python -m benchmarks.run --quick --systems flask,maas-fused-tp    # c=32 only, short points
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks import report
+from benchmarks.limit import measure_limit
+from benchmarks.loadgen import run_wrk, wrk_path
+from benchmarks.systems import SYSTEMS, Ctx, Server
+from benchmarks.workloads import MODEL_PATH, WORKLOADS
+
+logger = logging.getLogger("benchmarks")
+
+
+def _csv(value: str, known: dict) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown}; known: {sorted(known)}")
+    return names
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--quick", action="store_true", help="c=32 only, 3 s points, short warm-up")
+    p.add_argument("--systems", type=lambda v: _csv(v, SYSTEMS), default=list(SYSTEMS),
+                   help=f"comma list of {', '.join(SYSTEMS)}")
+    p.add_argument("--workloads", type=lambda v: _csv(v, WORKLOADS), default=list(WORKLOADS))
+    p.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=None,
+                   help="default 1,8,32,128 (quick: 32)")
+    p.add_argument("--duration", type=float, default=None, help="seconds per point (default 6, quick 3)")
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="CPUs every system gets in total")
+    p.add_argument("--base-port", type=int, default=8100, help="systems use base-port + i (not 8000)")
+    p.add_argument("--kserve-python", default=os.environ.get("KSERVE_PYTHON", "/tmp/kserve-venv/bin/python"))
+    a = p.parse_args(argv)
+    a.concurrency = a.concurrency or ([32] if a.quick else [1, 8, 32, 128])
+    a.duration = a.duration or (3.0 if a.quick else 6.0)
+    return a
+
+
+def bench_system(server: Server, url: str, body: bytes, a: argparse.Namespace) -> list[dict]:
+    run_wrk(url, body, 8, 2 if a.quick else 4)  # warm-up, not measured
+    points = []
+    for c in a.concurrency:
+        if not a.quick:
+            run_wrk(url, body, c, 1)  # settle at this concurrency
+        p = run_wrk(url, body, c, a.duration).as_dict()
+        logger.info("  %-18s c=%-4d %8.0f items/s  p50 %7.1f ms  p99 %7.1f ms  errors %d",
+                    server.system.name, c, p["rps"], p["p50_ms"], p["p99_ms"], p["errors"])
+        points.append(p)
+    return points
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    wrk_path()
+    a.out.mkdir(parents=True, exist_ok=True)
+    logs = a.out / "logs"
+    logs.mkdir(exist_ok=True)
+    results = {"meta": {
+        "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m benchmarks.run " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
+        "host": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}",
+        "cores": a.cores, "duration_s": a.duration, "concurrency": a.concurrency,
+    }, "workloads": {}}
+
+    def save() -> None:
+        (a.out / "results.json").write_text(json.dumps(results, indent=1))
+        (a.out / "results.md").write_text(report.markdown(results))
+
+    from maas_ray.registry import Registry
+
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp:
+        for wname in a.workloads:
+            w = WORKLOADS[wname]
+            model_bytes = w.onnx_bytes()
+            model_path = Path(tmp) / f"{wname}.onnx"
+            model_path.write_bytes(model_bytes)
+            Registry(f"{tmp}/registry").publish(wname, model_bytes)
+            body = w.request_body()
+            logger.info("%s: limit (raw onnxruntime, %d threads)", wname, a.cores)
+            limit = measure_limit(w, model_bytes, [1, 8, 32, 128] if a.quick else [1, 8, 32, 128, 512],
+                                  a.cores, 1.0 if a.quick else 2.0)
+            logger.info("  batch 1: %.0f items/s, best (b%d): %.0f items/s", limit["batch1_items_per_s"],
+                        limit["best_batch"], limit["best_items_per_s"])
+            entry = results["workloads"][wname] = {"description": w.description, "limit": limit, "systems": {}}
+            for i, sname in enumerate(a.systems):
+                system = SYSTEMS[sname]
+                ctx = Ctx(wname, str(model_path), f"{tmp}/registry", a.base_port + i, a.cores,
+                          w.max_batch_size, a.kserve_python)
+                skip = system.available(ctx)
+                if skip:
+                    logger.warning("%s: skipped: %s", sname, skip)
+                    entry["systems"][sname] = {"description": system.description, "note": f"skipped: {skip}"}
+                    continue
+                url = f"http://127.0.0.1:{ctx.port}{MODEL_PATH.format(model=wname)}"
+                logger.info("%s / %s: starting on port %d", wname, sname, ctx.port)
+                started = time.monotonic()
+                server = Server(system, ctx, logs / f"{wname}-{sname}.log")
+                rec = entry["systems"][sname] = {"description": system.description, "points": []}
+                try:
+                    reply = server.wait_ready(url, body)
+                    rec["startup_s"] = round(time.monotonic() - started, 1)
+                    rec["sample_output_shape"] = reply["outputs"][0]["shape"]
+                    rec["points"] = bench_system(server, url, body, a)
+                except Exception as exc:  # record and go on with the next system
+                    logger.error("%s / %s failed: %s", wname, sname, exc)
+                    rec["note"] = f"failed: {exc}"
+                finally:
+                    server.stop()
+                save()
+    report.plot(results, a.out / "results.png")
+    save()
+    logger.info("done in %.0f s: %s", time.monotonic() - t0, a.out)
+    print(report.markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

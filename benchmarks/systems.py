@@ -1,0 +1,124 @@
+"""The served systems: how to start each one as its own process, with its own environment.
+
+Every system answers ``POST /v2/models/<workload>/infer`` (OIP v2 JSON) on loopback.
+Ray-based systems run in separate processes because the Serve env flags are read
+when Ray starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+THROUGHPUT_PROFILE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+_SERVE_FLAGS = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_ADDRESS")
+
+
+@dataclass
+class Ctx:
+    """What a system needs to start for one workload."""
+
+    workload: str
+    model_path: str  # ONNX file
+    registry: str  # maas_ray registry root holding <workload> v1
+    port: int
+    cores: int
+    max_batch_size: int
+    kserve_python: str
+
+
+@dataclass
+class System:
+    name: str
+    description: str
+    command: Callable[[Ctx], list[str]]
+    env: dict[str, str] = field(default_factory=dict)
+    available: Callable[[Ctx], Optional[str]] = lambda ctx: None  # -> reason to skip, or None
+
+
+def _ray(*args: str) -> Callable[[Ctx], list[str]]:
+    return lambda c: [sys.executable, "-m", "benchmarks.servers.ray_server", *args, "--port", str(c.port),
+                      "--num-cpus", str(c.cores), "--threads", str(c.cores), "--model-path", c.model_path,
+                      "--registry", c.registry, "--model", c.workload, "--max-batch-size", str(c.max_batch_size)]
+
+
+def _kserve_missing(c: Ctx) -> Optional[str]:
+    if not Path(c.kserve_python).exists():
+        return (f"no python at {c.kserve_python}: create it with `python3 -m venv /tmp/kserve-venv && "
+                "/tmp/kserve-venv/bin/pip install kserve onnxruntime` (or pass --kserve-python)")
+    return None
+
+
+def _maas(placement: str, profile: bool) -> System:
+    suffix = "-tp" if profile else ""
+    return System(
+        f"maas-{placement}{suffix}",
+        f"maas_ray build_app, placement {placement}, "
+        + ("throughput profile (THROUGHPUT_OPTIMIZED + HAProxy)" if profile else "Serve defaults"),
+        _ray("maas", "--placement", placement), THROUGHPUT_PROFILE if profile else {})
+
+
+SYSTEMS: dict[str, System] = {s.name: s for s in [
+    System("flask", "Flask on gunicorn, one sync worker per core (1 onnxruntime thread each), no batching",
+           lambda c: [sys.executable, "-m", "gunicorn", "-w", str(c.cores), "-b", f"127.0.0.1:{c.port}",
+                      "--backlog", "4096", "benchmarks.servers.flask_app:app"],
+           env={"BENCH_THREADS": "1"}),
+    System("kserve", "KServe ModelServer (own venv), onnxruntime Model.predict, defaults (1 worker, gRPC off)",
+           lambda c: [c.kserve_python, str(ROOT / "benchmarks/servers/kserve_server.py"),
+                      "--model_path", c.model_path, "--model_name", c.workload, "--http_port", str(c.port),
+                      "--grpc_port", str(c.port + 1000), "--enable_grpc", "false", "--threads", str(c.cores)],
+           available=_kserve_missing),
+    System("ray-plain", "Ray Serve as in the docs: FastAPI ingress, one deployment, defaults",
+           _ray("ray-plain")),
+    System("ray-tuned", "Ray Serve: @serve.batch, max_ongoing_requests=1024, THROUGHPUT_OPTIMIZED + HAProxy",
+           _ray("ray-tuned"), THROUGHPUT_PROFILE),
+    *[_maas(p, tp) for tp in (False, True) for p in ("split", "fused", "ingress")],
+]}
+
+
+class Server:
+    """A system's process: started in its own session, stopped gracefully (SIGTERM), logs to a file."""
+
+    def __init__(self, system: System, ctx: Ctx, log_path: Path) -> None:
+        self.system, self.ctx, self.log_path = system, ctx, log_path
+        env = {k: v for k, v in os.environ.items() if k not in _SERVE_FLAGS}
+        env.update(system.env, BENCH_MODEL_PATH=ctx.model_path, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(system.command(ctx), cwd=ROOT, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, url: str, body: bytes, timeout_s: float = 240.0) -> dict:
+        """Poll with the benchmark request until a 200; returns the response JSON."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.system.name} exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=10)
+                if r.status_code == 200:
+                    return r.json()
+                last = f"{r.status_code} {r.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            time.sleep(1.0)
+        raise TimeoutError(f"{self.system.name} not ready after {timeout_s}s: {last}; see {self.log_path}")
+
+    def stop(self, timeout_s: float = 90.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:  # only our own process group
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
