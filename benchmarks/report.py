@@ -14,7 +14,10 @@ def peak(points: list[dict]) -> Optional[dict]:
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> str:
-    return f"{a / b:.2f}x" if a and b else "-"
+    if not (a and b):
+        return "-"
+    r = a / b
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"
 
 
 def _ms(v: float) -> str:

@@ -75,6 +75,7 @@ def bench_system(server: Server, url: str, body: bytes, a: argparse.Namespace) -
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     wrk_path()
     a.out.mkdir(parents=True, exist_ok=True)
     logs = a.out / "logs"
