@@ -19,6 +19,9 @@ class DeploymentOptions(BaseModel):
         default=None, description="Serve autoscaling: min_replicas, max_replicas, target_ongoing_requests, ..."
     )
     max_ongoing_requests: Optional[int] = Field(default=None, ge=1, description="Per-replica concurrency cap.")
+    max_replicas_per_node: Optional[int] = Field(
+        default=None, ge=1, description="Spread replicas over nodes (1 = at most one per node, for HA)."
+    )
     ray_actor_options: dict[str, Any] = Field(
         default_factory=dict, description="num_cpus, num_gpus (may be fractional), memory, resources..."
     )

@@ -83,3 +83,21 @@ def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(ray_clus
     assert report.epochs_run == cfg.epochs - report.resumed_from_epoch
     assert report.test_accuracy >= 0.97
     assert reg.list_versions("digits-ft") == [1]
+
+
+def test_training_on_users_own_npz_data(ray_cluster, tmp_path):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(scale=4.0, size=(3, 8))
+    y = rng.integers(0, 3, size=600)
+    x = centers[y] + rng.normal(size=(600, 8))
+    labels = np.array(["cat", "dog", "eel"])[y]
+    np.savez(tmp_path / "blobs.npz", x=x.astype(np.float32), y=labels)
+    cfg = TrainConfig.load(
+        None, model_name="blobs", data=str(tmp_path / "blobs.npz"), num_workers=1, cpus_per_worker=0.5,
+        epochs=5, checkpoint_every=5, storage_path=str(tmp_path / "runs"),
+    )
+    report = train_and_publish(cfg, Registry(str(tmp_path / "reg")))
+    m = report.manifest
+    assert report.test_accuracy >= 0.9
+    assert m.inputs[0].shape == [-1, 8] and m.preprocessor.name == "tensor"
+    assert m.postprocessor.params["labels"] == ["cat", "dog", "eel"]
