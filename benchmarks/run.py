@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -72,8 +73,13 @@ def bench_system(server: Server, url: str, body: bytes, a: argparse.Namespace) -
     return points
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")  # run the finally blocks: stop the servers
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     wrk_path()

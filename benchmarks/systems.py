@@ -107,6 +107,8 @@ class Server:
                 r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=10)
                 if r.status_code == 200:
                     return r.json()
+                if r.status_code in (400, 405, 422):  # a wrong request, not a server still starting
+                    raise RuntimeError(f"{self.system.name} rejects the benchmark request: {r.status_code} {r.text[:300]}")
                 last = f"{r.status_code} {r.text[:200]}"
             except httpx.HTTPError as exc:
                 last = repr(exc)
@@ -114,11 +116,23 @@ class Server:
         raise TimeoutError(f"{self.system.name} not ready after {timeout_s}s: {last}; see {self.log_path}")
 
     def stop(self, timeout_s: float = 90.0) -> None:
+        """SIGTERM the server (Ray servers shut Serve and Ray down), then clear its own process group.
+
+        The group is the one ``start_new_session`` made for this server: Ray agents that
+        outlive their raylet stay in it, and nothing else is in it.
+        """
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:  # only our own process group
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(2)
+        if self.proc.poll() is None:
+            self.proc.wait(10)
         self.log.close()

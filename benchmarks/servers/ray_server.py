@@ -9,8 +9,7 @@ It starts its own Ray instance (``address="local"``), serves until SIGTERM/SIGIN
 then shuts Serve and Ray down (which also stops HAProxy).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the real `Request` class.
 import argparse
 import asyncio
 import logging
@@ -111,7 +110,7 @@ def maas_config(port: int, registry: str, model: str, placement: str, max_batch_
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("system", choices=["ray-plain", "ray-tuned", "maas"])
     p.add_argument("--port", type=int, required=True)

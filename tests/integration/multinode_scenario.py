@@ -10,7 +10,7 @@ Cluster (``ray.cluster_utils.Cluster``: separate GCS + raylets on this machine):
     w1    num_cpus=2, resource {"w1": 1}
     w2    num_cpus=2, resource {"w2": 1}
 
-1. ``ray job submit --working-dir <repo> -- python -m maas_ray.cli train ...`` with 2 DDP workers
+1. ``ray job submit --working-dir <repo> -- maas train ...`` with 2 DDP workers
    of 1.5 CPU each: no node has room for two, so they land on w1 and w2. The node of every
    ``RayTrainWorker`` actor is read from the state API; the job publishes digits:1.
 2. ``maas_ray.serving.deploy.deploy`` of the app (head-only HTTP proxy on 127.0.0.1:8300, the
@@ -80,6 +80,11 @@ def port_free(port: int) -> bool:
 def ray_cli() -> str:
     exe = Path(sys.executable).with_name("ray")
     return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
+
+
+def maas_cli() -> str:
+    exe = Path(sys.executable).with_name("maas")
+    return str(exe) if exe.exists() else (shutil.which("maas") or "maas")
 
 
 def wait_until(pred, timeout: float, what: str, interval: float = 0.5):
@@ -152,6 +157,7 @@ def serve_config(registry_root: str) -> dict[str, Any]:
                 "name": APP,
                 "route_prefix": "/",
                 "import_path": "maas_ray.serving.app:build_app",
+                "logging_config": {"enable_access_log": False},  # the load phase would log every request
                 "args": {
                     "registry_root": registry_root,
                     "models": [
@@ -229,7 +235,7 @@ class Load:
             return list(self.records)
 
 
-def run(result: dict[str, Any], work: Path) -> None:
+def run(result: dict[str, Any], work: Path, graceful_removal: bool = True) -> None:
     import numpy as np
     from sklearn.datasets import load_digits
 
@@ -286,8 +292,10 @@ def run(result: dict[str, Any], work: Path) -> None:
             if a.node_id:
                 train_nodes[a.actor_id] = a.node_id
 
+    # The `maas` console script (maas_ray.cli:main): maas_ray/cli has no __main__.py,
+    # so `python -m maas_ray.cli` does not run.
     train_cmd = [
-        sys.executable, "-m", "maas_ray.cli", "train",
+        maas_cli(), "train",
         "--config", "deployments/train/digits.yaml",
         "--registry", str(registry_root),
         "--storage-path", str(storage),
@@ -393,8 +401,8 @@ def run(result: dict[str, Any], work: Path) -> None:
     load = Load(v2_body(sample), expected, threads=2).start()
     time.sleep(3.0)  # baseline: both replicas answering
     t_remove = time.monotonic()
-    log(f"removing {victim_name} ({nodes[victim_name]}) under load")
-    cluster.remove_node(victim)
+    log(f"removing {victim_name} ({nodes[victim_name]}) under load (graceful={graceful_removal})")
+    cluster.remove_node(victim, allow_graceful=graceful_removal)
     t_removed = time.monotonic()
 
     def replaced():
@@ -424,6 +432,7 @@ def run(result: dict[str, Any], work: Path) -> None:
     result["node_removal"] = {
         "removed_node": victim_name,
         "removed_node_id": nodes[victim_name],
+        "graceful": graceful_removal,
         "replica_nodes_before": serving["replica_nodes"],
         "replica_nodes_after": sorted(name_of[r.node_id] for r in new_replicas),
         "replica_node_ids_after": sorted(r.node_id for r in new_replicas),
@@ -467,6 +476,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="Where to write the JSON result.")
     parser.add_argument("--deadline-s", type=int, default=420, help="Abort (and clean up) after this long.")
+    parser.add_argument("--hard-kill", action="store_true",
+                        help="SIGKILL the node's processes (allow_graceful=False) instead of SIGTERM first.")
     parser.add_argument("--keep-work-dir", action="store_true", help="Keep registry, runs and Ray logs.")
     args = parser.parse_args()
 
@@ -490,7 +501,7 @@ def main() -> int:
     result: dict[str, Any] = {"ok": False, "work_dir": str(work)}
     t0 = time.monotonic()
     try:
-        run(result, work)
+        run(result, work, graceful_removal=not args.hard_kill)
         result["ok"] = True
     except BaseException as exc:  # noqa: BLE001 - reported in the JSON, then cleaned up
         result["error"] = f"{type(exc).__name__}: {exc}"

@@ -307,3 +307,27 @@ def test_live_reweight_under_load_without_restarts_or_failures(app, registry_roo
     # weight 0: no random traffic, still reachable by pin
     assert app.post("/v2/models/digits/versions/1/infer", json=body).json()["model_version"] == "1"
     deploy(serve_config(registry_root, {"digits": {"1": 90, "2": 10}}))
+
+
+def test_stock_oip_v2_client_tritonclient(app, digits):
+    """tritonclient's HTTP client, unchanged: binary tensor extension on input, JSON output."""
+    import tritonclient.http as httpclient
+    client = httpclient.InferenceServerClient("127.0.0.1:8000")
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("lin") and client.is_model_ready("digits", model_version="2")
+    assert client.get_model_metadata("lin")["inputs"][0]["shape"] == [-1, 4]
+
+    x = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    for binary in (True, False):
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        result = client.infer("lin", [inp], model_version="1", request_id="req-7")
+        np.testing.assert_allclose(result.as_numpy("logits"), lin_reference(x), rtol=1e-5, atol=1e-5)
+        assert result.get_response()["id"] == "req-7"
+
+    pixels, y = digits
+    inp = httpclient.InferInput("input", [4, 64], "FP32")
+    inp.set_data_from_numpy(pixels[:4].astype(np.float32))
+    result = client.infer("digits", [inp], outputs=[httpclient.InferRequestedOutput("label", binary_data=False)])
+    assert [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")] == [str(v) for v in y[:4]]
+    client.close()
