@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="CPUs every system gets in total")
     p.add_argument("--base-port", type=int, default=8100, help="systems use base-port + i (not 8000)")
     p.add_argument("--kserve-python", default=os.environ.get("KSERVE_PYTHON", "/tmp/kserve-venv/bin/python"))
+    p.add_argument("--maas-src", help="directory holding a patched maas_ray package to benchmark instead")
     a = p.parse_args(argv)
     a.concurrency = a.concurrency or ([32] if a.quick else [1, 8, 32, 128])
     a.duration = a.duration or (3.0 if a.quick else 6.0)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks.run " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
         "host": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}",
-        "cores": a.cores, "duration_s": a.duration, "concurrency": a.concurrency,
+        "maas_src": a.maas_src, "cores": a.cores, "duration_s": a.duration, "concurrency": a.concurrency,
     }, "workloads": {}}
 
     def save() -> None:
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, sname in enumerate(a.systems):
                 system = SYSTEMS[sname]
                 ctx = Ctx(wname, str(model_path), f"{tmp}/registry", a.base_port + i, a.cores,
-                          w.max_batch_size, a.kserve_python)
+                          w.max_batch_size, a.kserve_python, a.maas_src)
                 skip = system.available(ctx)
                 if skip:
                     logger.warning("%s: skipped: %s", sname, skip)

@@ -34,6 +34,7 @@ class Ctx:
     cores: int
     max_batch_size: int
     kserve_python: str
+    maas_src: Optional[str] = None  # a patched copy of maas_ray to import first (experiments)
 
 
 @dataclass
@@ -91,7 +92,9 @@ class Server:
     def __init__(self, system: System, ctx: Ctx, log_path: Path) -> None:
         self.system, self.ctx, self.log_path = system, ctx, log_path
         env = {k: v for k, v in os.environ.items() if k not in _SERVE_FLAGS}
-        env.update(system.env, BENCH_MODEL_PATH=ctx.model_path, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+        path = [ctx.maas_src] if ctx.maas_src else []  # before the editable install's finder
+        env.update(system.env, BENCH_MODEL_PATH=ctx.model_path, PYTHONPATH=os.pathsep.join([*path, str(ROOT)]),
+                   RAY_USAGE_STATS_ENABLED="0")
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(system.command(ctx), cwd=ROOT, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)

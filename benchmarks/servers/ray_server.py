@@ -134,7 +134,10 @@ def main(argv=None) -> None:
     ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False)
     try:
         if a.system == "maas":
+            import maas_ray
             from maas_ray.serving.deploy import deploy
+
+            logger.info("maas_ray from %s", maas_ray.__file__)
 
             deploy(maas_config(a.port, a.registry, a.model, a.placement, a.max_batch_size, a.threads))
         else:

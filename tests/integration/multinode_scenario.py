@@ -110,6 +110,19 @@ def actors(class_name: str, state: str | None = None) -> list[Any]:
     return list_actors(address=DASHBOARD, filters=filters, detail=True, raise_on_missing_output=False)
 
 
+def replica_calls(actor_ids: list[str]) -> dict[str, int]:
+    """Requests each Serve replica actor has started (``handle_request*`` actor tasks in Ray's
+    task events, flushed about once a second): shows which replicas take traffic."""
+    from ray.util.state import list_tasks
+
+    counts = {}
+    for aid in actor_ids:
+        tasks = list_tasks(address=DASHBOARD, filters=[("actor_id", "=", aid)], limit=10000,
+                           raise_on_missing_output=False)
+        counts[aid] = sum(1 for t in tasks if "handle_request" in (t.name or ""))
+    return counts
+
+
 def submit_job(submission_id: str, entrypoint: list[str], timeout: float, on_poll=None) -> dict[str, Any]:
     """``ray job submit`` (waits and tails the logs); ``on_poll`` runs every second meanwhile."""
     from ray.job_submission import JobSubmissionClient
@@ -400,6 +413,11 @@ def run(result: dict[str, Any], work: Path, graceful_removal: bool = True) -> No
     expected = labels_of(httpx.post(f"{URL}/v2/models/digits/infer", json=v2_body(sample), timeout=30).json())
     load = Load(v2_body(sample), expected, threads=2).start()
     time.sleep(3.0)  # baseline: both replicas answering
+    try:
+        calls = replica_calls([r.actor_id for r in replicas])
+        calls_before = {f"{aid} ({name_of[r.node_id]})": calls[aid] for r in replicas for aid in [r.actor_id]}
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        calls_before = {"error": repr(exc)}
     t_remove = time.monotonic()
     log(f"removing {victim_name} ({nodes[victim_name]}) under load (graceful={graceful_removal})")
     cluster.remove_node(victim, allow_graceful=graceful_removal)
@@ -434,6 +452,7 @@ def run(result: dict[str, Any], work: Path, graceful_removal: bool = True) -> No
         "removed_node_id": nodes[victim_name],
         "graceful": graceful_removal,
         "replica_nodes_before": serving["replica_nodes"],
+        "replica_calls_before_removal": calls_before,
         "replica_nodes_after": sorted(name_of[r.node_id] for r in new_replicas),
         "replica_node_ids_after": sorted(r.node_id for r in new_replicas),
         "requests_total": len(records),
