@@ -17,8 +17,10 @@ Cluster (``ray.cluster_utils.Cluster``: separate GCS + raylets on this machine):
    ingress pinned to the head, inference 2 replicas with ``max_replicas_per_node: 1``); the
    replicas' nodes come from the state API; a real HTTP request classifies held-out digits.
 3. A second Ray job calls the app through ``MaasClient`` (a Serve handle) and prints the result.
-4. Load threads send HTTP requests without pause while a worker node that hosts an inference
-   replica is removed (``cluster.remove_node``); counts failures and times the recovery.
+4. Two load threads send HTTP requests back to back while a worker node that hosts an
+   inference replica is removed (``cluster.remove_node``; ``--hard-kill`` for SIGKILL); counts
+   failed requests before / during / after the recovery, times the replacement, and counts
+   the requests each replica answered (from its Serve access log) to show the traffic moved.
 
 Everything measured goes to the JSON (node ids, counts, timings). The cluster is always shut
 down in ``finally``. The whole Ray session lives under a private RAY_TMPDIR, so this run does
@@ -110,16 +112,17 @@ def actors(class_name: str, state: str | None = None) -> list[Any]:
     return list_actors(address=DASHBOARD, filters=filters, detail=True, raise_on_missing_output=False)
 
 
-def replica_calls(actor_ids: list[str]) -> dict[str, int]:
-    """Requests each Serve replica actor has started (``handle_request*`` actor tasks in Ray's
-    task events, flushed about once a second): shows which replicas take traffic."""
-    from ray.util.state import list_tasks
-
+def replica_calls(work: Path, deployment: str) -> dict[str, int]:
+    """Requests each replica of ``deployment`` has answered, by replica id: its Serve access
+    log lines (``CALL infer OK``) in the session's log dir (one dir: every node runs here).
+    Shows that the removed replica really took traffic and the replacement takes it over."""
     counts = {}
-    for aid in actor_ids:
-        tasks = list_tasks(address=DASHBOARD, filters=[("actor_id", "=", aid)], limit=10000,
-                           raise_on_missing_output=False)
-        counts[aid] = sum(1 for t in tasks if "handle_request" in (t.name or ""))
+    # session_latest is a symlink to the one session dir: count each file once.
+    paths = {p.resolve() for p in work.glob(f"ray/session_*/logs/serve/replica_{APP}_{deployment}_*.log")}
+    for path in sorted(paths):
+        replica_id = path.stem.rsplit("_", 1)[-1]
+        with path.open(errors="replace") as f:
+            counts[replica_id] = sum(1 for line in f if " CALL infer OK " in line)
     return counts
 
 
@@ -170,7 +173,6 @@ def serve_config(registry_root: str) -> dict[str, Any]:
                 "name": APP,
                 "route_prefix": "/",
                 "import_path": "maas_ray.serving.app:build_app",
-                "logging_config": {"enable_access_log": False},  # the load phase would log every request
                 "args": {
                     "registry_root": registry_root,
                     "models": [
@@ -282,7 +284,8 @@ def run(result: dict[str, Any], work: Path, graceful_removal: bool = True) -> No
     w1 = cluster.add_node(num_cpus=2, resources={"w1": 1})
     w2 = cluster.add_node(num_cpus=2, resources={"w2": 1})
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="WARNING")
+    # Replica logs stay in their files (the load phase logs every request; counted from there).
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     nodes = {"head": cluster.head_node.node_id, "w1": w1.node_id, "w2": w2.node_id}
     name_of = {v: k for k, v in nodes.items()}
     result["nodes"] = nodes
@@ -413,11 +416,7 @@ def run(result: dict[str, Any], work: Path, graceful_removal: bool = True) -> No
     expected = labels_of(httpx.post(f"{URL}/v2/models/digits/infer", json=v2_body(sample), timeout=30).json())
     load = Load(v2_body(sample), expected, threads=2).start()
     time.sleep(3.0)  # baseline: both replicas answering
-    try:
-        calls = replica_calls([r.actor_id for r in replicas])
-        calls_before = {f"{aid} ({name_of[r.node_id]})": calls[aid] for r in replicas for aid in [r.actor_id]}
-    except Exception as exc:  # noqa: BLE001 - diagnostics only
-        calls_before = {"error": repr(exc)}
+    calls_before = replica_calls(work, INFER_DEPLOYMENT)
     t_remove = time.monotonic()
     log(f"removing {victim_name} ({nodes[victim_name]}) under load (graceful={graceful_removal})")
     cluster.remove_node(victim, allow_graceful=graceful_removal)
@@ -436,6 +435,10 @@ def run(result: dict[str, Any], work: Path, graceful_removal: bool = True) -> No
     time.sleep(5.0)  # keep the load on the recovered app
     load.stop()
     t_end = time.monotonic()
+    time.sleep(1.0)  # let the access logs flush
+    calls_after = replica_calls(work, INFER_DEPLOYMENT)
+    node_of_replica = {a.name.rsplit("#", 1)[-1]: name_of.get(a.node_id, a.node_id)
+                       for a in actors(replica_cls) if a.name}
 
     records = load.snapshot()
     before = [r for r in records if r[1] < t_remove]
@@ -452,7 +455,9 @@ def run(result: dict[str, Any], work: Path, graceful_removal: bool = True) -> No
         "removed_node_id": nodes[victim_name],
         "graceful": graceful_removal,
         "replica_nodes_before": serving["replica_nodes"],
-        "replica_calls_before_removal": calls_before,
+        # replica id -> [node, requests answered before the removal, by the end of the load]
+        "replica_calls": {rid: [node_of_replica.get(rid), calls_before.get(rid, 0), n]
+                          for rid, n in sorted(calls_after.items())},
         "replica_nodes_after": sorted(name_of[r.node_id] for r in new_replicas),
         "replica_node_ids_after": sorted(r.node_id for r in new_replicas),
         "requests_total": len(records),
@@ -477,16 +482,19 @@ def run(result: dict[str, Any], work: Path, graceful_removal: bool = True) -> No
 
 
 def leftover_processes(work: Path) -> list[str]:
-    """Ray processes of this run still alive (their command lines name our private temp dir)."""
+    """Processes of this run still alive: all inherit RAY_TMPDIR=<work> (worker processes
+    rename themselves ``ray::...``, so the command line alone does not tell)."""
+    marker = f"RAY_TMPDIR={work}".encode()
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if str(work) in cmd:
+        if marker in env or str(work) in cmd:
             out.append(f"{pid} {cmd[:150]}")
     return out
 
@@ -546,7 +554,11 @@ def main() -> int:
                 cluster.shutdown()
         result.setdefault("timings_s", {})["shutdown"] = round(time.monotonic() - t_down, 2)
         result["timings_s"]["wall"] = round(time.monotonic() - t0, 2)
-        time.sleep(0.5)
+        # Every process of this run names the private temp dir; give stragglers 15 s to exit.
+        deadline = time.monotonic() + 15
+        while leftover_processes(work) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(1.0)
         result["leftover_processes"] = leftover_processes(work)
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
         log(f"wrote {args.out} (ok={result['ok']}, leftover processes: {len(result['leftover_processes'])})")
