@@ -308,8 +308,7 @@ def run(result: dict[str, Any], work: Path, graceful_removal: bool = True) -> No
             if a.node_id:
                 train_nodes[a.actor_id] = a.node_id
 
-    # The `maas` console script (maas_ray.cli:main): maas_ray/cli has no __main__.py,
-    # so `python -m maas_ray.cli` does not run.
+    # The `maas` console script next to this interpreter, as a user would type it.
     train_cmd = [
         maas_cli(), "train",
         "--config", "deployments/train/digits.yaml",
