@@ -88,24 +88,30 @@ def tuned_app(model_path: str, max_batch_size: int, threads: int):
     return OnnxModel.bind(model_path)
 
 
-def maas_config(port: int, registry: str, model: str, placement: str, max_batch_size: int, threads: int) -> dict:
-    """A Serve config for maas_ray's real app (``build_app``), sized for 2 cores."""
+def maas_config(port: int, registry: str, model: str, placement: str, max_batch_size: int, threads: int,
+                replicas: int = 1) -> dict:
+    """A Serve config for maas_ray's real app (``build_app``), sized for 2 cores.
+
+    ``replicas`` > 1 (ingress placement): that many ingress replicas share the cores, each
+    with ``threads // replicas`` onnxruntime threads, as gunicorn runs one worker per core.
+    """
     m = {
         "name": model, "placement": placement, "versions": [{"version": 1}],
-        "intra_op_threads": threads,
-        "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.002},
-        "inference": {"ray_actor_options": {"num_cpus": 1.5}},
-        "preprocess": {"ray_actor_options": {"num_cpus": 0.1}},
-        "postprocess": {"ray_actor_options": {"num_cpus": 0.1}},
+        "intra_op_threads": max(1, threads // replicas),
+        "batching": {"max_batch_size": max_batch_size},  # the default wait: 0 (adaptive batching)
     }
-    ingress_cpus = 1.5 if placement == "ingress" else 0.25
+    if placement != "ingress":  # in ingress placement the ingress replica runs the model
+        m["inference"] = {"ray_actor_options": {"num_cpus": 1.5}}
+    if placement == "split":
+        m["preprocess"] = m["postprocess"] = {"ray_actor_options": {"num_cpus": 0.1}}
+    ingress_cpus = round(1.5 / replicas, 2) if placement == "ingress" else 0.25
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
             "name": "maas", "route_prefix": "/", "import_path": "maas_ray.serving.app:build_app",
             "args": {"registry_root": registry, "models": [m],
-                     "ingress": {"ray_actor_options": {"num_cpus": ingress_cpus}}},
+                     "ingress": {"num_replicas": replicas, "ray_actor_options": {"num_cpus": ingress_cpus}}},
         }],
     }
 
@@ -118,6 +124,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     p.add_argument("--model-path", help="ONNX file (ray-plain, ray-tuned)")
     p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--replicas", type=int, default=1, help="ingress replicas (maas, ingress placement)")
     p.add_argument("--registry", help="registry root (maas)")
     p.add_argument("--model", help="registry model name (maas)")
     p.add_argument("--placement", choices=["split", "fused", "ingress"], default="fused")
@@ -139,7 +146,7 @@ def main(argv=None) -> None:
 
             logger.info("maas_ray from %s", maas_ray.__file__)
 
-            deploy(maas_config(a.port, a.registry, a.model, a.placement, a.max_batch_size, a.threads))
+            deploy(maas_config(a.port, a.registry, a.model, a.placement, a.max_batch_size, a.threads, a.replicas))
         else:
             serve.start(http_options={"host": "127.0.0.1", "port": a.port})
             app = plain_app(a.model_path) if a.system == "ray-plain" else tuned_app(

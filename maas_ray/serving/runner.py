@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from typing import Callable, Optional
 
@@ -46,13 +47,21 @@ class OnnxRunner:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise InferenceError(f"{self.manifest.model}:{self.manifest.version} inference failed: {exc}") from exc
 
-    def warm_up(self) -> None:
-        """One run on zeros so the first request does not pay for lazy initialisation."""
+    def warm_up(self) -> float:
+        """Run zeros so the first request does not pay for lazy initialisation; returns the
+        median batch-1 latency in seconds."""
         feeds = {
             s.name: np.zeros([1 if d == -1 else d for d in s.shape], dtype=s.numpy_dtype)
             for s in self.manifest.inputs
         }
         self.run(feeds)
+        timings = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            self.run(feeds)
+            timings.append(time.perf_counter() - t0)
+        self.batch1_seconds = float(np.median(timings))
+        return self.batch1_seconds
 
 
 def run_batch(runner: OnnxRunner, requests: list[Tensors]) -> list[Tensors | MaasError]:
@@ -87,11 +96,17 @@ def run_batch(runner: OnnxRunner, requests: list[Tensors]) -> list[Tensors | Maa
     return results
 
 
+# Below this batch-1 latency a model runs on the event loop: a thread hop costs more
+# than the inference itself (tiny models); slower models run in a worker thread.
+INLINE_BELOW_S = 0.0005
+
+
 class BatchedRunner:
     """Dynamic batching with ``@serve.batch``; the knobs change live via :meth:`set_batching`."""
 
-    def __init__(self, runner: OnnxRunner, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.002) -> None:
+    def __init__(self, runner: OnnxRunner, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0) -> None:
         self.runner = runner
+        self.inline = getattr(runner, "batch1_seconds", 1.0) < INLINE_BELOW_S
         self.set_batching(max_batch_size, batch_wait_timeout_s)
 
     def set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
@@ -101,19 +116,21 @@ class BatchedRunner:
 
     async def infer(self, feeds: Tensors) -> Tensors:
         if next(iter(feeds.values())).shape[0] > self.max_batch_size:
-            result = (await self._run_in_thread([feeds]))[0]  # already a full batch on its own
+            result = (await self._run([feeds]))[0]  # already a full batch on its own
         else:
             result = await self._infer_batch(feeds)
         if isinstance(result, MaasError):
             raise result
         return result
 
-    async def _run_in_thread(self, requests: list[Tensors]) -> list:
+    async def _run(self, requests: list[Tensors]) -> list:
+        if self.inline:
+            return run_batch(self.runner, requests)
         # onnxruntime releases the GIL: run it off the event loop so requests keep flowing.
         return await asyncio.get_running_loop().run_in_executor(None, run_batch, self.runner, requests)
 
     # batch_size_fn: max_batch_size counts items, not requests (a request may hold many).
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, batch_size_fn=lambda reqs: sum(
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, batch_size_fn=lambda reqs: sum(
         next(iter(r.values())).shape[0] for r in reqs))
     async def _infer_batch(self, requests: list[Tensors]) -> list:
-        return await self._run_in_thread(requests)
+        return await self._run(requests)

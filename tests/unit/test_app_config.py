@@ -35,6 +35,8 @@ def args(root, versions, **model):
         ({"versions": [{"version": 1}], "placement": "sideways"}, "models.0.placement: Input should be 'split', 'fused' or 'ingress' (got 'sideways')"),
         ({"versions": [{"version": 1}], "inference": {"ray_actor_options": {"num_gpus": -0.5}}}, "num_gpus must be a number >= 0, got -0.5"),
         ({"versions": [{"version": 1}], "inference": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}}}, "not both"),
+        ({"versions": [{"version": 1}], "placement": "ingress", "inference": {"num_replicas": 2}},
+         "['inference'] options do not apply to placement 'ingress'"),
     ],
 )
 def test_bad_config_fails_at_build_time_naming_field_and_value(root, bad, message):
@@ -49,10 +51,11 @@ def test_unknown_model_fails_at_build_time(root):
 
 
 def test_valid_config_builds_every_placement(root):
-    for placement in ("split", "fused", "ingress"):
+    for placement in ("split", "fused"):
         app = build_app(args(root, [{"version": "production", "weight": 3}, {"version": 2, "weight": 1}], placement=placement,
                              inference={"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.25}}))
         assert app is not None
+    assert build_app(args(root, [{"version": 1}], placement="ingress")) is not None
     reg = Registry(root)
     reg.publish("m", linear_onnx(), postprocessor=ProcessorSpec(name="classification"))
     assert build_app(args(root, [{"version": 3}])) is not None
@@ -69,3 +72,12 @@ def test_deployment_yamls_parse(tmp_path):
 
         parsed = parse_args(app.args)
         assert [v.weight for v in parsed.models[0].versions] == [90, 10]
+
+
+def test_default_placement_is_ingress_on_cpu_and_fused_on_gpu():
+    from maas_ray.serving.config import ModelConfig
+
+    assert ModelConfig(name="m", versions=[{"version": 1}]).placement == "ingress"
+    gpu = ModelConfig(name="m", versions=[{"version": 1}], inference={"ray_actor_options": {"num_gpus": 0.5}})
+    assert gpu.placement == "fused"
+    assert ModelConfig(name="m", versions=[{"version": 1}], device="cuda").placement == "fused"
