@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Optional, get_args
+from typing import Any, Optional
 
 from pydantic import BaseModel
 
