@@ -11,8 +11,6 @@ version answered 1,000 requests, and shuts everything down.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import os
 import subprocess
@@ -26,19 +24,16 @@ URL = "http://127.0.0.1:8000/v2/models/digits/infer"
 
 
 def bodies() -> dict[str, bytes]:
-    import numpy as np
-    from PIL import Image
     from sklearn.datasets import load_digits
 
+    from maas_ray.cli.quickstart import digit_png
+
     x, _ = load_digits(return_X_y=True)
-    grey = (255 - x[-1].reshape(8, 8) * 255 / 16).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(grey, "L").resize((32, 32), Image.NEAREST).save(buf, format="PNG")
     return {
         "pixels": json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
                                           "data": x[-1].tolist()}]}).encode(),
         "png": json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
-                                       "data": [base64.b64encode(buf.getvalue()).decode()]}]}).encode(),
+                                       "data": [digit_png(x[-1])]}]}).encode(),
     }
 
 

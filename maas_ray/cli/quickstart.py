@@ -28,12 +28,13 @@ def _post(url: str, body: dict) -> tuple[dict, dict]:
         return json.loads(r.read()), dict(r.headers)
 
 
-def _digit_png(pixels_0_16: np.ndarray) -> str:
+def digit_png(pixels_0_16: np.ndarray, size: int = 32) -> str:
+    """A scikit-learn digit (8x8, 0..16) as a base64 PNG of dark ink on white paper, size x size."""
     from PIL import Image
 
-    grey = (255 - pixels_0_16.reshape(8, 8) * 255 / 16).astype(np.uint8)  # dark ink on white paper
+    grey = (255 - np.asarray(pixels_0_16).reshape(8, 8) * 255 / 16).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(grey, "L").resize((32, 32), Image.NEAREST).save(buf, format="PNG")
+    Image.fromarray(grey, "L").resize((size, size), Image.NEAREST).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -71,7 +72,7 @@ def run_quickstart(registry_root: Optional[str] = None, epochs: int = 30) -> int
         x, y = load_digits(return_X_y=True)
         base = "http://127.0.0.1:8000"
         body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [3],
-                            "data": [_digit_png(x[i]) for i in (-1, -2, -3)]}]}
+                            "data": [digit_png(x[i]) for i in (-1, -2, -3)]}]}
         res, headers = _post(f"{base}/v2/models/digits/infer", body)
         labels = next(o["data"] for o in res["outputs"] if o["name"] == "label")
         print(f"[4/4] POST /v2/models/digits/infer (3 PNG digits) -> labels {labels} "

@@ -102,4 +102,5 @@ def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
     ingress = serve.deployment(Ingress, name=INGRESS_NAME, user_config=user_config,
                                **args.ingress.serve_options(ingress_defaults))
     logger.info("built app for %s", {m: v for m, v in resolved.items()})
-    return ingress.bind(args=args.model_dump(mode="json"), routes=routes)
+    refs = {m.name: {str(v.version): n for v, n in zip(m.versions, resolved[m.name])} for m in args.models}
+    return ingress.bind(args=args.model_dump(mode="json"), routes=routes, resolved=refs)

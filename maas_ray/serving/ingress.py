@@ -66,7 +66,14 @@ class _Route:
 
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, args: dict[str, Any], routes: dict[str, dict[int, dict[str, Any]]]) -> None:
+    def __init__(
+        self,
+        args: dict[str, Any],
+        routes: dict[str, dict[int, dict[str, Any]]],
+        resolved: dict[str, dict[str, int]],
+    ) -> None:
+        """``resolved``: per model, each configured version reference -> the number the builder
+        resolved it to; reused here so the routes and the router can never disagree."""
         self.args = AppArgs.model_validate(args)
         registry = Registry(self.args.registry_root)
         self.configs: dict[str, ModelConfig] = {m.name: m for m in self.args.models}
@@ -76,7 +83,7 @@ class Ingress:
         self.routers: dict[str, TrafficRouter] = {}
         for m in self.args.models:
             self.manifests[m.name] = {v: registry.describe(m.name, v) for v in routes[m.name]}
-            self.aliases[m.name] = {str(v.version): registry.resolve(m.name, v.version) for v in m.versions}
+            self.aliases[m.name] = resolved[m.name]
             self.routes[m.name] = {
                 int(v): _Route(LocalPipeline(self.args.registry_root, m, int(v))) if m.placement == "ingress"
                 else _Route(handles=h)
@@ -91,7 +98,7 @@ class Ingress:
             versions = self._versions(model)
             parsed: dict[int, float] = {}
             for ref, weight in weights.items():  # keys: version numbers or build-time aliases
-                number = self.aliases[model].get(str(ref), int(ref) if str(ref).isdigit() else None)
+                number = self._resolve(model, str(ref))
                 if number not in versions:
                     raise ConfigError(
                         f"user_config.traffic.{model}: version {ref!r} is not deployed; deployed: {sorted(versions)}"
@@ -112,11 +119,15 @@ class Ingress:
             raise ModelNotFoundError(f"model {model!r} is not served here; models: {sorted(self.routes)}")
         return self.routes[model]
 
+    def _resolve(self, model: str, ref: str) -> Optional[int]:
+        """A version number or a build-time alias -> the version number (None if neither)."""
+        return self.aliases[model].get(ref, int(ref) if ref.isdigit() else None)
+
     def _pick(self, model: str, version: Optional[str], key: Optional[str]) -> int:
         versions = self._versions(model)
         if version is None:
             return self.routers[model].choose(key)
-        number = self.aliases[model].get(version, int(version) if version.isdigit() else None)
+        number = self._resolve(model, version)
         if number not in versions:
             raise VersionNotFoundError(
                 f"model {model!r} has no served version {version!r}; served: {sorted(versions)}"

@@ -39,6 +39,7 @@ class OnnxRunner:
         self.session = session_factory(model_bytes, device=device, intra_op_threads=intra_op_threads)
         self.provider = self.session.get_providers()[0]
         self.output_names = [o.name for o in manifest.outputs]
+        self.batch1_seconds = float("inf")  # measured by warm_up()
         logger.info("%s:%d runs on %s", manifest.model, manifest.version, self.provider)
 
     def run(self, feeds: Tensors) -> Tensors:
@@ -106,7 +107,7 @@ class BatchedRunner:
 
     def __init__(self, runner: OnnxRunner, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0) -> None:
         self.runner = runner
-        self.inline = getattr(runner, "batch1_seconds", 1.0) < INLINE_BELOW_S
+        self.inline = runner.batch1_seconds < INLINE_BELOW_S
         self.set_batching(max_batch_size, batch_wait_timeout_s)
 
     def set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:

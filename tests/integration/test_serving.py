@@ -1,7 +1,5 @@
 """The real served stack: Ray Serve + HTTP proxy + onnxruntime, deployed from a Serve config."""
 
-import base64
-import io
 import subprocess
 import sys
 import textwrap
@@ -13,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
+from maas_ray.cli.quickstart import digit_png
 from maas_ray.registry import Registry
 from maas_ray.serving.deploy import deploy
 from tests.helpers import linear_onnx
@@ -126,25 +124,17 @@ def test_v2_pixels_classify_held_out_digits(app, digits):
     assert output(body, "top_k_labels").shape == (200, 3)
 
 
-def _png(pixels_0_16, size=8):
-    grey = (255 - np.asarray(pixels_0_16).reshape(8, 8) * 255 / 16).astype(np.uint8)  # dark ink on white
-    img = Image.fromarray(grey, "L").resize((size, size), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def test_v2_and_v1_accept_encoded_images(app, digits):
     x, y = digits
     sample = x[-10:]
     raw = output(app.post("/v2/models/digits/versions/1/infer", json=v2_body(sample)).json(), "label")
-    images = [_png(s) for s in sample]
+    images = [digit_png(s, size=8) for s in sample]
     body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [10], "data": images}]}
     r = app.post("/v2/models/digits/versions/1/infer", json=body)
     assert r.status_code == 200, r.text
     assert output(r.json(), "label").tolist() == raw.tolist()
 
-    big = [{"b64": _png(s, size=32)} for s in sample]  # resized back to 8x8 by the preprocessor
+    big = [{"b64": digit_png(s, size=32)} for s in sample]  # resized back to 8x8 by the preprocessor
     r = app.post("/v1/models/digits/versions/1:predict", json={"instances": big})
     assert r.status_code == 200, r.text
     preds = r.json()["predictions"]
