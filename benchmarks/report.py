@@ -13,6 +13,12 @@ def peak(points: list[dict]) -> Optional[dict]:
     return max(good, key=lambda p: p["rps"]) if good else None
 
 
+def within(points: list[dict], p99_ms: float) -> Optional[dict]:
+    """The highest-throughput point whose p99 is no worse than ``p99_ms`` (None if none is)."""
+    good = [p for p in points if p["ok"] > 0 and p["errors"] == 0 and p["p99_ms"] <= p99_ms]
+    return max(good, key=lambda p: p["rps"]) if good else None
+
+
 def _ratio(a: Optional[float], b: Optional[float]) -> str:
     if not (a and b):
         return "-"
@@ -57,6 +63,19 @@ def markdown(results: dict) -> str:
                 f"{_ms(c1['p50_ms']) if c1 else '-'} | {errs} | {_ratio(p['rps'], lim['batch1_items_per_s'])} | "
                 f"{_ratio(p['rps'], lim['best_items_per_s'])} | "
                 + " | ".join(_ratio(p["rps"], base.get(b)) for b in BASELINES) + " |")
+        out += ["", "**At a p99 no worse than the baseline's own** (the targets' reading): each system's best "
+                "point with p99 <= the baseline's p99 at its peak, over the baseline's peak items/s.", "",
+                "| system | " + " | ".join(f"vs {b} (p99 <= {_ms(peaks[b]['p99_ms'])} ms)" for b in base) + " |",
+                "|---|" + "---|" * len(base)]
+        for s, r in w["systems"].items():
+            if s in BASELINES or not r.get("points"):
+                continue
+            cells = []
+            for b in base:
+                q = within(r["points"], peaks[b]["p99_ms"])
+                cells.append(f"{_ratio(q['rps'], base[b])} ({q['rps']:,.0f} at c={q['concurrency']}, "
+                             f"p99 {_ms(q['p99_ms'])})" if q else "none within")
+            out.append(f"| {s} | " + " | ".join(cells) + " |")
         out += ["", "<details><summary>every point</summary>", "",
                 "| system | c | items/s | p50 ms | p90 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
         for s, r in w["systems"].items():

@@ -19,8 +19,23 @@ from typing import Callable, Optional
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-THROUGHPUT_PROFILE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
-_SERVE_FLAGS = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_ADDRESS")
+PROFILE_ENV = ROOT / "deployments/profiles/throughput.env"
+# Tuned Ray Serve as the issue defines it: throughput-optimized mode + the HAProxy ingress.
+RAY_TUNED_FLAGS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def read_profile(path: Path = PROFILE_ENV) -> dict[str, str]:
+    """The shipped throughput profile: the ``export NAME=VALUE`` lines of the env file."""
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export "):
+            name, _, value = line[len("export "):].partition("=")
+            env[name.strip()] = value.strip()
+    return env
+
+
+THROUGHPUT_PROFILE = read_profile()
+_SERVE_FLAGS = (*RAY_TUNED_FLAGS, *THROUGHPUT_PROFILE, "RAY_ADDRESS")
 
 
 @dataclass
@@ -64,9 +79,10 @@ def _maas(placement: str, profile: bool, replicas: int = 1) -> System:
     return System(
         f"maas-{placement}{suffix}",
         f"maas_ray build_app, placement {placement}, "
-        + ("throughput profile (THROUGHPUT_OPTIMIZED + HAProxy)" if profile else "Serve defaults")
+        + (f"the throughput profile ({PROFILE_ENV.name}, access log off)" if profile else "Serve defaults")
         + (f", {replicas} ingress replicas with 1 onnxruntime thread each" if replicas > 1 else ""),
-        _ray("maas", "--placement", placement, "--replicas", str(replicas)), THROUGHPUT_PROFILE if profile else {})
+        _ray("maas", "--placement", placement, "--replicas", str(replicas), *(["--no-access-log"] if profile else [])),
+        THROUGHPUT_PROFILE if profile else {})
 
 
 SYSTEMS: dict[str, System] = {s.name: s for s in [
@@ -82,7 +98,7 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
     System("ray-plain", "Ray Serve as in the docs: FastAPI ingress, one deployment, defaults",
            _ray("ray-plain")),
     System("ray-tuned", "Ray Serve: @serve.batch, max_ongoing_requests=1024, THROUGHPUT_OPTIMIZED + HAProxy",
-           _ray("ray-tuned"), THROUGHPUT_PROFILE),
+           _ray("ray-tuned"), RAY_TUNED_FLAGS),
     *[_maas(p, tp) for tp in (False, True) for p in ("split", "fused", "ingress")],
     _maas("ingress", True, replicas=2),  # replicas = cores; 3 and 4 measured slower on 2 cores
 ]}

@@ -89,11 +89,12 @@ def tuned_app(model_path: str, max_batch_size: int, threads: int):
 
 
 def maas_config(port: int, registry: str, model: str, placement: str, max_batch_size: int, threads: int,
-                replicas: int = 1) -> dict:
+                replicas: int = 1, access_log: bool = True) -> dict:
     """A Serve config for maas_ray's real app (``build_app``), sized for 2 cores.
 
     ``replicas`` > 1 (ingress placement): that many ingress replicas share the cores, each
     with ``threads // replicas`` onnxruntime threads, as gunicorn runs one worker per core.
+    ``access_log=False``: no per-request access log line (the throughput profile).
     """
     m = {
         "name": model, "placement": placement, "versions": [{"version": 1}],
@@ -110,6 +111,7 @@ def maas_config(port: int, registry: str, model: str, placement: str, max_batch_
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
             "name": "maas", "route_prefix": "/", "import_path": "maas_ray.serving.app:build_app",
+            "logging_config": {"enable_access_log": access_log},
             "args": {"registry_root": registry, "models": [m],
                      "ingress": {"num_replicas": replicas, "ray_actor_options": {"num_cpus": ingress_cpus}}},
         }],
@@ -128,6 +130,7 @@ def main(argv=None) -> None:
     p.add_argument("--registry", help="registry root (maas)")
     p.add_argument("--model", help="registry model name (maas)")
     p.add_argument("--placement", choices=["split", "fused", "ingress"], default="fused")
+    p.add_argument("--no-access-log", action="store_true", help="drop Serve's per-request access log (maas)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -146,7 +149,8 @@ def main(argv=None) -> None:
 
             logger.info("maas_ray from %s", maas_ray.__file__)
 
-            deploy(maas_config(a.port, a.registry, a.model, a.placement, a.max_batch_size, a.threads, a.replicas))
+            deploy(maas_config(a.port, a.registry, a.model, a.placement, a.max_batch_size, a.threads, a.replicas,
+                               access_log=not a.no_access_log))
         else:
             serve.start(http_options={"host": "127.0.0.1", "port": a.port})
             app = plain_app(a.model_path) if a.system == "ray-plain" else tuned_app(

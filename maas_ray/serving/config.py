@@ -70,6 +70,11 @@ class BatchingConfig(BaseModel):
         description="How long a batch waits to fill. 0: run what is queued at once; requests that "
         "arrive while a batch runs form the next one (adaptive batching, no idle wait).",
     )
+    enabled: Optional[bool] = Field(
+        default=None,
+        description="Default (unset): batch unless the model's batch-1 run takes under 50 us, where "
+        "the batch queue costs more per request than batching saves; true/false force it on/off.",
+    )
 
 
 class VersionConfig(BaseModel):

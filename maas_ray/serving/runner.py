@@ -17,6 +17,7 @@ from ray import serve
 
 from maas_ray.errors import InferenceError, MaasError
 from maas_ray.registry.manifest import Manifest
+from maas_ray.serving.config import BatchingConfig
 from maas_ray.runtime import create_session
 
 logger = logging.getLogger(__name__)
@@ -100,24 +101,36 @@ def run_batch(runner: OnnxRunner, requests: list[Tensors]) -> list[Tensors | Maa
 # Below this batch-1 latency a model runs on the event loop: a thread hop costs more
 # than the inference itself (tiny models); slower models run in a worker thread.
 INLINE_BELOW_S = 0.0005
+# Below this one a request also skips the batch queue: @serve.batch costs ~50 us per
+# request (queueing, signature binding, metrics; py-spy, benchmarks/README.md), more than
+# batching saves on a model whose whole batch-1 run is shorter than that.
+UNBATCHED_BELOW_S = 0.00005
 
 
 class BatchedRunner:
     """Dynamic batching with ``@serve.batch``; the knobs change live via :meth:`set_batching`."""
 
-    def __init__(self, runner: OnnxRunner, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0) -> None:
+    def __init__(self, runner: OnnxRunner, batching: Optional[BatchingConfig] = None) -> None:
         self.runner = runner
         self.inline = runner.batch1_seconds < INLINE_BELOW_S
-        self.set_batching(max_batch_size, batch_wait_timeout_s)
+        self.set_batching(batching or BatchingConfig())
 
-    def set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        self.max_batch_size = max_batch_size
-        self._infer_batch.set_max_batch_size(max_batch_size)
-        self._infer_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+    def set_batching(self, batching: BatchingConfig) -> None:
+        self.max_batch_size = batching.max_batch_size
+        enabled = batching.enabled
+        if enabled is None:
+            enabled = self.runner.batch1_seconds >= UNBATCHED_BELOW_S
+        self.batching_on = enabled and batching.max_batch_size > 1
+        self._infer_batch.set_max_batch_size(batching.max_batch_size)
+        self._infer_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        logger.info("%s:%d: batching %s (max %d items, wait %.4f s), batch-1 run %.1f us, %s",
+                    self.runner.manifest.model, self.runner.manifest.version, "on" if self.batching_on else "off",
+                    batching.max_batch_size, batching.batch_wait_timeout_s, self.runner.batch1_seconds * 1e6,
+                    "on the event loop" if self.inline else "in a worker thread")
 
     async def infer(self, feeds: Tensors) -> Tensors:
-        if next(iter(feeds.values())).shape[0] > self.max_batch_size:
-            result = (await self._run([feeds]))[0]  # already a full batch on its own
+        if not self.batching_on or next(iter(feeds.values())).shape[0] > self.max_batch_size:
+            result = (await self._run([feeds]))[0]  # unbatched, or already a full batch on its own
         else:
             result = await self._infer_batch(feeds)
         if isinstance(result, MaasError):
