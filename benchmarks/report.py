@@ -39,10 +39,12 @@ def markdown(results: dict) -> str:
     for wname, w in results["workloads"].items():
         lim = w["limit"]
         out += [f"## {wname}: {w['description']}", "",
-                f"**Limit** (raw onnxruntime in process, {lim['threads']} threads): batch 1 = "
-                f"{lim['batch1_items_per_s']:,.0f} items/s; best batch {lim['best_batch']} = "
-                f"{lim['best_items_per_s']:,.0f} items/s. Sweep: "
-                + ", ".join(f"b{b}: {v['items_per_s']:,.0f}" for b, v in lim["sweep"].items()) + ".", ""]
+                f"**Limit** (raw onnxruntime in process on {lim['threads']} cores, the better of one "
+                f"{lim['threads']}-thread session (1x{lim['threads']}) and {lim['threads']} one-thread sessions "
+                f"side by side ({lim['threads']}x1)): batch 1 = {lim['batch1_items_per_s']:,.0f} items/s; best batch "
+                f"{lim['best_batch']} = {lim['best_items_per_s']:,.0f} items/s. Sweep: "
+                + ", ".join(f"b{b}: {v['items_per_s']:,.0f} ({v.get('layout', '1x' + str(lim['threads']))})"
+                            for b, v in lim["sweep"].items()) + ".", ""]
         peaks = {s: peak(r["points"]) for s, r in w["systems"].items() if r.get("points")}
         base = {b: peaks[b]["rps"] for b in BASELINES if peaks.get(b)}
         out += ["| system | peak items/s (at c) | p50 / p99 at peak, ms | p50 at c=1, ms | errors | "

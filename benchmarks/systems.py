@@ -110,11 +110,13 @@ class Server:
     def __init__(self, system: System, ctx: Ctx, log_path: Path) -> None:
         self.system, self.ctx, self.log_path = system, ctx, log_path
         env = {k: v for k, v in os.environ.items() if k not in _SERVE_FLAGS}
-        path = [ctx.maas_src] if ctx.maas_src else []  # before the editable install's finder
+        # A patched maas_ray (--maas-src) must win over the checkout: Python puts the cwd first
+        # on the path of the server and of its Ray workers, so the server runs from there.
+        path = [ctx.maas_src] if ctx.maas_src else []
         env.update(system.env, BENCH_MODEL_PATH=ctx.model_path, PYTHONPATH=os.pathsep.join([*path, str(ROOT)]),
                    RAY_USAGE_STATS_ENABLED="0")
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(system.command(ctx), cwd=ROOT, env=env, stdout=self.log,
+        self.proc = subprocess.Popen(system.command(ctx), cwd=ctx.maas_src or ROOT, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, url: str, body: bytes, timeout_s: float = 240.0) -> dict:

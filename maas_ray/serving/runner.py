@@ -18,7 +18,7 @@ from ray import serve
 from maas_ray.errors import InferenceError, MaasError
 from maas_ray.registry.manifest import Manifest
 from maas_ray.serving.config import BatchingConfig
-from maas_ray.runtime import create_session
+from maas_ray.runtime import CPU, create_session
 
 logger = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
@@ -39,6 +39,7 @@ class OnnxRunner:
         self.manifest = manifest
         self.session = session_factory(model_bytes, device=device, intra_op_threads=intra_op_threads)
         self.provider = self.session.get_providers()[0]
+        self.intra_op_threads = intra_op_threads  # None: onnxruntime's default (all cores)
         self.output_names = [o.name for o in manifest.outputs]
         self.batch1_seconds = float("inf")  # measured by warm_up()
         logger.info("%s:%d runs on %s", manifest.model, manifest.version, self.provider)
@@ -99,8 +100,15 @@ def run_batch(runner: OnnxRunner, requests: list[Tensors]) -> list[Tensors | Maa
 
 
 # Below this batch-1 latency a model runs on the event loop: a thread hop costs more
-# than the inference itself (tiny models); slower models run in a worker thread.
+# than the inference itself (tiny models). A one-thread CPU session runs there too: its
+# compute has no spare core to overlap with (replicas are sized to their threads), so the
+# hop only adds latency (+8 % items/s inline on the transformer, benchmarks/README.md).
+# Other models (multi-thread sessions, GPUs) run in a worker thread.
 INLINE_BELOW_S = 0.0005
+
+
+def runs_inline(runner: "OnnxRunner") -> bool:
+    return runner.batch1_seconds < INLINE_BELOW_S or (runner.provider == CPU and runner.intra_op_threads == 1)
 # Below this one a request also skips the batch queue: @serve.batch costs ~50 us per
 # request (queueing, signature binding, metrics; py-spy, benchmarks/README.md), more than
 # batching saves on a model whose whole batch-1 run is shorter than that.
@@ -112,7 +120,7 @@ class BatchedRunner:
 
     def __init__(self, runner: OnnxRunner, batching: Optional[BatchingConfig] = None) -> None:
         self.runner = runner
-        self.inline = runner.batch1_seconds < INLINE_BELOW_S
+        self.inline = runs_inline(runner)
         self.set_batching(batching or BatchingConfig())
 
     def set_batching(self, batching: BatchingConfig) -> None:

@@ -36,6 +36,7 @@ def serve_config(registry_root, traffic):
                 "name": "lin",
                 "placement": "split",
                 "versions": [{"version": 1}],
+                "intra_op_threads": 2,  # a two-thread session runs in a worker thread (digits: on the loop)
                 "batching": {"max_batch_size": 32, "batch_wait_timeout_s": 0.02, "enabled": True},
                 "inference": {"ray_actor_options": {"num_cpus": 0.25}},
                 "preprocess": {"ray_actor_options": {"num_cpus": 0.1}},

@@ -168,3 +168,23 @@ def test_run_batch_concatenates_splits_and_isolates_failures():
     assert isinstance(out[1], InferenceError) and "bad value" in str(out[1])
     np.testing.assert_array_equal(out[2]["logits"], reqs[2][:, :3] + 1)
     assert session.batches == [5, 1, 2, 2]  # the failed batch is retried request by request
+
+
+@pytest.mark.parametrize(
+    ("provider", "threads", "batch1_s", "inline"),
+    [
+        ("CPUExecutionProvider", 2, 10e-6, True),  # tiny model: the thread hop costs more than the run
+        ("CPUExecutionProvider", 1, 20e-3, True),  # one-thread session: no spare core to overlap with
+        ("CPUExecutionProvider", 2, 20e-3, False),
+        ("CPUExecutionProvider", None, 20e-3, False),  # onnxruntime's default: all cores
+        ("CUDAExecutionProvider", 1, 20e-3, False),  # the loop keeps feeding the GPU
+    ],
+)
+def test_which_models_run_on_the_event_loop(provider, threads, batch1_s, inline):
+    from maas_ray.serving.runner import runs_inline
+
+    session = FakeSession()
+    session.get_providers = lambda: [provider]
+    runner = OnnxRunner(manifest(), b"", intra_op_threads=threads, session_factory=lambda *a, **k: session)
+    runner.batch1_seconds = batch1_s
+    assert runs_inline(runner) is inline
