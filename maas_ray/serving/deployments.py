@@ -63,6 +63,10 @@ class LocalPipeline:
     def provider(self) -> str:
         return self.batched.runner.provider
 
+    def describe(self) -> dict[str, Any]:
+        """Which process and onnxruntime provider run this version."""
+        return {"pid": os.getpid(), "provider": self.provider}
+
     def reconfigure(self, batching: dict[str, Any]) -> None:
         self.batched.set_batching(BatchingConfig.model_validate(batching))
 
@@ -87,7 +91,7 @@ class ModelServer:
         return await self.pipeline.batched.infer(feeds)
 
     def describe(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "provider": self.pipeline.provider}
+        return self.pipeline.describe()
 
 
 class PreprocessServer:

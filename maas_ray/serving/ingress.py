@@ -20,7 +20,7 @@ from maas_ray.errors import (
 )
 from maas_ray.registry import Manifest, Registry
 from maas_ray.serving import protocol
-from maas_ray.serving.config import AppArgs, ModelConfig
+from maas_ray.serving.config import AppArgs
 from maas_ray.serving.deployments import LocalPipeline
 from maas_ray.serving.http import HttpApp, build_api
 from maas_ray.serving.router import TrafficRouter
@@ -46,7 +46,7 @@ class _Route:
 
     async def describe(self) -> dict[str, Any]:
         if self.local is not None:
-            return {"pid": os.getpid(), "provider": self.local.provider}
+            return self.local.describe()
         return await self.handles["infer"].describe.remote()
 
 
@@ -62,7 +62,6 @@ class Ingress:
         resolved it to; reused here so the routes and the router can never disagree."""
         self.args = AppArgs.model_validate(args)
         registry = Registry(self.args.registry_root)
-        self.configs: dict[str, ModelConfig] = {m.name: m for m in self.args.models}
         self.manifests: dict[str, dict[int, Manifest]] = {}
         self.aliases: dict[str, dict[str, int]] = {}
         self.routes: dict[str, dict[int, _Route]] = {}

@@ -17,8 +17,8 @@ from ray import serve
 
 from maas_ray.errors import InferenceError, MaasError
 from maas_ray.registry.manifest import Manifest
-from maas_ray.serving.config import BatchingConfig
 from maas_ray.runtime import CPU, create_session
+from maas_ray.serving.config import BatchingConfig
 
 logger = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
@@ -105,14 +105,15 @@ def run_batch(runner: OnnxRunner, requests: list[Tensors]) -> list[Tensors | Maa
 # hop only adds latency (+8 % items/s inline on the transformer, benchmarks/README.md).
 # Other models (multi-thread sessions, GPUs) run in a worker thread.
 INLINE_BELOW_S = 0.0005
-
-
-def runs_inline(runner: "OnnxRunner") -> bool:
-    return runner.batch1_seconds < INLINE_BELOW_S or (runner.provider == CPU and runner.intra_op_threads == 1)
 # Below this one a request also skips the batch queue: @serve.batch costs ~50 us per
 # request (queueing, signature binding, metrics; py-spy, benchmarks/README.md), more than
 # batching saves on a model whose whole batch-1 run is shorter than that.
 UNBATCHED_BELOW_S = 0.00005
+
+
+def runs_inline(runner: OnnxRunner) -> bool:
+    """Whether ``runner`` runs on the event loop rather than in a worker thread (see above)."""
+    return runner.batch1_seconds < INLINE_BELOW_S or (runner.provider == CPU and runner.intra_op_threads == 1)
 
 
 class BatchedRunner:
