@@ -15,8 +15,7 @@ def peak(points: list[dict]) -> Optional[dict]:
 
 def within(points: list[dict], p99_ms: float) -> Optional[dict]:
     """The highest-throughput point whose p99 is no worse than ``p99_ms`` (None if none is)."""
-    good = [p for p in points if p["ok"] > 0 and p["errors"] == 0 and p["p99_ms"] <= p99_ms]
-    return max(good, key=lambda p: p["rps"]) if good else None
+    return peak([p for p in points if p["errors"] == 0 and p["p99_ms"] <= p99_ms])
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> str:
