@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# Serve's HTTP port in integration tests; set MAAS_TEST_HTTP_PORT to run two suites side by side.
+HTTP_PORT = int(os.environ.get("MAAS_TEST_HTTP_PORT", "8000"))
 
 # Shorten Ray's reaction times for tests (env vars are read when Ray starts; replicas and
 # Train workers inherit them). Serve's autoscaler pushes metrics every 10 s by default.

@@ -13,13 +13,12 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
-from maas_ray.errors import ConfigError, MaasError
+from maas_ray.errors import ConfigError, MaasError, format_validation_error
 from maas_ray.registry import Registry
 from maas_ray.serving.config import AppArgs, ModelConfig
 from maas_ray.serving.deployments import ModelServer, PostprocessServer, PreprocessServer
 from maas_ray.serving.ingress import Ingress
 from maas_ray.serving.processors import POSTPROCESSORS, PREPROCESSORS
-from maas_ray.train.config import format_validation_error
 
 logger = logging.getLogger(__name__)
 

@@ -135,6 +135,71 @@ class ModelConfig(BaseModel):
         return self
 
 
+MIB = 1 << 20
+
+
+class Limits(BaseModel):
+    """Per-request limits the ingress enforces before any parsing or decoding work."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(
+        default=16 * MIB, ge=1024,
+        description="Largest request body: 413 from Content-Length before reading, or while reading a chunked body.",
+    )
+    max_tensor_elements: int = Field(
+        default=1 << 22, ge=1, description="Most elements in all input tensors of one request together (413)."
+    )
+    max_tensor_dims: int = Field(default=16, ge=1, le=32, description="Most dimensions in one tensor's shape.")
+    max_image_pixels: int = Field(
+        default=4096 * 4096, ge=1,
+        description="Largest image (width x height), checked from its header before decoding (413).",
+    )
+    max_json_depth: int = Field(
+        default=32, ge=2, le=256, description="Deepest JSON nesting accepted in a request body (400)."
+    )
+    request_timeout_s: Optional[float] = Field(
+        default=30.0, gt=0, description="A request not answered within this many seconds gets 504; null: no limit."
+    )
+    max_queued_requests: Optional[int] = Field(
+        default=1024, ge=1,
+        description="Requests waiting for a busy ingress replica beyond this get 503 with Retry-After (Serve's "
+        "max_queued_requests); null: unbounded.",
+    )
+    rate_limit_rps: Optional[float] = Field(
+        default=None, gt=0,
+        description="Per API key (or per client address when keys are off): sustained requests per second per "
+        "ingress replica; over it: 429 with Retry-After. null: no rate limit.",
+    )
+    rate_limit_burst: Optional[int] = Field(
+        default=None, ge=1, description="Requests a key may send at once above the rate (default: 2 s of rate)."
+    )
+
+
+class AuthConfig(BaseModel):
+    """API keys at the ingress. Off by default for local `serve run`; on in every cluster/ config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=False, description="Require an API key on every route but /v2/health/*.")
+    keys_file: Optional[str] = Field(
+        default=None,
+        description="Key file written by `maas keys create` (hashes only): a local path or s3:// / gs:// URI.",
+    )
+    keys_env: str = Field(
+        default="MAAS_API_KEYS", description="Environment variable that may hold the key file's JSON instead."
+    )
+    reload_interval_s: float = Field(
+        default=10.0, gt=0, description="How often replicas re-read the key file (revocations take effect)."
+    )
+
+    @model_validator(mode="after")
+    def _source(self) -> "AuthConfig":
+        if self.enabled and not self.keys_file and not self.keys_env:
+            raise ValueError("auth.enabled needs auth.keys_file or auth.keys_env")
+        return self
+
+
 class AppArgs(BaseModel):
     """Arguments of :func:`maas_ray.serving.build_app`."""
 
@@ -144,6 +209,8 @@ class AppArgs(BaseModel):
     models: list[ModelConfig] = Field(min_length=1, description="Models served by this app.")
     ingress: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Ingress deployment options.")
     request_key_header: str = Field(default="x-request-key", description="Header that makes the split sticky.")
+    limits: Limits = Field(default_factory=Limits, description="Request size, time and rate limits.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and scopes.")
 
     @model_validator(mode="after")
     def _unique_models(self) -> "AppArgs":

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from maas_ray.errors import ConfigError
+from maas_ray.errors import ConfigError, format_validation_error
 from maas_ray.registry.manifest import check_name
 
 
@@ -112,13 +112,3 @@ class TrainConfig(BaseModel):
             return cls.model_validate(raw)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, "training config")) from exc
-
-
-def format_validation_error(exc: ValidationError, what: str) -> str:
-    """One line per bad field: 'what: field.path: message (got value)'."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-        lines.append(f"{what}: {loc}: {err['msg']}{got}")
-    return "; ".join(lines)

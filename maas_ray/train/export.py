@@ -10,15 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from maas_ray.errors import ConfigError, MaasError
+from maas_ray.errors import ConfigError, ParityError
 from maas_ray.runtime import create_session
 
 logger = logging.getLogger(__name__)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-
-
-class ParityError(MaasError):
-    """torch and onnxruntime disagree beyond the tolerance; nothing is published. 500."""
 
 
 def export_onnx(model: nn.Module, num_features: int) -> bytes:

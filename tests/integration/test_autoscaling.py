@@ -7,12 +7,15 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.conftest import HTTP_PORT
+
 from maas_ray.registry import Registry
 from maas_ray.serving.deploy import deploy
 from tests.helpers import linear_onnx
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-URL = "http://127.0.0.1:8000"
+PORT = HTTP_PORT
+URL = f"http://127.0.0.1:{PORT}"
 
 
 def _running(app: str, deployment: str) -> int:
@@ -44,7 +47,7 @@ def test_inference_scales_up_under_load_and_back_down_when_idle(ray_cluster, reg
         "ingress": {"ray_actor_options": {"num_cpus": 0.25}},
     }
     deploy({
-        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "http_options": {"host": "127.0.0.1", "port": PORT},
         "applications": [{"name": "scale", "route_prefix": "/", "import_path": "maas_ray.serving.app:build_app", "args": args}],
     })
     assert _running("scale", "scaler-v1") == 1

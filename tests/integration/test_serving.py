@@ -12,13 +12,16 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.conftest import HTTP_PORT
+
 from maas_ray.cli.quickstart import digit_png
 from maas_ray.registry import Registry
 from maas_ray.serving.deploy import deploy
 from tests.helpers import linear_onnx
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-URL = "http://127.0.0.1:8000"
+PORT = HTTP_PORT
+URL = f"http://127.0.0.1:{PORT}"
 
 
 def serve_config(registry_root, traffic):
@@ -48,7 +51,7 @@ def serve_config(registry_root, traffic):
     }
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "http_options": {"host": "127.0.0.1", "port": PORT},
         "applications": [
             {
                 "name": "maas",
@@ -303,7 +306,7 @@ def test_live_reweight_under_load_without_restarts_or_failures(app, registry_roo
 def test_stock_oip_v2_client_tritonclient(app, digits):
     """tritonclient's HTTP client, unchanged: binary tensor extension on input, JSON output."""
     import tritonclient.http as httpclient
-    client = httpclient.InferenceServerClient("127.0.0.1:8000")
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{PORT}")
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("lin") and client.is_model_ready("digits", model_version="2")
     assert client.get_model_metadata("lin")["inputs"][0]["shape"] == [-1, 4]

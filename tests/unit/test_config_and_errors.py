@@ -69,6 +69,35 @@ def test_errors_pickle_and_keep_status(cls):
     assert back.to_dict() == {"error": "model 'x' has no version 3"}
 
 
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def test_error_tree_is_whole():
+    """Every maas_ray error anywhere in the package is public in errors.py (and so pickle-tested)."""
+    import maas_ray.serving.app  # noqa: F401  import the modules that might define their own
+    import maas_ray.train.export  # noqa: F401
+
+    public = {c for c in _subclasses(errors.MaasError) if not c.__name__.startswith("_")}
+    assert public <= set(ALL_ERRORS), public - set(ALL_ERRORS)
+    assert all(c.__module__ == "maas_ray.errors" for c in public)
+
+
+@pytest.mark.parametrize("cls", ALL_ERRORS, ids=lambda c: c.__name__)
+def test_grpc_codes_are_real_status_codes(cls):
+    grpc = pytest.importorskip("grpc")
+    assert hasattr(grpc.StatusCode, cls.grpc_code)
+
+
+def test_retryable_errors_keep_retry_after_across_pickle():
+    for cls in (errors.RateLimitedError, errors.ModelNotReadyError):
+        back = pickle.loads(pickle.dumps(cls("busy", 0.2)))
+        assert (back.message, back.retry_after_s, back.retry_after_header()) == ("busy", 0.2, "1")
+    assert errors.ModelNotReadyError("loading").retry_after_header() is None
+
+
 def test_status_codes():
     assert errors.InvalidInputError.status_code == 400
     assert errors.ModelNotFoundError.status_code == errors.VersionNotFoundError.status_code == 404
