@@ -71,7 +71,7 @@ def run_quickstart(registry_root: Optional[str] = None, epochs: int = 30) -> int
         deploy(APP_CONFIG)
         x, y = load_digits(return_X_y=True)
         base = "http://127.0.0.1:8000"
-        body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [3],
+        body = {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [3],
                             "data": [digit_png(x[i]) for i in (-1, -2, -3)]}]}
         res, headers = _post(f"{base}/v2/models/digits/infer", body)
         labels = next(o["data"] for o in res["outputs"] if o["name"] == "label")

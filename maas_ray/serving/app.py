@@ -69,12 +69,13 @@ def _check_against_registry(args: AppArgs) -> dict[str, list[int]]:
 
 
 def _version_routes(args: AppArgs, m: ModelConfig, version: int) -> dict[str, Any]:
-    common = dict(registry_root=args.registry_root, model=m.model_dump(mode="json"), version=version)
+    common = dict(registry_root=args.registry_root, model=m.model_dump(mode="json"), version=version,
+                  limits=args.limits.model_dump())
     batching = m.batching.model_dump()
     if m.placement == "ingress":
         return {}
     infer = serve.deployment(ModelServer, name=f"{m.name}-v{version}", user_config=batching,
-                             **m.inference.serve_options(DEFAULTS["inference"])).bind(**common)
+                             **_queue_bound(args, m.inference.serve_options(DEFAULTS["inference"]))).bind(**common)
     if m.placement == "fused":
         return {"infer": infer}
     return {
@@ -84,6 +85,14 @@ def _version_routes(args: AppArgs, m: ModelConfig, version: int) -> dict[str, An
         "post": serve.deployment(PostprocessServer, name=f"{m.name}-v{version}-post",
                                  **m.postprocess.serve_options(DEFAULTS["postprocess"])).bind(**common),
     }
+
+
+def _queue_bound(args: AppArgs, options: dict[str, Any]) -> dict[str, Any]:
+    """Bound the queue in front of a deployment: beyond it callers get 503 + Retry-After, not
+    unbounded latency (Serve's max_queued_requests; an explicit deployment option wins)."""
+    if args.limits.max_queued_requests is not None:
+        options.setdefault("max_queued_requests", args.limits.max_queued_requests)
+    return options
 
 
 def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
@@ -99,7 +108,7 @@ def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
     if any(m.placement == "ingress" for m in args.models):  # the ingress runs the models too
         ingress_defaults = {**ingress_defaults, "ray_actor_options": {"num_cpus": 1}}
     ingress = serve.deployment(Ingress, name=INGRESS_NAME, user_config=user_config,
-                               **args.ingress.serve_options(ingress_defaults))
+                               **_queue_bound(args, args.ingress.serve_options(ingress_defaults)))
     logger.info("built app for %s", {m: v for m, v in resolved.items()})
     refs = {m.name: {str(v.version): n for v, n in zip(m.versions, resolved[m.name])} for m in args.models}
     return ingress.bind(args=args.model_dump(mode="json"), routes=routes, resolved=refs)

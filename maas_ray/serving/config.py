@@ -19,6 +19,9 @@ class DeploymentOptions(BaseModel):
         default=None, description="Serve autoscaling: min_replicas, max_replicas, target_ongoing_requests, ..."
     )
     max_ongoing_requests: Optional[int] = Field(default=None, ge=1, description="Per-replica concurrency cap.")
+    max_queued_requests: Optional[int] = Field(
+        default=None, ge=1, description="Callers waiting beyond this get 503 (default: the app's limits)."
+    )
     max_replicas_per_node: Optional[int] = Field(
         default=None, ge=1, description="Spread replicas over nodes (1 = at most one per node, for HA)."
     )

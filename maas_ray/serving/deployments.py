@@ -11,20 +11,43 @@ These are plain classes; :mod:`maas_ray.serving.app` turns them into deployments
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+from maas_ray.errors import ModelNotReadyError
 from maas_ray.registry import Registry
-from maas_ray.serving.config import BatchingConfig, ModelConfig
+from maas_ray.serving.config import BatchingConfig, Limits, ModelConfig
+from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.processors import make_postprocessor, make_preprocessor
+from maas_ray.serving.protocol import RequestSchema
 from maas_ray.serving.runner import BatchedRunner, OnnxRunner
 
 logger = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
+Timings = dict[str, float]  # seconds per stage: decode (+ preprocess), queue, inference, encode (+ postprocess)
+
+
+def use_serve_logging() -> None:
+    """In a Serve replica, write maas_ray's log lines through Serve's replica handlers.
+
+    Serve's handlers stamp every record with the request id of the request being served
+    (the ``x-request-id`` header, or the one Serve generated and returns), so each line
+    a request causes carries the id the client got back. Outside a replica: no-op.
+    """
+    serve_logger = logging.getLogger("ray.serve")
+    ours = logging.getLogger("maas_ray")
+    if not serve_logger.handlers or ours.handlers:
+        return
+    for handler in serve_logger.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(serve_logger.level)
+    ours.propagate = False
 
 
 def replica_cpus(default: int = 1) -> int:
@@ -38,7 +61,9 @@ def replica_cpus(default: int = 1) -> int:
     return max(1, math.ceil(cpus)) if cpus else default
 
 
-def load_batched_runner(registry_root: Optional[str], model: ModelConfig, version: int) -> BatchedRunner:
+def load_batched_runner(
+    registry_root: Optional[str], model: ModelConfig, version: int, *, on_batch: Optional[Callable[[int], None]] = None
+) -> BatchedRunner:
     loaded = Registry(registry_root).load(model.name, version)  # checksum verified
     runner = OnnxRunner(
         loaded.manifest,
@@ -47,59 +72,123 @@ def load_batched_runner(registry_root: Optional[str], model: ModelConfig, versio
         intra_op_threads=model.intra_op_threads or replica_cpus(),
     )
     runner.warm_up()
-    return BatchedRunner(runner, model.batching)
+    return BatchedRunner(runner, model.batching, on_batch=on_batch)
 
 
 class LocalPipeline:
-    """pre -> batched inference -> post, all in this process."""
+    """pre -> batched inference -> post, all in this process, timed per stage."""
 
-    def __init__(self, registry_root: Optional[str], model: ModelConfig, version: int) -> None:
-        self.batched = load_batched_runner(registry_root, model, version)
+    def __init__(
+        self,
+        registry_root: Optional[str],
+        model: ModelConfig,
+        version: int,
+        *,
+        limits: Optional[Limits] = None,
+        metrics: Optional[ServingMetrics] = None,
+    ) -> None:
+        on_batch = None
+        if metrics is not None:
+            on_batch = functools.partial(metrics.batch, model.name, version)
+        self.batched = load_batched_runner(registry_root, model, version, on_batch=on_batch)
         manifest = self.batched.runner.manifest
-        self.pre = make_preprocessor(manifest, model.preprocessor)
+        self.pre = make_preprocessor(manifest, model.preprocessor, limits=limits)
         self.post = make_postprocessor(manifest, model.postprocessor)
+        self.schema = RequestSchema.of(self.pre, self.post)
 
     @property
     def provider(self) -> str:
         return self.batched.runner.provider
 
     def describe(self) -> dict[str, Any]:
-        """Which process and onnxruntime provider run this version."""
-        return {"pid": os.getpid(), "provider": self.provider}
+        """Process, provider, state and the request/response schema of this version."""
+        return {
+            "pid": os.getpid(),
+            "provider": self.provider,
+            "state": "ready",
+            "schema": self.schema,
+            # OIP metadata: what a request sends and what the infer route returns (after
+            # postprocessing), so a client can ask for an output by the name given here.
+            "inputs": [{"name": i.name, "datatype": i.datatypes[0], "shape": list(i.shape)}
+                       for i in self.pre.request_inputs],
+            "outputs": [o.model_dump() for o in self.post.response_outputs],
+        }
 
     def reconfigure(self, batching: dict[str, Any]) -> None:
         self.batched.set_batching(BatchingConfig.model_validate(batching))
 
-    async def infer(self, tensors: Tensors, strict: bool) -> Tensors:
+    async def infer(self, tensors: Tensors, strict: bool) -> tuple[Tensors, Timings]:
+        t0 = time.perf_counter()
         feeds = self.pre(tensors, strict_dtypes=strict)
-        return self.post(await self.batched.infer(feeds))
+        t1 = time.perf_counter()
+        outputs, run_s = await self.batched.infer(feeds)
+        t2 = time.perf_counter()
+        result = self.post(outputs)
+        t3 = time.perf_counter()
+        return result, {"decode": t1 - t0, "queue": max(0.0, t2 - t1 - run_s), "inference": run_s, "encode": t3 - t2}
 
 
 class ModelServer:
-    """Deployment for ``fused`` placement (pre+infer+post) and ``split`` inference (infer only)."""
+    """Deployment for ``fused`` placement (pre+infer+post) and ``split`` inference (infer only).
 
-    def __init__(self, registry_root: Optional[str], model: dict[str, Any], version: int) -> None:
-        self.pipeline = LocalPipeline(registry_root, ModelConfig.model_validate(model), version)
+    A version that fails to load (checksum mismatch, broken graph) keeps its replica up and
+    reports ``failed`` with the reason: restarting would fail the same way, and the ingress
+    routes no traffic to it while the other versions keep serving.
+    """
+
+    def __init__(
+        self, registry_root: Optional[str], model: dict[str, Any], version: int, limits: Optional[dict] = None
+    ) -> None:
+        use_serve_logging()
+        cfg = ModelConfig.model_validate(model)
+        self.label = f"{cfg.name}:{version}"
+        self.metrics = ServingMetrics(app=os.environ.get("RAY_SERVE_APP_NAME", "maas"))
+        self.pipeline: Optional[LocalPipeline] = None
+        self.reason: Optional[str] = None
+        try:
+            self.pipeline = LocalPipeline(
+                registry_root, cfg, version,
+                limits=None if limits is None else Limits.model_validate(limits), metrics=self.metrics,
+            )
+        except Exception as exc:
+            self.reason = f"{type(exc).__name__}: {exc}"
+            logger.error("%s failed to load: %s", self.label, self.reason)
+        self.metrics.version_state(cfg.name, version, "ready" if self.pipeline else "failed")
+
+    def _ready(self) -> LocalPipeline:
+        if self.pipeline is None:
+            raise ModelNotReadyError(f"{self.label} failed to load: {self.reason}", 5.0)
+        return self.pipeline
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.pipeline.reconfigure(user_config)
+        if self.pipeline is not None:
+            self.pipeline.reconfigure(user_config)
 
-    async def infer(self, tensors: Tensors, strict: bool) -> Tensors:
-        return await self.pipeline.infer(tensors, strict)
+    async def infer(self, tensors: Tensors, strict: bool) -> tuple[Tensors, Timings]:
+        self.metrics.start()
+        return await self._ready().infer(tensors, strict)
 
     async def run(self, feeds: Tensors) -> Tensors:
-        return await self.pipeline.batched.infer(feeds)
+        outputs, _ = await self._ready().batched.infer(feeds)
+        return outputs
 
     def describe(self) -> dict[str, Any]:
+        if self.pipeline is None:
+            return {"pid": os.getpid(), "state": "failed", "reason": self.reason}
         return self.pipeline.describe()
 
 
 class PreprocessServer:
     """Deployment for the ``split`` preprocess stage (CPU work that scales apart)."""
 
-    def __init__(self, registry_root: Optional[str], model: dict[str, Any], version: int) -> None:
+    def __init__(
+        self, registry_root: Optional[str], model: dict[str, Any], version: int, limits: Optional[dict] = None
+    ) -> None:
         cfg = ModelConfig.model_validate(model)
-        self.pre = make_preprocessor(Registry(registry_root).describe(cfg.name, version), cfg.preprocessor)
+        self.pre = make_preprocessor(
+            Registry(registry_root).describe(cfg.name, version), cfg.preprocessor,
+            limits=None if limits is None else Limits.model_validate(limits),
+        )
 
     def __call__(self, tensors: Tensors, strict: bool) -> Tensors:
         return self.pre(tensors, strict_dtypes=strict)
@@ -108,7 +197,9 @@ class PreprocessServer:
 class PostprocessServer:
     """Deployment for the ``split`` postprocess stage."""
 
-    def __init__(self, registry_root: Optional[str], model: dict[str, Any], version: int) -> None:
+    def __init__(
+        self, registry_root: Optional[str], model: dict[str, Any], version: int, limits: Optional[dict] = None
+    ) -> None:
         cfg = ModelConfig.model_validate(model)
         self.post = make_postprocessor(Registry(registry_root).describe(cfg.name, version), cfg.postprocessor)
 

@@ -1,23 +1,48 @@
 """The ingress replica's HTTP surface (an ASGI app): OIP v2 and v1 routes over :class:`Ingress`.
 
 The infer routes are the hot path, so they are plain ASGI: a compiled pattern picks the
-route, the body is read once and the JSON response is written in two messages. On a tiny
-model FastAPI's routing, dependency solving and middleware stack cost more CPU than
-decoding, inference and encoding together (py-spy, benchmarks/README.md). Every other
-route (health, metadata, readiness) is cold and stays on FastAPI.
+route, the body is read once (bounded by ``limits.max_body_bytes``) and the JSON response is
+written in two messages. On a tiny model FastAPI's routing, dependency solving and middleware
+stack cost more CPU than decoding, inference and encoding together (py-spy,
+benchmarks/README.md). Every other route (health, metadata, readiness, the OpenAPI document)
+is cold and stays on FastAPI, whose own errors (unknown path, wrong method, bad path
+parameter) are answered as ``{"error": ...}`` like everything else.
+
+Order on an infer route: API key and rate limit (no body read yet) -> Content-Length
+against the body limit -> read (counting, for chunked bodies) -> decode and validate
+(:mod:`maas_ray.serving.protocol`) -> inference -> encode. The whole request runs under
+``limits.request_timeout_s`` (504).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Callable, Optional
+import sys
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from maas_ray.errors import MaasError, unwrap_remote
+from maas_ray.errors import (
+    InvalidInputError,
+    MaasError,
+    MethodNotAllowedError,
+    ModelNotReadyError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    unwrap_remote,
+)
+from maas_ray.registry.manifest import OIP_TO_NUMPY
 from maas_ray.serving import protocol
+from maas_ray.serving.keys import extract_key
 
 if TYPE_CHECKING:
     from maas_ray.serving.ingress import Ingress
@@ -25,63 +50,201 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 VERSION_HEADER = "x-model-version"
+REQUEST_ID_HEADER = "x-request-id"
 # (protocol, pattern) for the infer routes; groups: model, optional version.
 INFER_ROUTES = (
-    ("v2", re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")),
-    ("v1", re.compile(r"/v1/models/([^/:]+)(?:/versions/([^/:]+))?:predict")),
+    ("http_v2", re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")),
+    ("http_v1", re.compile(r"/v1/models/([^/:]+)(?:/versions/([^/:]+))?:predict")),
 )
-_JSON_HEADERS = [(b"content-type", b"application/json")]
+_JSON = (b"content-type", b"application/json")
+_OCTETS = (b"content-type", b"application/octet-stream")
+
+if sys.version_info >= (3, 11):
+    _deadline = asyncio.timeout  # a timer handle, no extra task per request
+else:  # pragma: no cover - Python 3.10
+
+    class _deadline:  # noqa: N801 - mirrors asyncio.timeout
+        def __init__(self, delay: Optional[float]) -> None:
+            self.delay = delay
+
+        async def __aenter__(self) -> None:
+            if self.delay is not None:
+                task = asyncio.current_task()
+                self.handle = asyncio.get_running_loop().call_later(self.delay, task.cancel)
+
+        async def __aexit__(self, exc_type, exc, tb) -> bool:
+            if self.delay is not None:
+                self.handle.cancel()
+                if exc_type is asyncio.CancelledError:
+                    raise TimeoutError from exc
+            return False
 
 
-def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
-    """(status, JSON body) for an error: our own errors carry their status; others are 500s."""
+def error_body(exc: BaseException, request_id: Optional[str] = None) -> tuple[int, dict[str, str], list]:
+    """(status, JSON body, extra headers) for an error: ours carry their status; Serve's
+    overload errors become 503 with Retry-After; anything else is a logged 500."""
     exc = unwrap_remote(exc)
+    if not isinstance(exc, MaasError):
+        exc = _from_serve(exc) or exc
     if isinstance(exc, MaasError):
-        return exc.status_code, {"error": exc.message}
-    logger.exception("unhandled error", exc_info=exc)
-    return 500, {"error": f"internal error: {type(exc).__name__}: {exc}"}
+        headers = []
+        retry = getattr(exc, "retry_after_header", None)
+        if retry is not None and retry() is not None:
+            headers.append((b"retry-after", retry().encode()))
+        if exc.status_code >= 500:
+            logger.warning("request %s failed: %s: %s", request_id, type(exc).__name__, exc.message)
+        return exc.status_code, {"error": exc.message}, headers
+    logger.error("request %s failed with an unexpected error", request_id, exc_info=exc)
+    return 500, {"error": f"internal error ({type(exc).__name__}); request id {request_id}"}, []
 
 
-def _error_response(exc: BaseException) -> JSONResponse:
-    status, body = error_body(exc)
-    return JSONResponse(body, status_code=status)
+def _from_serve(exc: BaseException) -> Optional[MaasError]:
+    """Serve's own overload errors, raised by handle calls to a full deployment."""
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(exc, BackPressureError):
+        return ModelNotReadyError(f"overloaded: {exc.message}", exc.retry_after_s or 1.0)
+    if isinstance(exc, DeploymentUnavailableError):
+        return ModelNotReadyError(f"unavailable: {exc}", 1.0)
+    return None
+
+
+def _json_error(exc: BaseException) -> JSONResponse:
+    status, body, headers = error_body(exc)
+    return JSONResponse(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
+
+
+# ---- OpenAPI request models of the infer routes (documentation and fuzzing) -------------
+Scalar = Union[str, int, float, bool]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InferInputTensor(_Strict):
+    name: str = Field(description="Input name, as in the model metadata.")
+    shape: list[int] = Field(description="Dimensions (non-negative integers).")
+    datatype: Literal[tuple(OIP_TO_NUMPY)] = Field(description="OIP v2 datatype.")  # type: ignore[valid-type]
+    parameters: Optional[dict[str, Scalar]] = Field(default=None, description="e.g. binary_data_size.")
+    data: Optional[list[Any]] = Field(default=None, description="Flat or nested as the shape; row-major.")
+
+
+class InferRequestedOutput(_Strict):
+    name: str = Field(description="Output name, as in the model metadata.")
+    parameters: Optional[dict[str, Scalar]] = Field(default=None, description="binary_data: true for raw bytes.")
+
+
+class InferenceRequest(_Strict):
+    """Open Inference Protocol v2 infer request."""
+
+    id: Optional[str] = Field(default=None, description="Echoed in the response.")
+    parameters: Optional[dict[str, Scalar]] = Field(default=None, description="binary_data_output, ...")
+    inputs: list[InferInputTensor] = Field(description="Input tensors.")
+    outputs: Optional[list[InferRequestedOutput]] = Field(default=None, description="Outputs wanted (default: all).")
+
+
+class PredictRequest(BaseModel):
+    """TF Serving / KServe v1 predict request: row (instances) or columnar (inputs) format."""
+
+    instances: Optional[list[Any]] = Field(default=None, description="One item per row; {\"b64\": ...} for binary.")
+    inputs: Optional[Any] = Field(default=None, description="Columnar form.")
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 405, 413, 429, 503, 504)}
 
 
 def build_api(ingress: "Ingress") -> FastAPI:
-    """FastAPI for the cold routes: health, server and model metadata, readiness."""
+    """FastAPI for the cold routes: health, server and model metadata, readiness, repository index.
+
+    The infer routes are declared too, so that ``/openapi.json`` documents the whole
+    surface; :class:`HttpApp` answers them on its lean path before FastAPI sees them.
+    """
     from maas_ray import __version__
 
-    api = FastAPI(title="maas-ray", description="Open Inference Protocol v2 and v1 predict")
-    api.add_exception_handler(MaasError, lambda request, exc: _error_response(exc))
-    api.add_exception_handler(Exception, lambda request, exc: _error_response(exc))
+    api = FastAPI(
+        title="maas-ray", version=__version__, redirect_slashes=False,
+        description="Open Inference Protocol v2 (KServe/Triton REST) and v1 predict. Every error is "
+        '{"error": "..."}. With API keys on, send `authorization: Bearer <key>` or `x-api-key`.',
+    )
+    api.add_exception_handler(MaasError, lambda request, exc: _json_error(exc))
+    api.add_exception_handler(
+        RequestValidationError,
+        lambda request, exc: _json_error(InvalidInputError(f"bad request: {exc.errors()[0]['msg']}")),
+    )
 
-    @api.get("/v2/health/live")
+    def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405:
+            return _json_error(MethodNotAllowedError(f"method {request.method} is not allowed on {request.url.path}"))
+        if exc.status_code == 404:
+            return _json_error(NotFoundError(f"no route {request.url.path}; see /openapi.json"))
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    api.add_exception_handler(StarletteHTTPException, http_error)
+    api.add_exception_handler(Exception, lambda request, exc: _json_error(exc))
+
+    def admit(request: Request, model: Optional[str] = None, *, admin: bool = False) -> None:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        client = request.client.host if request.client else "-"
+        ingress.admit(extract_key(headers), client, model, admin=admin)
+
+    @api.get("/v2/health/live", responses=_ERRORS)
     async def live() -> dict:
         return {"live": True}
 
-    @api.get("/v2/health/ready")
-    async def ready() -> dict:
-        return {"ready": True}
+    @api.get("/v2/health/ready", responses=_ERRORS)
+    async def ready() -> JSONResponse:
+        ok = ingress.server_ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503, headers={} if ok else {"retry-after": "5"})
 
-    @api.get("/v2")
-    async def server_metadata() -> dict:
-        return {"name": "maas-ray", "version": __version__, "extensions": ["binary_tensor_data"]}
+    @api.get("/v2", responses=_ERRORS)
+    async def server_metadata(request: Request) -> dict:
+        admit(request)
+        return {"name": "maas-ray", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
 
-    @api.get("/v2/models/{model}")
-    async def model_metadata(model: str) -> dict:
+    @api.get("/v2/models/{model}", responses=_ERRORS)
+    async def model_metadata(model: str, request: Request) -> dict:
+        admit(request, model)
         return ingress.metadata(model, None)
 
-    @api.get("/v2/models/{model}/versions/{version}")
-    async def version_metadata(model: str, version: str) -> dict:
+    @api.get("/v2/models/{model}/versions/{version}", responses=_ERRORS)
+    async def version_metadata(model: str, version: str, request: Request) -> dict:
+        admit(request, model)
         return ingress.metadata(model, version)
 
-    @api.get("/v2/models/{model}/ready")
-    async def model_ready(model: str) -> dict:
-        return ingress.model_ready(model, None)
+    @api.get("/v2/models/{model}/ready", responses=_ERRORS)
+    async def model_ready(model: str, request: Request) -> JSONResponse:
+        admit(request, model)
+        body = ingress.model_ready(model, None)
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
-    @api.get("/v2/models/{model}/versions/{version}/ready")
-    async def version_ready(model: str, version: str) -> dict:
-        return ingress.model_ready(model, version)
+    @api.get("/v2/models/{model}/versions/{version}/ready", responses=_ERRORS)
+    async def version_ready(model: str, version: str, request: Request) -> JSONResponse:
+        admit(request, model)
+        body = ingress.model_ready(model, version)
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    @api.post("/v2/repository/index", responses=_ERRORS)
+    async def repository_index(request: Request) -> list:
+        admit(request, admin=True)
+        return ingress.index()
+
+    # Documentation only: HttpApp serves these on the lean path (see the module docstring).
+    @api.post("/v2/models/{model}/infer", responses=_ERRORS, include_in_schema=True)
+    async def infer_v2(model: str, body: InferenceRequest) -> dict:  # pragma: no cover
+        raise MethodNotAllowedError("served by the lean path")
+
+    @api.post("/v2/models/{model}/versions/{version}/infer", responses=_ERRORS)
+    async def infer_v2_version(model: str, version: str, body: InferenceRequest) -> dict:  # pragma: no cover
+        raise MethodNotAllowedError("served by the lean path")
+
+    @api.post("/v1/models/{model}:predict", responses=_ERRORS)
+    async def predict_v1(model: str, body: PredictRequest) -> dict:  # pragma: no cover
+        raise MethodNotAllowedError("served by the lean path")
 
     return api
 
@@ -91,12 +254,14 @@ class HttpApp:
 
     def __init__(self, ingress: "Ingress", api: FastAPI) -> None:
         self.ingress, self.api = ingress, api
-        # Exception handlers Serve registers (BackPressureError -> 503, ...) apply here too.
+        self.limits = ingress.limits
+        self.max_body = ingress.limits.max_body_bytes
+        # Serve registers its exception handlers here; we map its errors ourselves
+        # (error_body), so that the lean path answers JSON like every other route.
         self.handlers: dict[type, Callable] = {}
 
     def add_exception_handler(self, exc_class: type, handler: Callable) -> None:
         self.handlers[exc_class] = handler
-        self.api.add_exception_handler(exc_class, handler)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http":
@@ -108,8 +273,8 @@ class HttpApp:
                 if match is None:
                     continue
                 if scope["method"] != "POST":
-                    body = protocol.dumps({"error": f"method {scope['method']} is not allowed here; use POST"})
-                    await _send_json(send, 405, body, [(b"allow", b"POST")])
+                    body = protocol.dumps({"error": f"method {scope['method']} is not allowed on {path}; use POST"})
+                    await _send(send, 405, body, [(b"allow", b"POST")])
                 else:
                     await self._infer(route, match.group(1), match.group(2), scope, receive, send)
                 return
@@ -118,36 +283,89 @@ class HttpApp:
     async def _infer(
         self, route: str, model: str, version: Optional[str], scope: dict, receive: Callable, send: Callable
     ) -> None:
+        start = time.perf_counter()
+        ingress = self.ingress
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        chunks, more = [], True
+        # Serve's proxy (and HAProxy) set x-request-id; its log lines carry the same id.
+        request_id = headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        ingress.metrics.request_started(model)
+        number, stages, extra = None, None, [(b"x-request-id", request_id.encode("latin-1"))]
+        try:
+            async with _deadline(self.limits.request_timeout_s):
+                client = scope["client"][0] if scope.get("client") else "-"
+                ingress.admit(extract_key(headers), client, model)
+                body = await self._read_body(headers, receive)
+                if body is None:  # the client went away
+                    return
+                if route == "http_v2":
+                    result, request = await ingress.infer(
+                        model, version, headers.get(ingress.key_header),
+                        lambda schema: protocol.decode_v2(
+                            body, headers.get(protocol.BINARY_HEADER), schema, self.limits),
+                        True,
+                    )
+                    t0 = time.perf_counter()
+                    payload, header_length = protocol.encode_v2(model, result.version, result.outputs, request)
+                else:
+                    result, _ = await ingress.infer(
+                        model, version, headers.get(ingress.key_header),
+                        lambda schema: protocol.decode_v1(body, schema, self.limits),
+                        False,
+                    )
+                    t0 = time.perf_counter()
+                    payload, header_length = protocol.encode_v1(result.outputs, result.version), None
+                number, stages = result.version, result.stages
+                stages["encode"] = stages.get("encode", 0.0) + time.perf_counter() - t0
+        except TimeoutError:
+            await self._error(RequestTimeoutError(
+                f"request not answered within limits.request_timeout_s={self.limits.request_timeout_s}"),
+                model, number, route, start, extra, send, request_id)
+            return
+        except Exception as exc:
+            await self._error(exc, model, number, route, start, extra, send, request_id)
+            return
+        extra.append((VERSION_HEADER.encode(), str(number).encode()))
+        if header_length is None:
+            await _send(send, 200, payload, extra)
+        else:  # binary tensor extension: JSON header of this length, then raw output bytes
+            extra.append((protocol.BINARY_HEADER.encode(), str(header_length).encode()))
+            await _send(send, 200, payload, extra, content_type=_OCTETS)
+        ingress.metrics.request_finished(model, number, route, 200, None, time.perf_counter() - start, stages)
+
+    async def _read_body(self, headers: dict[str, str], receive: Callable) -> Optional[bytes]:
+        """The body, or None if the client disconnected; 413 before reading when Content-Length
+        is over the limit, and while reading a chunked body as soon as it passes it."""
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not (declared.isascii() and declared.isdigit()) or len(declared) > 18:
+                raise InvalidInputError(f"content-length must be a decimal integer, got {declared[:32]!r}")
+            if int(declared) > self.max_body:
+                raise PayloadTooLargeError(
+                    f"request body of {int(declared)} bytes is over limits.max_body_bytes={self.max_body}")
+        chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise PayloadTooLargeError(f"request body is over limits.max_body_bytes={self.max_body}")
+            chunks.append(chunk)
             more = message.get("more_body", False)
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        try:
-            if route == "v2":
-                payload, number = await self.ingress.infer_v2(model, version, body, headers)
-            else:
-                payload, number = await self.ingress.infer_v1(model, version, body, headers)
-        except Exception as exc:
-            await self._send_error(exc, scope, receive, send)
-            return
-        await _send_json(send, 200, payload, [(VERSION_HEADER.encode(), str(number).encode())])
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _send_error(self, exc: Exception, scope: dict, receive: Callable, send: Callable) -> None:
-        for exc_class, handler in self.handlers.items():
-            if isinstance(exc, exc_class):
-                response = handler(None, exc)  # Serve's own (e.g. backpressure -> 503)
-                await response(scope, receive, send)
-                return
-        status, body = error_body(exc)
-        await _send_json(send, status, protocol.dumps(body))
+    async def _error(
+        self, exc: BaseException, model: str, number: Optional[int], route: str, start: float,
+        extra: list, send: Callable, request_id: str,
+    ) -> None:
+        status, body, headers = error_body(exc, request_id)
+        await _send(send, status, protocol.dumps(body), extra + headers)
+        error = type(unwrap_remote(exc)).__name__
+        self.ingress.metrics.request_finished(model, number, route, status, error, time.perf_counter() - start)
 
 
-async def _send_json(send: Callable, status: int, payload: bytes, extra: Optional[list] = None) -> None:
-    headers: list[Any] = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode()), *(extra or [])]
+async def _send(send: Callable, status: int, payload: bytes, extra: list, *, content_type: tuple = _JSON) -> None:
+    headers: list[Any] = [content_type, (b"content-length", str(len(payload)).encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

@@ -1,13 +1,23 @@
-"""The ingress deployment: traffic split, version pins, and the models' entry points.
+"""The ingress deployment: admission (keys, rate limits), version routing, readiness, metrics.
 
-:mod:`maas_ray.serving.http` maps the OIP v2 / v1 HTTP routes onto the methods here;
-:meth:`Ingress.predict` is the Python handle API.
+It speaks tensors, not wire formats: :mod:`maas_ray.serving.http` (OIP v2 / v1 REST) and the
+Python handle (:meth:`Ingress.predict`) decode their requests with :mod:`maas_ray.serving.protocol`
+and all go through :meth:`Ingress.infer`, so validation, limits, keys, metrics and routing
+behave the same behind every protocol.
+
+Each configured version is a :class:`VersionSlot`: ``loading`` until its pipeline is up,
+``ready``, or ``failed`` with the reason (a checksum mismatch, a load error). Only ready
+versions get split traffic; the others answer 503 when pinned and say why in metadata.
 """
 
+from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from typing import Any, Optional
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional
 
 import numpy as np
 from ray import serve
@@ -15,18 +25,59 @@ from ray import serve
 from maas_ray.errors import (
     ConfigError,
     InvalidInputError,
+    MaasError,
     ModelNotFoundError,
+    ModelNotReadyError,
     VersionNotFoundError,
 )
 from maas_ray.registry import Manifest, Registry
 from maas_ray.serving import protocol
 from maas_ray.serving.config import AppArgs
-from maas_ray.serving.deployments import LocalPipeline
+from maas_ray.serving.deployments import LocalPipeline, Timings, use_serve_logging
 from maas_ray.serving.http import HttpApp, build_api
+from maas_ray.serving.keys import ANONYMOUS, KeyStore, Principal
+from maas_ray.serving.limits import RateLimiter
+from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.router import TrafficRouter
 
 logger = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
+
+# How often the ingress asks remote (fused/split) versions whether they are up: fast while
+# one is still loading, slow once all are settled.
+POLL_LOADING_S = 1.0
+POLL_SETTLED_S = 10.0
+
+
+def _replica_gone(exc: BaseException) -> bool:
+    """Whether a handle call failed because the replica died or became unreachable.
+
+    Inference is idempotent, so such a call is safe to retry on another replica.
+    """
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
+def _decode_handle(inputs: dict[str, Any], schema: protocol.RequestSchema, limits: Any) -> Tensors:
+    """Handle inputs (name -> array-like) against the version's schema and the element limit."""
+    from maas_ray.errors import PayloadTooLargeError
+
+    unknown = sorted(set(inputs) - set(schema.inputs))
+    if unknown:
+        raise InvalidInputError(f"unknown input(s) {unknown}; model expects {sorted(schema.inputs)}")
+    tensors: Tensors = {}
+    for name, value in inputs.items():
+        try:
+            tensors[name] = np.asarray(value)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"input {name!r}: not an array: {exc}") from exc
+    elements = sum(a.size for a in tensors.values())
+    if elements > limits.max_tensor_elements:
+        raise PayloadTooLargeError(
+            f"request has {elements} tensor elements; limits.max_tensor_elements is {limits.max_tensor_elements}"
+        )
+    return tensors
 
 
 class _Route:
@@ -35,19 +86,60 @@ class _Route:
     def __init__(self, local: Optional[LocalPipeline] = None, handles: Optional[dict[str, Any]] = None):
         self.local, self.handles = local, handles or {}
 
-    async def infer(self, tensors: Tensors, strict: bool) -> Tensors:
+    async def infer(self, tensors: Tensors, strict: bool) -> tuple[Tensors, Timings]:
         if self.local is not None:
             return await self.local.infer(tensors, strict)
+        try:
+            return await self._remote(tensors, strict)
+        except Exception as exc:
+            if not _replica_gone(exc):
+                raise
+            logger.warning("a replica died mid-request (%s); retrying once on another", type(exc).__name__)
+        try:  # the router has dropped the dead replica by now
+            return await self._remote(tensors, strict)
+        except Exception as exc:
+            if _replica_gone(exc):
+                raise ModelNotReadyError("the replica serving this request died; retry", 1.0) from exc
+            raise
+
+    async def _remote(self, tensors: Tensors, strict: bool) -> tuple[Tensors, Timings]:
         if "pre" in self.handles:  # split: chained responses pass through the object store
             feeds = self.handles["pre"].remote(tensors, strict)
             outputs = self.handles["infer"].run.remote(feeds)
-            return await self.handles["post"].remote(outputs)
+            return await self.handles["post"].remote(outputs), {}
         return await self.handles["infer"].infer.remote(tensors, strict)
 
     async def describe(self) -> dict[str, Any]:
         if self.local is not None:
             return self.local.describe()
         return await self.handles["infer"].describe.remote()
+
+
+@dataclass
+class VersionSlot:
+    """One configured version of a model, as this ingress replica sees it."""
+
+    number: int
+    manifest: Optional[Manifest]
+    route: Optional[_Route] = None
+    state: str = "loading"  # loading | ready | failed
+    reason: Optional[str] = None
+    schema: Optional[protocol.RequestSchema] = None
+    describe: dict[str, Any] = field(default_factory=dict)
+
+    def require_ready(self, model: str) -> None:
+        if self.state != "ready":
+            why = f": {self.reason}" if self.reason else ""
+            raise ModelNotReadyError(f"model {model!r} version {self.number} is {self.state}{why}", 5.0)
+
+
+@dataclass
+class InferResult:
+    """What :meth:`Ingress.infer` hands back to the protocol that called it."""
+
+    version: int
+    outputs: Tensors
+    stages: Timings
 
 
 @serve.ingress()  # the app is built per replica by __serve_build_asgi_app__
@@ -60,132 +152,288 @@ class Ingress:
     ) -> None:
         """``resolved``: per model, each configured version reference -> the number the builder
         resolved it to; reused here so the routes and the router can never disagree."""
+        use_serve_logging()
         self.args = AppArgs.model_validate(args)
+        self.limits = self.args.limits
+        self.metrics = ServingMetrics(app=os.environ.get("RAY_SERVE_APP_NAME", "maas"))
+        self.keys: Optional[KeyStore] = KeyStore.from_config(self.args.auth) if self.args.auth.enabled else None
+        self.rate: Optional[RateLimiter] = (
+            RateLimiter(self.limits.rate_limit_rps, self.limits.rate_limit_burst)
+            if self.limits.rate_limit_rps else None
+        )
         registry = Registry(self.args.registry_root)
-        self.manifests: dict[str, dict[int, Manifest]] = {}
         self.aliases: dict[str, dict[str, int]] = {}
-        self.routes: dict[str, dict[int, _Route]] = {}
-        self.routers: dict[str, TrafficRouter] = {}
+        self.slots: dict[str, dict[int, VersionSlot]] = {}
+        self.weights: dict[str, dict[int, float]] = {}
+        self.routers: dict[str, Optional[TrafficRouter]] = {}
         for m in self.args.models:
-            self.manifests[m.name] = {v: registry.describe(m.name, v) for v in routes[m.name]}
             self.aliases[m.name] = resolved[m.name]
-            self.routes[m.name] = {
-                int(v): _Route(LocalPipeline(self.args.registry_root, m, int(v))) if m.placement == "ingress"
-                else _Route(handles=h)
-                for v, h in routes[m.name].items()
-            }
-            self.routers[m.name] = TrafficRouter({self.aliases[m.name][str(v.version)]: v.weight for v in m.versions})
+            self.slots[m.name] = {}
+            for v, handles in routes[m.name].items():
+                number = int(v)
+                slot = VersionSlot(number, manifest=None)
+                self.slots[m.name][number] = slot
+                try:
+                    slot.manifest = registry.describe(m.name, number)
+                    if m.placement == "ingress":
+                        pipeline = LocalPipeline(
+                            self.args.registry_root, m, number, limits=self.limits, metrics=self.metrics
+                        )
+                        slot.route = _Route(local=pipeline)
+                        self._settle(m.name, slot, pipeline.describe())
+                    else:
+                        slot.route = _Route(handles=handles)
+                except Exception as exc:  # one bad version must not take the others down
+                    self._fail(m.name, slot, exc)
+            self.weights[m.name] = {self.aliases[m.name][str(v.version)]: v.weight for v in m.versions}
+            self._rebuild_router(m.name)
         self.key_header = self.args.request_key_header.lower()
+        self._background: Optional[asyncio.Task] = None
 
+    # ---- version states -------------------------------------------------------------
+    def _settle(self, model: str, slot: VersionSlot, info: dict[str, Any]) -> None:
+        slot.describe = info
+        slot.state, slot.reason = info.get("state", "ready"), info.get("reason")
+        slot.schema = info.get("schema")
+        self.metrics.version_state(model, slot.number, slot.state)
+        if slot.state == "failed":
+            logger.error("%s:%d failed to load and gets no traffic: %s", model, slot.number, slot.reason)
+
+    def _fail(self, model: str, slot: VersionSlot, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        self._settle(model, slot, {"state": "failed", "reason": reason})
+
+    def _rebuild_router(self, model: str) -> None:
+        """Split traffic over the ready versions only; None while none is ready."""
+        ready = {v: w for v, w in self.weights[model].items() if self.slots[model][v].state == "ready"}
+        live = {v: w for v, w in ready.items() if w > 0}
+        self.routers[model] = TrafficRouter(ready) if live else None
+
+    async def _poll_remote_versions(self) -> None:
+        """Ask fused/split versions whether they are up (they load in their own replicas)."""
+        while True:
+            settled = True
+            for model, slots in self.slots.items():
+                changed = False
+                for slot in slots.values():
+                    if slot.route is None or slot.route.local is not None:
+                        continue
+                    try:
+                        info = await slot.route.describe()
+                    except Exception as exc:  # replica starting, restarting or gone: ask again
+                        logger.debug("describe %s:%d: %r", model, slot.number, exc)
+                        settled = False
+                        continue
+                    if info.get("state") != slot.state or info.get("reason") != slot.reason:
+                        self._settle(model, slot, info)
+                        changed = True
+                    settled = settled and slot.state != "loading"
+                if changed:
+                    self._rebuild_router(model)
+            await asyncio.sleep(POLL_SETTLED_S if settled else POLL_LOADING_S)
+
+    def _ensure_background(self) -> None:
+        """Start the background loops on the replica's event loop (the constructor has none)."""
+        if self._background is not None:
+            return
+        loop = asyncio.get_running_loop()
+        tasks = [self._poll_remote_versions()]
+        if self.keys is not None:
+            tasks.append(self.keys.refresh_forever())
+        self.metrics.start()
+        self._background = loop.create_task(asyncio.gather(*tasks))
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically on the user-code loop: keep the background loops alive."""
+        self._ensure_background()
+        if self._background.done() and not self._background.cancelled() and self._background.exception():
+            logger.error("background loop died: %r; restarting it", self._background.exception())
+            self._background = None
+            self._ensure_background()
+
+    # ---- traffic --------------------------------------------------------------------
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """user_config: {"traffic": {model: {version: weight}}, "batching": {model: {...}}}."""
         for model, weights in (user_config.get("traffic") or {}).items():
-            versions = self._versions(model)
+            slots = self._slots(model)
             parsed: dict[int, float] = {}
             for ref, weight in weights.items():  # keys: version numbers or build-time aliases
                 number = self._resolve(model, str(ref))
-                if number not in versions:
+                if number not in slots:
                     raise ConfigError(
-                        f"user_config.traffic.{model}: version {ref!r} is not deployed; deployed: {sorted(versions)}"
+                        f"user_config.traffic.{model}: version {ref!r} is not deployed; deployed: {sorted(slots)}"
                     )
-                if not isinstance(weight, (int, float)):
-                    raise ConfigError(f"user_config.traffic.{model}.{ref}: weight must be a number, got {weight!r}")
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+                    raise ConfigError(
+                        f"user_config.traffic.{model}.{ref}: weight must be a number >= 0, got {weight!r}"
+                    )
                 parsed[number] = float(weight)
-            self.routers[model] = TrafficRouter(parsed)
+            if sum(parsed.values()) <= 0:
+                raise ConfigError(f"user_config.traffic.{model}: all weights are 0: {weights}")
+            self.weights[model] = parsed
+            self._rebuild_router(model)
             logger.info("traffic for %s is now %s", model, parsed)
         for model, batching in (user_config.get("batching") or {}).items():
-            for route in self._versions(model).values():
-                if route.local is not None:
-                    route.local.reconfigure(batching)
+            for slot in self._slots(model).values():
+                if slot.route is not None and slot.route.local is not None:
+                    slot.route.local.reconfigure(batching)
 
-    # ---- routing -------------------------------------------------------------------
-    def _versions(self, model: str) -> dict[int, _Route]:
-        if model not in self.routes:
-            raise ModelNotFoundError(f"model {model!r} is not served here; models: {sorted(self.routes)}")
-        return self.routes[model]
+    def _slots(self, model: str) -> dict[int, VersionSlot]:
+        slots = self.slots.get(model)
+        if slots is None:
+            raise ModelNotFoundError(f"model {model!r} is not served here; models: {sorted(self.slots)}")
+        return slots
 
     def _resolve(self, model: str, ref: str) -> Optional[int]:
         """A version number or a build-time alias -> the version number (None if neither)."""
-        return self.aliases[model].get(ref, int(ref) if ref.isdigit() else None)
+        if ref in self.aliases[model]:
+            return self.aliases[model][ref]
+        parsed = protocol.parse_version_ref(ref)
+        return parsed if isinstance(parsed, int) else None
 
-    def _pick(self, model: str, version: Optional[str], key: Optional[str]) -> int:
-        versions = self._versions(model)
+    def pick(self, model: str, version: Optional[str], key: Optional[str]) -> VersionSlot:
+        """The version a request reaches: its pin, else the weighted (optionally sticky) split."""
+        slots = self._slots(model)
         if version is None:
-            return self.routers[model].choose(key)
+            router = self.routers[model]
+            if router is None:
+                states = {v: s.state for v, s in slots.items()}
+                raise ModelNotReadyError(f"model {model!r} has no ready version with traffic: {states}", 5.0)
+            return slots[router.choose(key)]
         number = self._resolve(model, version)
-        if number not in versions:
-            raise VersionNotFoundError(
-                f"model {model!r} has no served version {version!r}; served: {sorted(versions)}"
-            )
-        return number
+        if number not in slots:
+            raise VersionNotFoundError(f"model {model!r} has no served version {version!r}; served: {sorted(slots)}")
+        return slots[number]
 
-    # ---- Python handle API ---------------------------------------------------------
+    def likely_version(self, model: str) -> int:
+        """The version an unpinned request most likely reaches (the largest weight)."""
+        router = self.routers[model]
+        if router is not None:
+            return max(router.weights.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        return max(self._slots(model))
+
+    # ---- admission ------------------------------------------------------------------
+    def admit(self, api_key: Optional[str], client: str, model: Optional[str], *, admin: bool = False) -> Principal:
+        """Keys and rate limits, before any body is read or parsed (401/403/429)."""
+        principal = ANONYMOUS if self.keys is None else self.keys.authenticate(api_key)
+        if admin:
+            principal.check_admin()
+        elif model is not None:
+            principal.check_model(model)
+        if self.rate is not None:
+            self.rate.check(principal.key_id if self.keys is not None else client)
+        return principal
+
+    # ---- the one inference path -----------------------------------------------------
+    async def infer(
+        self,
+        model: str,
+        version: Optional[str],
+        key: Optional[str],
+        decode: Callable[[protocol.RequestSchema], Any],
+        strict: bool,
+    ) -> tuple[InferResult, Any]:
+        """Pick the version, decode the request against its schema, run it.
+
+        ``decode(schema)`` returns either a tensor dict or an object with ``.tensors``
+        (:class:`protocol.InferRequest`); it is returned unchanged as the second element.
+        """
+        self._ensure_background()
+        slot = self.pick(model, version, key)
+        slot.require_ready(model)
+        t0 = time.perf_counter()
+        request = decode(slot.schema)
+        tensors = request if isinstance(request, dict) else request.tensors
+        decode_s = time.perf_counter() - t0
+        outputs, stages = await slot.route.infer(tensors, strict)
+        stages = {**stages, "decode": decode_s + stages.get("decode", 0.0)}
+        return InferResult(slot.number, outputs, stages), request
+
+    # ---- Python handle API ----------------------------------------------------------
     async def predict(
         self, model: str, inputs: dict[str, Any], version: Optional[str] = None, key: Optional[str] = None
     ) -> dict[str, Any]:
-        """Handle entry point: returns the OIP v2 response body, as HTTP would."""
-        if not isinstance(inputs, dict) or not inputs:
-            raise InvalidInputError("inputs must be a non-empty dict of name -> array")
-        tensors = {n: np.asarray(a) for n, a in inputs.items()}
-        v = self._pick(model, None if version is None else str(version), key)
-        outputs = await self.routes[model][v].infer(tensors, False)
-        return protocol.encode_v2(model, v, outputs)
+        """Handle entry point: returns the OIP v2 response body, as HTTP would.
+
+        Handle calls come from inside the Ray cluster, which Ray's token authentication
+        guards; API keys and rate limits apply to the HTTP (and gRPC) edge only.
+        """
+        start = time.perf_counter()
+        self.metrics.request_started(model)
+        number, status, error = None, 200, None
+        try:
+            if not isinstance(inputs, dict) or not inputs:
+                raise InvalidInputError("inputs must be a non-empty dict of name -> array")
+
+            def decode(schema: protocol.RequestSchema) -> Tensors:
+                return _decode_handle(inputs, schema, self.limits)
+
+            result, _ = await self.infer(model, None if version is None else str(version), key, decode, False)
+            number = result.version
+            return protocol.response_v2(model, result.version, result.outputs)
+        except MaasError as exc:
+            status, error = exc.status_code, type(exc).__name__
+            raise
+        except Exception as exc:
+            status, error = 500, type(exc).__name__
+            raise
+        finally:
+            self.metrics.request_finished(model, number, "handle", status, error, time.perf_counter() - start)
 
     async def replicas(self) -> dict[str, Any]:
         """Which process and onnxruntime provider serve each version (ops and tests)."""
+        import sys
+
         return {
             "ingress_pid": os.getpid(),
-            "models": {m: {v: await r.describe() for v, r in rs.items()} for m, rs in self.routes.items()},
+            "torch_imported": "torch" in sys.modules,
+            "models": {m: {v: {k: d for k, d in s.describe.items() if k != "schema"} for v, s in slots.items()}
+                       for m, slots in self.slots.items()},
         }
 
-    # ---- HTTP (maas_ray.serving.http) ------------------------------------------------
+    # ---- metadata and readiness (every protocol) ------------------------------------
     def __serve_build_asgi_app__(self) -> HttpApp:
         return HttpApp(self, build_api(self))
 
-    def metadata(self, model: str, version: Optional[str]) -> dict:
-        number = max(self._versions(model)) if version is None else self._pick(model, version, None)
-        m = self.manifests[model][number]
+    def metadata(self, model: str, version: Optional[str]) -> dict[str, Any]:
+        slots = self._slots(model)
+        slot = slots[self.likely_version(model)] if version is None else self.pick(model, version, None)
+        manifest = slot.manifest
         return {
             "name": model,
-            "versions": [str(v) for v in sorted(self._versions(model))],
+            "versions": [str(v) for v in sorted(slots)],
             "platform": "onnxruntime_onnx",
-            "inputs": [t.model_dump() for t in m.inputs],
-            "outputs": [t.model_dump() for t in m.outputs],
+            "inputs": slot.describe.get("inputs", []),
+            "outputs": slot.describe.get("outputs", []),
             "parameters": {
-                "version": str(number),
-                "preprocessor": m.preprocessor.name,
-                "postprocessor": m.postprocessor.name,
-                "traffic": {str(k): w for k, w in self.routers[model].weights.items()},
+                "version": str(slot.number),
+                "state": slot.state,
+                **({"reason": slot.reason} if slot.reason else {}),
+                "preprocessor": manifest.preprocessor.name if manifest else None,
+                "postprocessor": manifest.postprocessor.name if manifest else None,
+                "traffic": {str(k): w for k, w in self.weights[model].items()},
+                "states": {str(v): s.state for v, s in sorted(slots.items())},
             },
         }
 
-    def model_ready(self, model: str, version: Optional[str]) -> dict:
+    def model_ready(self, model: str, version: Optional[str]) -> dict[str, Any]:
+        """{"name", "ready", ...}; ready means: answers unpinned requests (or this version's)."""
         if version is None:
-            self._versions(model)
-            return {"name": model, "ready": True}
-        return {"name": model, "version": str(self._pick(model, version, None)), "ready": True}
+            self._slots(model)
+            ready = self.routers[model] is not None
+            return {"name": model, "ready": ready}
+        slot = self.pick(model, version, None)
+        out = {"name": model, "version": str(slot.number), "ready": slot.state == "ready"}
+        if slot.reason:
+            out["reason"] = slot.reason
+        return out
 
-    async def infer_v2(
-        self, model: str, version: Optional[str], body: bytes, headers: dict[str, str]
-    ) -> tuple[bytes, int]:
-        """OIP v2 infer: request body and (lower-case) headers -> (JSON response body, version)."""
-        v = self._pick(model, version, headers.get(self.key_header))
-        header = headers.get(protocol.BINARY_HEADER)
-        if header is not None and not header.isdigit():
-            raise InvalidInputError(f"{protocol.BINARY_HEADER} must be an integer, got {header!r}")
-        tensors, meta = protocol.decode_v2(body, int(header) if header else None)
-        outputs = await self.routes[model][v].infer(tensors, True)
-        if meta["outputs"]:
-            outputs = {n: a for n, a in outputs.items() if n in meta["outputs"]}
-        return protocol.dumps(protocol.encode_v2(model, v, outputs, meta["id"])), v
+    def server_ready(self) -> bool:
+        return all(router is not None for router in self.routers.values())
 
-    async def infer_v1(
-        self, model: str, version: Optional[str], body: bytes, headers: dict[str, str]
-    ) -> tuple[bytes, int]:
-        """v1 (TF Serving / KServe v1) ``:predict``: -> (JSON response body, version)."""
-        v = self._pick(model, version, headers.get(self.key_header))
-        names = [t.name for t in self.manifests[model][v].inputs]
-        outputs = await self.routes[model][v].infer(protocol.decode_v1(body, names), False)
-        response = protocol.encode_v1(outputs)
-        response["model_version"] = str(v)
-        return protocol.dumps(response), v
+    def index(self) -> list[dict[str, Any]]:
+        """Triton's repository index: every configured model version and its state."""
+        return [
+            {"name": m, "version": str(v), "state": s.state.upper(), "reason": s.reason or ""}
+            for m, slots in sorted(self.slots.items()) for v, s in sorted(slots.items())
+        ]

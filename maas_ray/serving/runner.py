@@ -117,11 +117,21 @@ def runs_inline(runner: OnnxRunner) -> bool:
 
 
 class BatchedRunner:
-    """Dynamic batching with ``@serve.batch``; the knobs change live via :meth:`set_batching`."""
+    """Dynamic batching with ``@serve.batch``; the knobs change live via :meth:`set_batching`.
 
-    def __init__(self, runner: OnnxRunner, batching: Optional[BatchingConfig] = None) -> None:
+    ``on_batch(items)`` is told the size of every onnxruntime call (the batch-size metric).
+    """
+
+    def __init__(
+        self,
+        runner: OnnxRunner,
+        batching: Optional[BatchingConfig] = None,
+        *,
+        on_batch: Optional[Callable[[int], None]] = None,
+    ) -> None:
         self.runner = runner
         self.inline = runs_inline(runner)
+        self.on_batch = on_batch
         self.set_batching(batching or BatchingConfig())
 
     def set_batching(self, batching: BatchingConfig) -> None:
@@ -137,20 +147,29 @@ class BatchedRunner:
                     batching.max_batch_size, batching.batch_wait_timeout_s, self.runner.batch1_seconds * 1e6,
                     "on the event loop" if self.inline else "in a worker thread")
 
-    async def infer(self, feeds: Tensors) -> Tensors:
+    async def infer(self, feeds: Tensors) -> tuple[Tensors, float]:
+        """(outputs, seconds the onnxruntime call of this request's batch took)."""
         if not self.batching_on or next(iter(feeds.values())).shape[0] > self.max_batch_size:
-            result = (await self._run([feeds]))[0]  # unbatched, or already a full batch on its own
+            result, run_s = (await self._run([feeds]))[0]  # unbatched, or already a full batch on its own
         else:
-            result = await self._infer_batch(feeds)
+            result, run_s = await self._infer_batch(feeds)
         if isinstance(result, MaasError):
             raise result
-        return result
+        return result, run_s
 
-    async def _run(self, requests: list[Tensors]) -> list:
+    def _timed_batch(self, requests: list[Tensors]) -> list[tuple]:
+        start = time.perf_counter()
+        results = run_batch(self.runner, requests)
+        run_s = time.perf_counter() - start
+        if self.on_batch is not None:
+            self.on_batch(sum(next(iter(r.values())).shape[0] for r in requests))
+        return [(r, run_s) for r in results]
+
+    async def _run(self, requests: list[Tensors]) -> list[tuple]:
         if self.inline:
-            return run_batch(self.runner, requests)
+            return self._timed_batch(requests)
         # onnxruntime releases the GIL: run it off the event loop so requests keep flowing.
-        return await asyncio.get_running_loop().run_in_executor(None, run_batch, self.runner, requests)
+        return await asyncio.get_running_loop().run_in_executor(None, self._timed_batch, requests)
 
     # batch_size_fn: max_batch_size counts items, not requests (a request may hold many).
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, batch_size_fn=lambda reqs: sum(

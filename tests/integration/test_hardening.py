@@ -1,0 +1,327 @@
+"""The served app as an attacker and an operator see it: hostile inputs, limits, keys, readiness,
+a replica killed under load, the OpenAPI document fuzzed by schemathesis, no torch in replicas.
+
+One Serve instance holds two apps: ``secure`` (API keys on, a fused model with one corrupt
+version) at ``/`` and ``limited`` (a tight per-client rate limit, a small body limit, no keys)
+at ``/limited``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import redirect_stdout
+
+import httpx
+import numpy as np
+import pytest
+
+from maas_ray.registry import Registry
+from maas_ray.serving.deploy import deploy
+from tests.conftest import HTTP_PORT
+from tests.helpers import linear_onnx
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+URL = f"http://127.0.0.1:{HTTP_PORT}"
+
+
+def _create_key(keys_file: str, *flags: str) -> str:
+    """A new API key through the real CLI (`maas keys create`); returns the printed key."""
+    from maas_ray.cli import main
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["keys", "create", "--file", keys_file, *flags]) == 0
+    return next(tok for tok in out.getvalue().split() if tok.startswith("mk_"))
+
+
+@pytest.fixture(scope="module")
+def hardened(trained, registry_root, tmp_path_factory):
+    from ray import serve
+
+    reg = Registry(registry_root)
+    reg.publish("guarded", linear_onnx(4, 3, seed=3))
+    broken = reg.publish("guarded", linear_onnx(4, 3, seed=4)).version
+    # Corrupt the published artifact: its checksum no longer matches the manifest.
+    onnx_path = os.path.join(registry_root, "guarded", str(broken), "model.onnx")
+    with open(onnx_path, "r+b") as f:
+        f.seek(40)
+        f.write(b"\x00corrupt\x00")
+    reg.publish("tiny", linear_onnx(4, 3, seed=5))
+
+    keys_file = str(tmp_path_factory.mktemp("keys") / "keys.json")
+    keys = {
+        "admin": _create_key(keys_file, "--name", "ops", "--all-models", "--admin"),
+        "digits": _create_key(keys_file, "--name", "app", "--models", "digits"),
+        "revoked": _create_key(keys_file, "--name", "gone", "--all-models"),
+    }
+    secure = {
+        "registry_root": registry_root,
+        "auth": {"enabled": True, "keys_file": keys_file, "reload_interval_s": 0.5},
+        "models": [
+            {"name": "digits", "placement": "ingress", "intra_op_threads": 1,
+             "versions": [{"version": 1, "weight": 1}, {"version": 2, "weight": 1}]},
+            {"name": "guarded", "placement": "fused",
+             "versions": [{"version": 1, "weight": 50}, {"version": broken, "weight": 50}],
+             "inference": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}},
+        ],
+        "ingress": {"ray_actor_options": {"num_cpus": 0.5}},
+    }
+    limited = {
+        "registry_root": registry_root,
+        "limits": {"rate_limit_rps": 2, "rate_limit_burst": 4, "max_body_bytes": 4096},
+        "models": [{"name": "tiny", "versions": [{"version": 1}]}],
+        "ingress": {"ray_actor_options": {"num_cpus": 0.25}},
+    }
+    deploy({
+        "http_options": {"host": "127.0.0.1", "port": HTTP_PORT},
+        "applications": [
+            {"name": "secure", "route_prefix": "/", "import_path": "maas_ray.serving.app:build_app", "args": secure},
+            {"name": "limited", "route_prefix": "/limited", "import_path": "maas_ray.serving.app:build_app",
+             "args": limited},
+        ],
+    })
+    with httpx.Client(base_url=URL, timeout=60) as client:
+        client.headers["authorization"] = f"Bearer {keys['admin']}"
+        _wait_until(lambda: client.get("/v2/models/guarded/versions/1/ready").status_code == 200)
+        yield client, keys, keys_file, broken
+    serve.shutdown()
+
+
+def _wait_until(predicate, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.2)
+
+
+def v2(x, name="input", datatype="FP32"):
+    x = np.asarray(x)
+    return {"inputs": [{"name": name, "datatype": datatype, "shape": list(x.shape), "data": x.reshape(-1).tolist()}]}
+
+
+def test_keys_401_403_and_revocation(hardened):
+    from maas_ray.cli import main
+
+    client, keys, keys_file, _ = hardened
+    body = v2(np.zeros((1, 64)))
+    anonymous = httpx.post(f"{URL}/v2/models/digits/infer", json=body)
+    assert anonymous.status_code == 401 and set(anonymous.json()) == {"error"}
+    wrong = httpx.post(f"{URL}/v2/models/digits/infer", json=body, headers={"authorization": "Bearer mk_nope_nope"})
+    assert wrong.status_code == 401
+    scoped = {"x-api-key": keys["digits"]}
+    assert httpx.post(f"{URL}/v2/models/digits/infer", json=body, headers=scoped).status_code == 200
+    denied = httpx.post(f"{URL}/v2/models/guarded/infer", json=v2(np.zeros((1, 4))), headers=scoped)
+    assert denied.status_code == 403 and "guarded" in denied.json()["error"]
+    assert httpx.post(f"{URL}/v2/repository/index", headers=scoped).status_code == 403
+    assert client.post("/v2/repository/index").status_code == 200
+    for secret in keys.values():  # no key material in any error message
+        assert secret not in wrong.text + denied.text
+
+    revoked = {"authorization": f"Bearer {keys['revoked']}"}
+    assert httpx.post(f"{URL}/v2/models/digits/infer", json=body, headers=revoked).status_code == 200
+    key_id = keys["revoked"].split("_")[1]
+    with redirect_stdout(io.StringIO()):
+        assert main(["keys", "revoke", key_id, "--file", keys_file]) == 0
+    _wait_until(lambda: httpx.post(f"{URL}/v2/models/digits/infer", json=body, headers=revoked).status_code == 401)
+    # health probes need no key
+    assert httpx.get(f"{URL}/v2/health/live").status_code == 200
+
+
+def test_corrupt_version_is_not_ready_gets_no_traffic_and_says_why(hardened):
+    client, _, _, broken = hardened
+    assert client.get("/v2/health/ready").json() == {"ready": True}  # every model has a ready version
+    state = client.get(f"/v2/models/guarded/versions/{broken}/ready")
+    assert state.status_code == 503 and state.json()["ready"] is False
+    assert "IntegrityError" in state.json()["reason"]
+    meta = client.get(f"/v2/models/guarded/versions/{broken}").json()
+    assert meta["parameters"]["state"] == "failed" and "sha256" in meta["parameters"]["reason"]
+    # 50/50 configured, but every unpinned request reaches the ready version
+    versions = {client.post("/v2/models/guarded/infer", json=v2(np.ones((1, 4)))).headers["x-model-version"]
+                for _ in range(30)}
+    assert versions == {"1"}
+    pinned = client.post(f"/v2/models/guarded/versions/{broken}/infer", json=v2(np.ones((1, 4))))
+    assert pinned.status_code == 503 and "retry-after" in pinned.headers and "sha256" in pinned.json()["error"]
+    index = {(e["name"], e["version"]): e["state"] for e in client.post("/v2/repository/index").json()}
+    assert index[("guarded", str(broken))] == "FAILED" and index[("guarded", "1")] == "READY"
+
+
+def test_metadata_describes_what_the_infer_route_returns(hardened):
+    import tritonclient.http as httpclient
+
+    client, keys, _, _ = hardened
+    meta = client.get("/v2/models/digits").json()
+    assert [o["name"] for o in meta["outputs"]] == ["label", "probabilities", "top_k_labels", "top_k_scores"]
+    assert meta["outputs"][1] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}
+    assert meta["inputs"][0]["name"] == "input"
+    # a stock client asks for an output by the name the metadata gives
+    triton = httpclient.InferenceServerClient(f"127.0.0.1:{HTTP_PORT}")
+    headers = {"authorization": f"Bearer {keys['admin']}"}
+    inp = httpclient.InferInput("input", [2, 64], "FP32")
+    inp.set_data_from_numpy(np.zeros((2, 64), np.float32))
+    for binary in (False, True):
+        out = httpclient.InferRequestedOutput("label", binary_data=binary)
+        result = triton.infer("digits", [inp], outputs=[out], headers=headers)
+        assert result.as_numpy("label").shape == (2,)
+        assert [o["name"] for o in result.get_response()["outputs"]] == ["label"]
+
+
+def test_hostile_corpus_answers_4xx_json_and_never_disturbs_valid_requests(hardened):
+    from tests.hostile import CASES
+
+    client, _, _, _ = hardened
+    valid = v2(np.zeros((1, 64)))
+    wrong = []
+    for i, case in enumerate(CASES):
+        path = "/v2/models/digits/infer" if case.route == "v2" else "/v1/models/digits:predict"
+        r = client.post(path, content=case.body, headers={"content-type": "application/json", **case.headers})
+        if r.status_code != case.expect or set(r.json()) != {"error"}:
+            wrong.append((case.name, r.status_code, r.text[:200]))
+        if i % 10 == 9:
+            assert client.post("/v2/models/digits/infer", json=valid).status_code == 200
+    assert not wrong, wrong
+    assert len(CASES) >= 80
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v2/models/digits/infer", 405),
+        ("POST", "/v2/health/ready", 405),
+        ("GET", "/nowhere", 404),
+        ("POST", "/v2/models/digits/infer/", 404),
+        ("POST", "/v2/models/digits/versions/a%2Fb/infer", 404),
+        ("POST", "/v1/models/digits:explode", 404),
+        ("POST", "/v2/models/digits/versions/%C2%B2/infer", 400),
+        ("POST", f"/v2/models/digits/versions/{'9' * 5000}/infer", 400),
+        ("GET", "/v2/models/nope", 404),
+    ],
+)
+def test_every_route_answers_json_errors(hardened, method, path, status):
+    client, _, _, _ = hardened
+    r = client.request(method, path, content=b"{}")
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error"}, r.text
+
+
+def test_body_limit_413_before_and_while_reading(hardened):
+    big = b'{"inputs": [' + b" " * 10_000 + b"]}"
+    r = httpx.post(f"{URL}/limited/v2/models/tiny/infer", content=big)
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]
+
+    def chunked():
+        for _ in range(10):
+            yield b" " * 1000
+
+    r = httpx.post(f"{URL}/limited/v2/models/tiny/infer", content=chunked())
+    assert r.status_code == 413
+
+
+def test_rate_limit_429_with_retry_after(hardened):
+    body = v2(np.zeros((1, 4)))
+    with httpx.Client(base_url=f"{URL}/limited", timeout=30) as c:
+        codes = [c.post("/v2/models/tiny/infer", json=body) for _ in range(12)]
+    limited = [r for r in codes if r.status_code == 429]
+    assert 1 <= len(limited) <= 12 - 4 and codes[0].status_code == 200
+    assert int(limited[0].headers["retry-after"]) >= 1 and set(limited[0].json()) == {"error"}
+
+
+def test_request_ids_are_returned_and_echoed(hardened):
+    client, _, _, _ = hardened
+    r = client.post("/v2/models/digits/infer", json={**v2(np.zeros((1, 64))), "id": "abc"},
+                    headers={"x-request-id": "trace-42"})
+    assert r.json()["id"] == "abc" and r.headers["x-request-id"].split(",")[0].strip() == "trace-42"
+    assert client.post("/v2/models/digits/infer", json=v2(np.zeros((1, 64)))).headers.get("x-request-id")
+
+
+def test_serving_replicas_never_import_torch(hardened):
+    from ray import serve
+
+    info = serve.get_app_handle("secure").replicas.remote().result()
+    assert info["torch_imported"] is False
+
+
+def test_killing_an_inference_replica_under_load_fails_no_request(hardened):
+    """SIGKILL one of the two fused inference replicas while 4 clients keep sending."""
+    client, _, _, _ = hardened
+    from ray import serve
+
+    handle = serve.get_app_handle("secure")
+    body = v2(np.ones((1, 4)))
+    stop = threading.Event()
+    results: list = []
+
+    def load():
+        with httpx.Client(base_url=URL, timeout=60, headers=dict(client.headers)) as c:
+            while not stop.is_set():
+                try:
+                    results.append((time.monotonic(), c.post("/v2/models/guarded/versions/1/infer", json=body).status_code))
+                except httpx.HTTPError as exc:
+                    results.append((time.monotonic(), repr(exc)))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    pid = handle.replicas.remote().result()["models"]["guarded"][1]["pid"]
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    # capacity is back when a new replica answers describe() with another pid
+    deadline = killed_at + 30
+    while time.monotonic() < deadline:
+        pids = {handle.replicas.remote().result()["models"]["guarded"][1].get("pid") for _ in range(4)}
+        from ray import serve as _serve
+
+        running = _serve.status().applications["secure"].deployments["guarded-v1"].replica_states.get("RUNNING", 0)
+        if running == 2 and pid not in pids:
+            break
+        time.sleep(0.5)
+    recovered_s = time.monotonic() - killed_at
+    time.sleep(1)
+    stop.set()
+    for t in threads:
+        t.join()
+    failed = [r for r in results if r[1] != 200]
+    print(f"replica kill: {len(failed)} failed of {len(results)}; capacity back in {recovered_s:.1f} s")
+    assert len(results) > 100
+    assert len(failed) <= len(results) * 0.001, failed[:5]
+    assert recovered_s < 30
+
+
+def test_schemathesis_fuzzes_the_openapi_surface_without_5xx(hardened):
+    """Every operation of /openapi.json, with generated valid and invalid requests: no 5xx, every
+    error a JSON {"error"}, responses as documented; a valid request still answered afterwards."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    client, _, _, _ = hardened
+    schema = schemathesis.openapi.from_url(f"{URL}/openapi.json")
+    failures = []
+    for operation in schema.get_all_operations():
+        op = operation.ok()
+
+        @settings(max_examples=25, deadline=None, phases=[Phase.explicit, Phase.generate],
+                  suppress_health_check=list(HealthCheck), database=None)
+        @given(case=op.as_strategy())
+        def run(case):
+            response = case.call(base_url=URL, headers=dict(client.headers), timeout=30)
+            try:
+                case.validate_response(response, checks=[
+                    not_a_server_error, status_code_conformance, content_type_conformance,
+                    response_schema_conformance])
+            except Exception as exc:  # collect, report all at the end
+                failures.append((op.path, op.method, response.status_code, str(exc)[:300]))
+
+        run()
+    assert not failures, failures[:5]
+    assert client.post("/v2/models/digits/infer", json=v2(np.zeros((1, 64)))).status_code == 200
