@@ -184,15 +184,12 @@ def _shape(value: Any, where: str, limits: "Limits") -> tuple[list[int], int]:
         raise InvalidInputError(
             f"{where}: expected at most {limits.max_tensor_dims} dimensions (max_tensor_dims), got {len(value)}"
         )
-    if not set(map(type, value)) <= _INTS or (value and min(value) < 0):
-        for d, dim in enumerate(value):
-            if type(dim) is not int or dim < 0:
-                raise _bad(f"{where}[{d}]", "a non-negative integer", dim)
-    if value and max(value) > limits.max_tensor_elements:  # even with a 0 elsewhere: 413
-        d = next(d for d, dim in enumerate(value) if dim > limits.max_tensor_elements)
-        raise PayloadTooLargeError(
-            f"{where}[{d}]: {_show(value[d])} exceeds max_tensor_elements ({limits.max_tensor_elements})"
-        )
+    most = limits.max_tensor_elements
+    for d, dim in enumerate(value):  # <= 16 dims: a plain loop beats set(map(type)) here
+        if type(dim) is not int or dim < 0:  # type(True) is bool, not int
+            raise _bad(f"{where}[{d}]", "a non-negative integer", dim)
+        if dim > most:  # even with a 0 elsewhere (no numpy shape past int64): 413
+            raise PayloadTooLargeError(f"{where}[{d}]: {_show(dim)} exceeds max_tensor_elements ({most})")
     return value, math.prod(value)
 
 
@@ -239,19 +236,28 @@ def _leaves(data: list, shape: list[int], where: str, depth0: int, limits: "Limi
     return level, True
 
 
-def _check_types(where: str, datatype: str, leaves: Any, nested: bool) -> None:
-    """Every value has the datatype's JSON type: one C-speed pass over the values."""
+def _check_types(where: str, datatype: str, leaves: Any, nested: bool) -> set:
+    """Every value has the datatype's JSON type; returns the set of types seen.
+
+    One C-speed pass, set(map(type, values)): 1.3 us for 64 values, ~450 us for 784x32
+    (as much as numpy's conversion after it; a per-element Python loop is ~5x slower).
+    Also timed and passed over: operator.countOf(map(type, v), float) (~30% faster on
+    uniform data, 70% slower on JSON that writes whole floats as ints, as JavaScript does);
+    array.array conversion (rejects str/None/containers while converting, but takes bools,
+    and finding bools costs as much as this pass). Binary tensors skip this pass.
+    """
     allowed = _JSON_TYPES[datatype]
     values = chain.from_iterable(leaves) if nested else leaves
-    if set(map(type, values)) <= allowed:
-        return
+    types = set(map(type, values))
+    if types <= allowed:
+        return types
     flat = list(chain.from_iterable(leaves)) if nested else leaves
     j, bad = next((j, v) for j, v in enumerate(flat) if type(v) not in allowed)
     word = _TYPE_WORDS.get(datatype, "an integer" if allowed is _INTS else "a number")
     raise _bad(f"{where}[{j}]" if not nested else f"{where} (value {j} in row-major order)", f"{word} for {datatype}", bad)
 
 
-def _to_array(where: str, datatype: str, values: Any, shape: list[int]) -> np.ndarray:
+def _to_array(where: str, datatype: str, values: Any, shape: list[int], types: set) -> np.ndarray:
     """Typed JSON values (flat, or nested as the shape) -> an array of ``shape``; 400 if out of range."""
     dtype = OIP_TO_NUMPY[datatype]
     try:
@@ -261,7 +267,9 @@ def _to_array(where: str, datatype: str, values: Any, shape: list[int]) -> np.nd
         # a float past FP16/FP32's range raises only where warnings are errors (the tests);
         # elsewhere numpy warns once and makes inf, which the isfinite check below rejects.
         raise InvalidInputError(f"{where}: a value does not fit {datatype}: {exc}") from exc
-    if dtype.kind == "f" and not np.isfinite(arr).all():
+    # JSON numbers are finite (orjson refuses NaN, Infinity, 1e400) and ints are < 2**64:
+    # only floats cast to FP32, or anything cast to FP16, can overflow (isfinite: 1.3 us).
+    if (datatype == "FP16" or datatype == "FP32" and float in types) and not np.isfinite(arr).all():
         raise InvalidInputError(f"{where}: values overflow {datatype} (they must be finite)")
     return arr.reshape(shape)
 
@@ -404,8 +412,8 @@ def decode_v2(body: bytes, header_length: Optional[str], schema: RequestSchema, 
         if type(data) is not list:
             raise _bad(f"{where}.data", "a list", data)
         leaves, nested = _leaves(data, shape, f"{where}.data", 3, limits)
-        _check_types(f"{where}.data", datatype, leaves, nested)
-        tensors[name] = _to_array(f"{where}.data", datatype, data, shape)
+        types = _check_types(f"{where}.data", datatype, leaves, nested)
+        tensors[name] = _to_array(f"{where}.data", datatype, data, shape, types)
     return InferRequest(tensors, request_id, outputs, binary_outputs, params)
 
 
@@ -637,7 +645,7 @@ def _v1_column(where: str, name: str, values: Any, accepted: frozenset[str], lim
         raise _bad(f"{where} (value {j} in row-major order)", what, bad)
     if datatype == "BOOL" and "BOOL" not in accepted or datatype != "BOOL" and not accepted & set(NUMERIC_DATATYPES):
         raise InvalidInputError(f"{where}: input {name!r} takes {sorted(accepted)}, got {'booleans' if datatype == 'BOOL' else 'numbers'}")
-    return _to_array(where, datatype, values, shape)
+    return _to_array(where, datatype, values, shape, types)
 
 
 def encode_v1(outputs: Tensors, version: int) -> bytes:
