@@ -1,9 +1,13 @@
 """Pre- and postprocessors, chosen by name in the manifest (or overridden in the app config).
 
 A preprocessor turns decoded request tensors into the model's feeds and validates
-them against the schema (the only place bad input is rejected, before batching).
-A postprocessor turns model outputs into response tensors. Both are plain
-classes, run inside whichever replica the placement puts them in.
+them against the model schema (shapes, dtypes, image contents), before batching; the
+wire format was already checked by :mod:`maas_ray.serving.protocol` against what the
+preprocessor says requests may send (:attr:`Preprocessor.request_inputs`). A
+postprocessor turns model outputs into response tensors and says which
+(:attr:`Postprocessor.response_outputs`). Both are plain classes, run inside whichever
+replica the placement puts them in. Every error is an InvalidInputError (400) or
+PayloadTooLargeError (413); Pillow's exceptions on client bytes are mapped to those.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ logger = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
 
 # Datatypes the image preprocessor takes raw pixels in (after BYTES, for encoded images).
-PIXEL_DATATYPES = ("FP32", "FP64", "FP16", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")
+PIXEL_DATATYPES = (
+    "FP32", "FP64", "FP16", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+)
 
 
 @dataclass(frozen=True)

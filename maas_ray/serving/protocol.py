@@ -40,7 +40,7 @@ import binascii
 import math
 import struct
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, islice
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
@@ -80,7 +80,7 @@ _JSON_TYPES: dict[str, frozenset] = {
     "BYTES": frozenset({str}),
 }
 _TYPE_WORDS = {"BOOL": "a boolean", "BYTES": "a string"}
-NUMERIC_DATATYPES = tuple(dt for dt in OIP_TO_NUMPY if dt not in ("BOOL", "BYTES"))
+NUMERIC_DATATYPES = frozenset(dt for dt in OIP_TO_NUMPY if dt not in ("BOOL", "BYTES"))
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def _object(value: Any, where: str) -> dict:
 
 def _keys(obj: dict, allowed: frozenset, where: str) -> None:
     if not obj.keys() <= allowed:
-        unknown = sorted(_key(k) for k in obj.keys() - allowed)[:5]
+        unknown = sorted(_key(k) for k in islice(obj.keys() - allowed, 5))
         raise InvalidInputError(f"{where}: unknown field(s) {unknown}; expected only {sorted(allowed)}")
 
 
@@ -196,7 +196,8 @@ def _shape(value: Any, where: str, limits: "Limits") -> tuple[list[int], int]:
 def _check_depth(levels: int, where: str, limits: "Limits") -> None:
     if levels > limits.max_json_depth:
         raise InvalidInputError(
-            f"{where}: nested {levels} levels deep in the request; the limit (max_json_depth) is {limits.max_json_depth}"
+            f"{where}: nested {levels} levels deep in the request; "
+            f"the limit (max_json_depth) is {limits.max_json_depth}"
         )
 
 
@@ -254,7 +255,8 @@ def _check_types(where: str, datatype: str, leaves: Any, nested: bool) -> set:
     flat = list(chain.from_iterable(leaves)) if nested else leaves
     j, bad = next((j, v) for j, v in enumerate(flat) if type(v) not in allowed)
     word = _TYPE_WORDS.get(datatype, "an integer" if allowed is _INTS else "a number")
-    raise _bad(f"{where}[{j}]" if not nested else f"{where} (value {j} in row-major order)", f"{word} for {datatype}", bad)
+    at = f"{where} (value {j} in row-major order)" if nested else f"{where}[{j}]"
+    raise _bad(at, f"{word} for {datatype}", bad)
 
 
 def _to_array(where: str, datatype: str, values: Any, shape: list[int], types: set) -> np.ndarray:
@@ -292,7 +294,8 @@ def _from_binary(where: str, datatype: str, raw: memoryview, shape: list[int], s
             if len(items) > size:
                 break
         if len(items) != size:
-            raise InvalidInputError(f"{where}: shape {shape} needs {size} BYTES elements, the binary data holds {len(items)}+")
+            held = f"more than {size}" if len(items) > size else str(len(items))
+            raise InvalidInputError(f"{where}: shape {shape} needs {size} BYTES elements, the binary data holds {held}")
         arr = np.empty(size, dtype=object)
         arr[:] = items
         return arr.reshape(shape)
@@ -349,6 +352,7 @@ def decode_v2(body: bytes, header_length: Optional[str], schema: RequestSchema, 
         raise _bad("inputs", "a non-empty list of input objects", inputs)
     # Pass 1: names, datatypes, shapes, sizes of every input; no tensor work yet.
     headers: list[tuple[str, str, str, list[int], int, Optional[int]]] = []
+    seen: set[str] = set()
     total = 0
     binary_total = 0
     for i, item in enumerate(inputs):
@@ -362,7 +366,12 @@ def decode_v2(body: bytes, header_length: Optional[str], schema: RequestSchema, 
         if accepted is None:
             if type(name) is not str:
                 raise _bad(f"{where}.name", "a string", name)
-            raise InvalidInputError(f"{where}.name: unknown input {_show(name)}; this model takes {list(schema.inputs)}")
+            raise InvalidInputError(
+                f"{where}.name: unknown input {_show(name)}; this model takes {list(schema.inputs)}"
+            )
+        if name in seen:
+            raise InvalidInputError(f"{where}.name: input {name!r} given more than once")
+        seen.add(name)
         datatype = item.get("datatype")
         if type(datatype) is not str or datatype not in accepted:
             raise _bad(f"{where}.datatype", f"one of {sorted(accepted)} for input {name!r}", datatype)
@@ -385,12 +394,8 @@ def decode_v2(body: bytes, header_length: Optional[str], schema: RequestSchema, 
         raise PayloadTooLargeError(
             f"inputs: {total} elements in all, over the limit of {limits.max_tensor_elements} (max_tensor_elements)"
         )
-    names = [h[1] for h in headers]
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise InvalidInputError(f"inputs: input(s) {twice} given more than once")
-    if len(names) != len(schema.inputs):
-        missing = [n for n in schema.inputs if n not in names]
+    if len(seen) != len(schema.inputs):
+        missing = [n for n in schema.inputs if n not in seen]
         raise InvalidInputError(f"inputs: missing input(s) {missing}; this model takes {list(schema.inputs)}")
     if binary_total != len(binary):
         raise InvalidInputError(
@@ -437,7 +442,9 @@ def _requested_outputs(
         if type(name) is not str:
             raise _bad(f"{where}.name", "a string", name)
         if name not in schema.outputs:
-            raise InvalidInputError(f"{where}.name: unknown output {_show(name)}; this model returns {list(schema.outputs)}")
+            raise InvalidInputError(
+                f"{where}.name: unknown output {_show(name)}; this model returns {list(schema.outputs)}"
+            )
         if name in names:
             raise InvalidInputError(f"{where}.name: output {name!r} requested twice")
         names.append(name)
@@ -592,19 +599,22 @@ def decode_v1(body: bytes, schema: RequestSchema, limits: "Limits") -> Tensors:
 def _v1_column(where: str, name: str, values: Any, accepted: frozenset[str], limits: "Limits") -> np.ndarray:
     if type(values) is not list or not values:
         raise _bad(where, "a non-empty list", values)
-    if len(values) > limits.max_tensor_elements:
-        raise PayloadTooLargeError(f"{where}: {len(values)} items, over max_tensor_elements ({limits.max_tensor_elements})")
+    most = limits.max_tensor_elements
+    if len(values) > most:
+        raise PayloadTooLargeError(f"{where}: {len(values)} items, over max_tensor_elements ({most})")
     first = values[0]
     kinds = set(map(type, values))
     if type(first) is dict:  # {"b64": "..."} items
         if kinds != {dict}:
-            raise _bad(where, 'only {"b64": ...} objects (not mixed with other values)', next(v for v in values if type(v) is not dict))
+            bad = next(v for v in values if type(v) is not dict)
+            raise _bad(where, 'only {"b64": ...} objects (not mixed with other values)', bad)
         if "BYTES" not in accepted:
             raise InvalidInputError(f"{where}: input {name!r} takes numbers, not binary {{\"b64\"}} items")
         out = np.empty(len(values), dtype=object)
         for j, v in enumerate(values):
             if v.keys() != {"b64"} or type(v["b64"]) is not str:
-                raise _bad(f"{where}[{j}]", 'an object {"b64": "<base64 string>"}', v if v.keys() != {"b64"} else v["b64"])
+                bad = v if v.keys() != {"b64"} else v["b64"]
+                raise _bad(f"{where}[{j}]", 'an object {"b64": "<base64 string>"}', bad)
             try:
                 out[j] = binascii.a2b_base64(v["b64"], strict_mode=True)
             except (binascii.Error, ValueError) as exc:
@@ -612,7 +622,8 @@ def _v1_column(where: str, name: str, values: Any, accepted: frozenset[str], lim
         return out
     if type(first) is str:
         if kinds != {str}:
-            raise _bad(where, "only strings (not mixed with other values)", next(v for v in values if type(v) is not str))
+            bad = next(v for v in values if type(v) is not str)
+            raise _bad(where, "only strings (not mixed with other values)", bad)
         if "BYTES" not in accepted:
             raise InvalidInputError(f"{where}: input {name!r} takes numbers ({sorted(accepted)}), got strings")
         out = np.empty(len(values), dtype=object)
@@ -629,8 +640,8 @@ def _v1_column(where: str, name: str, values: Any, accepted: frozenset[str], lim
     if len(shape) > limits.max_tensor_dims:
         raise InvalidInputError(f"{where}: nested more than {limits.max_tensor_dims} deep (max_tensor_dims)")
     size = math.prod(shape)
-    if size > limits.max_tensor_elements:
-        raise PayloadTooLargeError(f"{where}: {size} elements, over max_tensor_elements ({limits.max_tensor_elements})")
+    if size > most:
+        raise PayloadTooLargeError(f"{where}: {size} elements, over max_tensor_elements ({most})")
     leaves, nested = _leaves(values, shape, where, 2, limits)
     types = set(map(type, chain.from_iterable(leaves) if nested else leaves))
     if types == {bool}:
@@ -643,8 +654,9 @@ def _v1_column(where: str, name: str, values: Any, accepted: frozenset[str], lim
         j, bad = next((j, v) for j, v in enumerate(flat) if type(v) not in allowed)
         what = "a number like the values before it" if allowed is _NUMBERS else "a boolean like the values before it"
         raise _bad(f"{where} (value {j} in row-major order)", what, bad)
-    if datatype == "BOOL" and "BOOL" not in accepted or datatype != "BOOL" and not accepted & set(NUMERIC_DATATYPES):
-        raise InvalidInputError(f"{where}: input {name!r} takes {sorted(accepted)}, got {'booleans' if datatype == 'BOOL' else 'numbers'}")
+    if datatype == "BOOL" and "BOOL" not in accepted or datatype != "BOOL" and not accepted & NUMERIC_DATATYPES:
+        got = "booleans" if datatype == "BOOL" else "numbers"
+        raise InvalidInputError(f"{where}: input {name!r} takes {sorted(accepted)}, got {got}")
     return _to_array(where, datatype, values, shape, types)
 
 
