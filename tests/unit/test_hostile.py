@@ -1,9 +1,12 @@
 """Every case of the hostile corpus (tests/hostile.py) gets its exact 400/413 from the decode +
 preprocess boundary, with an {"error"} message; the valid requests still decode and answer."""
 
+import copy
 import pickle
+import random
 
 import numpy as np
+import orjson
 import pytest
 
 from maas_ray.errors import InvalidInputError
@@ -68,3 +71,52 @@ def test_valid_requests_still_decode(case):
         assert isinstance(body, bytes)
     else:
         assert b"predictions" in protocol.encode_v1(outputs, 1)
+
+
+HOSTILE_VALUES = [None, True, False, -1, 0, 2**63, 2**64 - 1, 1.5, 1e308, 3.5e38, 70000.0, "", "x", "FP32", "BYTES",
+                  "input", "label", [], {}, [[]], [None], ["a"], {"b64": "AAAA"}, {"binary_data_size": -1},
+                  {"binary_data": 1}, [[[[[[1]]]]]]]
+
+
+def _mutate(obj, rnd):
+    """Replace, drop or add one node of a JSON document with a hostile value."""
+    paths, stack = [], [((), obj)]
+    while stack:
+        path, node = stack.pop()
+        paths.append(path)
+        children = node.items() if isinstance(node, dict) else enumerate(node[:4]) if isinstance(node, list) else ()
+        stack.extend((path + (k,), v) for k, v in children)
+    path = rnd.choice(paths)
+    value = copy.deepcopy(rnd.choice(HOSTILE_VALUES))
+    if not path:
+        return value
+    parent = obj
+    for p in path[:-1]:
+        parent = parent[p]
+    if isinstance(parent, dict) and rnd.random() < 0.2:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return obj
+
+
+def test_mutated_valid_requests_get_400_or_an_answer():
+    """~1500 structure-aware mutations of the valid requests: nothing but InvalidInputError escapes."""
+    rnd = random.Random(0)
+    escaped = []
+    for _ in range(1500):
+        case = rnd.choice(VALID)
+        n = int(case.headers.get(HEADER, len(case.body)))
+        doc = orjson.loads(case.body[:n])
+        for _ in range(rnd.randint(1, 3)):
+            doc = _mutate(doc, rnd)
+        raw = orjson.dumps(doc)
+        headers = {**case.headers, HEADER: str(len(raw))} if HEADER in case.headers else case.headers
+        mutated = case._replace(body=raw + case.body[n:], headers=headers)
+        try:
+            serve(mutated)
+        except InvalidInputError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            escaped.append(f"{type(exc).__name__}: {exc} <- {raw[:200]!r}")
+    assert not escaped, escaped[:5]
