@@ -1,26 +1,45 @@
 """Pre- and postprocessors, chosen by name in the manifest (or overridden in the app config).
 
 A preprocessor turns decoded request tensors into the model's feeds and validates
-them against the schema (the only place bad input is rejected, before batching).
-A postprocessor turns model outputs into response tensors. Both are plain
-classes, run inside whichever replica the placement puts them in.
+them against the model schema (shapes, dtypes, image contents), before batching; the
+wire format was already checked by :mod:`maas_ray.serving.protocol` against what the
+preprocessor says requests may send (:attr:`Preprocessor.request_inputs`). A
+postprocessor turns model outputs into response tensors and says which
+(:attr:`Postprocessor.response_outputs`). Both are plain classes, run inside whichever
+replica the placement puts them in. Every error is an InvalidInputError (400) or
+PayloadTooLargeError (413); Pillow's exceptions on client bytes are mapped to those.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 import logging
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 
-from maas_ray.errors import ConfigError, InvalidInputError
+from maas_ray.errors import ConfigError, InvalidInputError, MaasError, PayloadTooLargeError
 from maas_ray.registry.manifest import Manifest, ProcessorSpec, TensorSpec
+from maas_ray.serving.config import Limits
 
 logger = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
+
+# Datatypes the image preprocessor takes raw pixels in (after BYTES, for encoded images).
+PIXEL_DATATYPES = (
+    "FP32", "FP64", "FP16", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+)
+
+
+@dataclass(frozen=True)
+class RequestInput:
+    """One input as requests name it; the first datatype is the one model metadata advertises."""
+
+    name: str
+    datatypes: tuple[str, ...]
+    shape: list[int]
 
 
 def check_tensor(spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
@@ -42,15 +61,28 @@ def check_tensor(spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
         raise InvalidInputError(f"input {spec.name!r}: expected datatype {spec.datatype}, got {arr.dtype}")
     if dtype.kind in "iu" and arr.dtype.kind == "f" and not np.all(np.mod(arr, 1) == 0):
         raise InvalidInputError(f"input {spec.name!r}: expected datatype {spec.datatype}, got fractional numbers")
+    if dtype.kind in "iuf" and arr.size and not np.can_cast(arr.dtype, dtype, casting="safe"):
+        # Narrowing (v1 numbers arrive as int64/float64): only if every value fits.
+        info = np.iinfo(dtype) if dtype.kind in "iu" else np.finfo(dtype)
+        if arr.dtype.kind == "b" or arr.min() < info.min or arr.max() > info.max:
+            raise InvalidInputError(
+                f"input {spec.name!r}: values do not fit {spec.datatype} (range {info.min} to {info.max})"
+            )
     return arr.astype(dtype)
 
 
 class Preprocessor:
     name: ClassVar[str]
 
-    def __init__(self, manifest: Manifest, params: dict[str, Any]) -> None:
+    def __init__(self, manifest: Manifest, params: dict[str, Any], limits: Optional[Limits] = None) -> None:
         self.inputs = manifest.inputs
         self.params = params
+        self.limits = limits or Limits()
+
+    @property
+    def request_inputs(self) -> list[RequestInput]:
+        """The inputs requests send (names and accepted datatypes), which may differ from the graph's."""
+        raise NotImplementedError
 
     def __call__(self, tensors: Tensors, *, strict_dtypes: bool) -> Tensors:
         raise NotImplementedError
@@ -60,6 +92,10 @@ class TensorPreprocessor(Preprocessor):
     """Pass-through: request tensors must match the graph inputs by name, shape and dtype."""
 
     name = "tensor"
+
+    @property
+    def request_inputs(self) -> list[RequestInput]:
+        return [RequestInput(s.name, (s.datatype,), list(s.shape)) for s in self.inputs]
 
     def __call__(self, tensors: Tensors, *, strict_dtypes: bool) -> Tensors:
         expected = [s.name for s in self.inputs]
@@ -98,8 +134,8 @@ class ImagePreprocessor(Preprocessor):
 
     name = "image"
 
-    def __init__(self, manifest: Manifest, params: dict[str, Any]) -> None:
-        super().__init__(manifest, params)
+    def __init__(self, manifest: Manifest, params: dict[str, Any], limits: Optional[Limits] = None) -> None:
+        super().__init__(manifest, params, limits)
         if len(self.inputs) != 1:
             raise ConfigError(f"image preprocessor needs a one-input model, {manifest.model} has {len(self.inputs)}")
         try:
@@ -115,29 +151,56 @@ class ImagePreprocessor(Preprocessor):
         self.std = float(params.get("std", 1.0))
         self.spec = self.inputs[0]
 
+    @property
+    def request_inputs(self) -> list[RequestInput]:
+        # Encoded images (BYTES, one per item) first: that is what metadata advertises.
+        return [RequestInput(self.spec.name, ("BYTES", *PIXEL_DATATYPES), [-1])]
+
     def _decode(self, item: Any, i: int) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
 
-        raw = item
         if isinstance(item, str):
             try:
-                raw = base64.b64decode(item, validate=True)
+                raw = binascii.a2b_base64(item, strict_mode=True)
             except (binascii.Error, ValueError) as exc:
                 raise InvalidInputError(f"image {i}: not base64: {exc}") from exc
+        elif isinstance(item, (bytes, bytearray, memoryview)):
+            raw = item
+        else:
+            raise InvalidInputError(f"image {i}: expected PNG/JPEG bytes or a base64 string, got {type(item).__name__}")
         try:
-            img = Image.open(io.BytesIO(raw))
-            img = img.convert("L" if self.c == 1 else "RGB").resize((self.w, self.h), Image.BILINEAR)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise InvalidInputError(f"image {i}: cannot decode as PNG/JPEG: {exc}") from exc
-        x = np.asarray(img, dtype=np.float32) / 255.0  # (H, W) or (H, W, C)
+            # open() reads only the header: check the declared size before decoding anything.
+            with Image.open(io.BytesIO(raw), formats=("PNG", "JPEG")) as img:
+                w, h = img.size
+                if w * h > self.limits.max_image_pixels:
+                    raise PayloadTooLargeError(
+                        f"image {i}: {w}x{h} = {w * h} pixels, over the limit of {self.limits.max_image_pixels} "
+                        "(max_image_pixels)"
+                    )
+                small = img.convert("L" if self.c == 1 else "RGB").resize((self.w, self.h), Image.BILINEAR)
+        except MaasError:
+            raise
+        except UnidentifiedImageError as exc:
+            raise InvalidInputError(f"image {i}: not a PNG or JPEG image") from exc
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            # Over Pillow's own pixel limit (its warning is an error only where warnings are).
+            raise PayloadTooLargeError(f"image {i}: too many pixels to decode: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - untrusted bytes into Pillow's decoders
+            # Corrupt or truncated files raise OSError, SyntaxError (broken PNG chunks),
+            # zlib.error, struct.error, EOFError, ValueError, even IndexError from format
+            # plugins: whatever Pillow raises on client bytes is the client's 400.
+            raise InvalidInputError(f"image {i}: cannot decode as PNG/JPEG: {type(exc).__name__}: {exc}") from exc
+        x = np.asarray(small, dtype=np.float32) / 255.0  # (H, W) or (H, W, C)
         return 1.0 - x if self.invert else x
 
     def _pixels(self, arr: np.ndarray) -> np.ndarray:
         if arr.dtype.kind not in "iuf":
             raise InvalidInputError(f"input {self.spec.name!r}: pixels must be numbers, got {arr.dtype}")
+        if arr.dtype.kind == "f" and arr.dtype.itemsize > 4 and np.abs(arr).max() > np.finfo(np.float32).max:
+            raise InvalidInputError(f"input {self.spec.name!r}: pixel values overflow FP32")
         n = arr.shape[0]
         per_item = self.h * self.w * self.c
-        if arr[0].size != per_item:
+        if arr.ndim < 2 or arr[0].size != per_item:
             raise InvalidInputError(
                 f"input {self.spec.name!r}: each image needs {self.h}x{self.w}x{self.c} = {per_item} "
                 f"pixels, got shape {list(arr.shape[1:])}"
@@ -147,9 +210,13 @@ class ImagePreprocessor(Preprocessor):
     def __call__(self, tensors: Tensors, *, strict_dtypes: bool) -> Tensors:
         if len(tensors) != 1:
             raise InvalidInputError(f"expected one input (images), got {sorted(tensors)}")
-        arr = next(iter(tensors.values()))
+        arr = tensors.get(self.spec.name)
+        if arr is None:
+            arr = next(iter(tensors.values()))
         if arr.ndim == 0:
-            raise InvalidInputError("expected a batch of images")
+            raise InvalidInputError(f"input {self.spec.name!r}: expected a batch of images, got a scalar")
+        if arr.shape[0] == 0 or arr.size == 0:
+            raise InvalidInputError(f"input {self.spec.name!r}: empty batch (no images), shape {list(arr.shape)}")
         if arr.dtype == object:  # encoded images
             x = np.stack([self._decode(v, i) for i, v in enumerate(arr.reshape(-1))])
             x = x.reshape(len(x), self.h, self.w, self.c)
@@ -169,6 +236,11 @@ class Postprocessor:
         self.outputs = manifest.outputs
         self.params = params
 
+    @property
+    def response_outputs(self) -> list[TensorSpec]:
+        """What the infer route returns (names, datatypes, shapes), after postprocessing."""
+        raise NotImplementedError
+
     def __call__(self, outputs: Tensors) -> Tensors:
         raise NotImplementedError
 
@@ -177,6 +249,10 @@ class TensorPostprocessor(Postprocessor):
     """Pass the model outputs through unchanged."""
 
     name = "tensor"
+
+    @property
+    def response_outputs(self) -> list[TensorSpec]:
+        return list(self.outputs)
 
     def __call__(self, outputs: Tensors) -> Tensors:
         return outputs
@@ -198,6 +274,19 @@ class ClassificationPostprocessor(Postprocessor):
         self.softmax = bool(params.get("apply_softmax", True))
         if self.top_k < 1:
             raise ConfigError(f"classification top_k must be >= 1, got {self.top_k}")
+
+    @property
+    def response_outputs(self) -> list[TensorSpec]:
+        c = self.outputs[0].shape[-1] if self.outputs[0].shape else -1
+        if c == -1 and self.labels:
+            c = len(self.labels)
+        k = min(self.top_k, c) if c > 0 else self.top_k
+        return [
+            TensorSpec(name="label", datatype="BYTES", shape=[-1]),
+            TensorSpec(name="probabilities", datatype="FP32", shape=[-1, c]),
+            TensorSpec(name="top_k_labels", datatype="BYTES", shape=[-1, k]),
+            TensorSpec(name="top_k_scores", datatype="FP32", shape=[-1, k]),
+        ]
 
     def __call__(self, outputs: Tensors) -> Tensors:
         logits = next(iter(outputs.values())).astype(np.float32)  # (N, C)
@@ -221,11 +310,13 @@ PREPROCESSORS: dict[str, type[Preprocessor]] = {c.name: c for c in (TensorPrepro
 POSTPROCESSORS: dict[str, type[Postprocessor]] = {c.name: c for c in (TensorPostprocessor, ClassificationPostprocessor)}
 
 
-def make_preprocessor(manifest: Manifest, override: ProcessorSpec | None = None) -> Preprocessor:
+def make_preprocessor(
+    manifest: Manifest, override: ProcessorSpec | None = None, *, limits: Optional[Limits] = None
+) -> Preprocessor:
     spec = override or manifest.preprocessor
     if spec.name not in PREPROCESSORS:
         raise ConfigError(f"unknown preprocessor {spec.name!r}; known: {sorted(PREPROCESSORS)}")
-    return PREPROCESSORS[spec.name](manifest, spec.params)
+    return PREPROCESSORS[spec.name](manifest, spec.params, limits)
 
 
 def make_postprocessor(manifest: Manifest, override: ProcessorSpec | None = None) -> Postprocessor:

@@ -9,6 +9,7 @@ from PIL import Image
 from maas_ray.errors import ConfigError, InferenceError, InvalidInputError
 from maas_ray.registry.manifest import Manifest, ProcessorSpec, TensorSpec
 from maas_ray.serving import protocol
+from maas_ray.serving.config import Limits
 from maas_ray.serving.processors import make_postprocessor, make_preprocessor
 from maas_ray.serving.router import TrafficRouter
 from maas_ray.serving.runner import OnnxRunner, run_batch
@@ -26,54 +27,77 @@ def manifest(shape=(-1, 4), pre="tensor", pre_params=None, post="tensor", post_p
     )
 
 
+LIMITS = Limits()
+SCHEMA = protocol.RequestSchema({"input": frozenset({"FP32"}), "ids": frozenset({"INT64"})}, ("logits",))
+
+
 def test_decode_v2_json_and_binary_extension():
-    body = {"id": "r1", "inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3, 4]]}],
+    body = {"id": "r1", "inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3, 4]]},
+                                   {"name": "ids", "datatype": "INT64", "shape": [1], "data": [7]}],
             "outputs": [{"name": "logits"}]}
-    tensors, meta = protocol.decode_v2(json.dumps(body).encode())
-    assert tensors["input"].dtype == np.float32 and tensors["input"].tolist() == [[1, 2], [3, 4]]
-    assert meta == {"id": "r1", "outputs": ["logits"]}
+    req = protocol.decode_v2(json.dumps(body).encode(), None, SCHEMA, LIMITS)
+    assert req.tensors["input"].dtype == np.float32 and req.tensors["input"].tolist() == [[1, 2], [3, 4]]
+    assert (req.id, req.outputs, req.binary_outputs, req.parameters) == ("r1", ["logits"], frozenset(), {})
 
     raw = np.arange(6, dtype=np.int64)
     header = json.dumps({"inputs": [{"name": "ids", "datatype": "INT64", "shape": [2, 3],
-                                     "parameters": {"binary_data_size": raw.nbytes}}]}).encode()
-    tensors, _ = protocol.decode_v2(header + raw.tobytes(), header_length=len(header))
-    assert tensors["ids"].shape == (2, 3) and tensors["ids"].dtype == np.int64
+                                     "parameters": {"binary_data_size": raw.nbytes}},
+                                    {"name": "input", "datatype": "FP32", "shape": [1], "data": [0.5]}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    req = protocol.decode_v2(header + raw.tobytes(), str(len(header)), SCHEMA, LIMITS)
+    assert req.tensors["ids"].shape == (2, 3) and req.tensors["ids"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert req.outputs is None and req.binary_outputs == {"logits"}
+
+
+def _one(**item):
+    return json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2], "data": [1, 2], **item}]}).encode()
 
 
 @pytest.mark.parametrize(
     ("body", "message"),
     [
         (b"{", "request body is not valid JSON"),
-        (b"[]", "non-empty 'inputs' list"),
-        (json.dumps({"inputs": [{"name": "x", "datatype": "FLOAT", "shape": [1], "data": [1]}]}).encode(), "unknown datatype 'FLOAT'"),
-        (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1]}]}).encode(), "shape [2] needs 2 values, got 1"),
-        (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1], "data": [1]}]}).encode(), "shape must be a list of non-negative integers"),
-        (json.dumps({"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": ["a"]}]}).encode(), "input 'x': data is not INT32"),
-        (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}).encode(), "input 'x': missing 'data'"),
+        (b"[]", "request: expected a JSON object, got a list"),
+        (_one(datatype="FLOAT"), 'inputs[0].datatype: expected one of [\'FP32\'] for input \'input\', got "FLOAT"'),
+        (_one(data=[1]), "inputs[0].data: shape [2] needs 2 values, got 1"),
+        (_one(shape=[True, 2]), "inputs[0].shape[0]: expected a non-negative integer, got true"),
+        (_one(shape=[-1]), "inputs[0].shape[0]: expected a non-negative integer, got -1"),
+        (_one(data=[1, "2"]), 'inputs[0].data[1]: expected a number for FP32, got "2"'),
+        (_one(data=[1, None]), "inputs[0].data[1]: expected a number for FP32, got null"),
+        (_one(data=[[1], [2]]), "inputs[0].data[0]: expected a number for FP32, got a list"),
+        (_one(name="x"), """inputs[0].name: unknown input "x"; this model takes ['input']"""),
     ],
 )
 def test_decode_v2_rejects_bad_bodies(body, message):
-    with pytest.raises(InvalidInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        protocol.decode_v2(body)
+    with pytest.raises(InvalidInputError) as info:
+        protocol.decode_v2(body, None, protocol.RequestSchema({"input": frozenset({"FP32"})}, ("logits",)), LIMITS)
+    assert str(info.value).startswith(message), str(info.value)
 
 
 def test_v1_decode_and_encode():
-    t = protocol.decode_v1(b'{"instances": [[1, 2], [3, 4]]}', ["input"])
-    assert t["input"].shape == (2, 2)
-    t = protocol.decode_v1(json.dumps({"instances": [{"b64": base64.b64encode(b"png").decode()}]}).encode(), ["input"])
+    one = protocol.RequestSchema({"input": frozenset({"BYTES", "FP32"})}, ("y",))
+    t = protocol.decode_v1(b'{"instances": [[1, 2], [3, 4]]}', one, LIMITS)
+    assert t["input"].shape == (2, 2) and t["input"].dtype == np.int64
+    t = protocol.decode_v1(json.dumps({"instances": [{"b64": base64.b64encode(b"png").decode()}]}).encode(), one, LIMITS)
     assert t["input"].dtype == object and t["input"][0] == b"png"
-    t = protocol.decode_v1(b'{"instances": [{"a": 1, "b": [1, 2]}, {"a": 2, "b": [3, 4]}]}', ["a", "b"])
-    assert t["a"].tolist() == [1, 2] and t["b"].shape == (2, 2)
-    with pytest.raises(InvalidInputError, match=r"instances\[0\] is missing input\(s\) \['b'\]"):
-        protocol.decode_v1(b'{"instances": [{"a": 1}]}', ["a", "b"])
-    out = protocol.encode_v1({"label": np.array(["a", "b"], dtype=object), "p": np.array([[0.5], [0.25]], np.float32)})
-    assert out == {"predictions": [{"label": "a", "p": [0.5]}, {"label": "b", "p": [0.25]}]}
-    assert protocol.encode_v1({"y": np.array([[1.0], [2.0]])}) == {"predictions": [[1.0], [2.0]]}
+    two = protocol.RequestSchema({"a": frozenset({"INT64"}), "b": frozenset({"FP32"})}, ("y",))
+    t = protocol.decode_v1(b'{"instances": [{"a": 1, "b": [1, 2]}, {"a": 2, "b": [3, 4.5]}]}', two, LIMITS)
+    assert t["a"].tolist() == [1, 2] and t["b"].shape == (2, 2) and t["b"].dtype == np.float64
+    with pytest.raises(InvalidInputError, match=r"instances\[0\]: expected the keys \['a', 'b'\], got \['a'\]"):
+        protocol.decode_v1(b'{"instances": [{"a": 1}]}', two, LIMITS)
+    out = protocol.encode_v1({"label": np.array(["a", "b"], dtype=object), "p": np.array([[0.5], [0.25]], np.float32)}, 3)
+    assert json.loads(out) == {"predictions": [{"label": "a", "p": [0.5]}, {"label": "b", "p": [0.25]}],
+                               "model_version": "3"}
+    assert json.loads(protocol.encode_v1({"y": np.array([[1.0], [2.0]])}, 1))["predictions"] == [[1.0], [2.0]]
 
 
 def test_encode_v2_datatypes():
-    body = protocol.encode_v2("m", 3, {"y": np.zeros((2, 2), np.float32), "l": np.array([b"x", "y"], dtype=object)}, "id1")
-    assert body["model_version"] == "3" and body["id"] == "id1"
+    req = protocol.InferRequest({}, "id1", None, frozenset(), {})
+    body, length = protocol.encode_v2(
+        "m", 3, {"y": np.zeros((2, 2), np.float32), "l": np.array([b"x", "y"], dtype=object)}, req
+    )
+    body = json.loads(body)
+    assert length is None and body["model_version"] == "3" and body["id"] == "id1"
     assert body["outputs"][0] == {"name": "y", "datatype": "FP32", "shape": [2, 2], "data": [0.0] * 4}
     assert body["outputs"][1]["data"] == ["x", "y"] and body["outputs"][1]["datatype"] == "BYTES"
 
@@ -108,7 +132,7 @@ def test_image_preprocessor_pixels_and_encoded_images():
     png = _png(np.array([[255, 0], [127, 191]]))
     enc = pre({"x": np.array([png, base64.b64encode(png).decode()], dtype=object)}, strict_dtypes=True)["input"]
     np.testing.assert_allclose(enc, [[0, 1, 128 / 255, 64 / 255]] * 2, atol=1e-6)
-    with pytest.raises(InvalidInputError, match="image 0: cannot decode as PNG/JPEG"):
+    with pytest.raises(InvalidInputError, match="image 0: not a PNG or JPEG image"):
         pre({"x": np.array([b"garbage"], dtype=object)}, strict_dtypes=True)
     with pytest.raises(InvalidInputError, match=r"each image needs 2x2x1 = 4 pixels, got shape \[3\]"):
         pre({"x": np.ones((1, 3))}, strict_dtypes=True)

@@ -1,0 +1,327 @@
+"""Prometheus metrics for the serving path, exported through Ray's metrics API.
+
+Requests record into plain dicts under a lock (about 2 us per request, see below); a
+daemon thread flushes the aggregates to ``ray.util.metrics`` objects once per
+``flush_interval_s``. Ray's metrics agent serves them on each node's metrics export port,
+with ``ray_`` prepended to every name (:data:`EXPORTED_NAMES`).
+
+Why aggregate, measured in a Ray actor (Ray 2.60, 2-core box, 5 tags; Cython ``record``
+alone: 2.3 us with 1 tag, 3.8 with 3, 5.4 with 6):
+
+    Counter.inc 3.6 us, Histogram.observe 3.7 us, Gauge.set 3.3 us per call
+
+A request records one counter, five latency observations (total and four stages) and the
+in-flight gauge twice: ~28 us, 7.6 % of the ~370 us of CPU a tiny-model request costs.
+Deferring the same calls to a flush (as Serve's replica does with its latencies) moves
+that CPU, it does not remove it.
+
+Histograms are therefore exported as three gauges per series in Prometheus's classic
+layout (``<name>_bucket{le=...}`` cumulative, ``<name>_sum``, ``<name>_count``), set at
+each flush from the in-process bucket counts. ``histogram_quantile`` and ``rate`` work on
+them as on a native histogram; bucket counts, count and sum are exact (Ray's own
+``Histogram`` re-records each bucket at its midpoint in the metrics agent, so its
+``_sum`` is approximate). A flush costs O(series x buckets) gauge sets, independent of
+the request rate. The one difference: the exposition declares them ``gauge``, not
+``histogram``.
+
+Ray's agent drops a gauge series that no emitter refreshed for two export intervals
+(``2 * max(RAY_metrics_report_interval_ms, 1000) ms``), so every flush re-sets every gauge
+series; ``flush_interval_s`` must stay under that (1 s by default against a 20 s TTL).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from bisect import bisect_left
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("decode", "queue", "inference", "encode")  # decode = decode + preprocess; encode = postprocess + encode
+PROTOCOLS = ("http_v2", "http_v1", "grpc", "handle")
+VERSION_STATES = ("ready", "failed", "loading")
+# Seconds, 0.1 ms .. 30 s (Prometheus `le` buckets; the +Inf bucket is implicit).
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
+
+# Names as recorded through ray.util.metrics; Ray exports each as "ray_" + name (+ "_total"
+# for counters). Histograms: the three gauges <name>_bucket / _sum / _count.
+REQUESTS = "maas_requests"
+ERRORS = "maas_errors"
+REQUEST_LATENCY = "maas_request_latency_seconds"
+STAGE_LATENCY = "maas_stage_latency_seconds"
+BATCH_SIZE = "maas_batch_size"
+IN_FLIGHT = "maas_requests_in_flight"
+VERSION_STATE = "maas_version_state"
+EXPORTED_NAMES = frozenset(
+    {f"ray_{REQUESTS}_total", f"ray_{ERRORS}_total", f"ray_{IN_FLIGHT}", f"ray_{VERSION_STATE}"}
+    | {f"ray_{h}_{part}" for h in (REQUEST_LATENCY, STAGE_LATENCY, BATCH_SIZE) for part in ("bucket", "sum", "count")}
+)
+
+
+class _Hist:
+    """One histogram series in process: per-bucket counts (not cumulative), sum, count."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # last: +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # first bound >= value: Prometheus `le`
+        self.sum += value
+        self.count += 1
+
+    def snapshot(self) -> tuple[list[int], float, int]:
+        """(cumulative bucket counts, +Inf last; sum; count)."""
+        cumulative, running = [], 0
+        for c in self.counts:
+            running += c
+            cumulative.append(running)
+        return cumulative, self.sum, self.count
+
+
+class _GaugeHistogram:
+    """A classic Prometheus histogram exported as three Ray gauges (see the module docstring)."""
+
+    def __init__(self, module: Any, name: str, description: str, tag_keys: tuple[str, ...],
+                 bounds: tuple[float, ...]) -> None:
+        self.les = [repr(float(b)) for b in bounds] + ["+Inf"]
+        self.bucket = module.Gauge(f"{name}_bucket", description=f"{description} (cumulative buckets)",
+                                   tag_keys=(*tag_keys, "le"))
+        self.sum = module.Gauge(f"{name}_sum", description=f"{description} (sum)", tag_keys=tag_keys)
+        self.count = module.Gauge(f"{name}_count", description=f"{description} (count)", tag_keys=tag_keys)
+
+    def set(self, tags: dict[str, str], snapshot: tuple[list[int], float, int]) -> None:
+        cumulative, total, count = snapshot
+        for le, value in zip(self.les, cumulative):
+            self.bucket.set(value, {**tags, "le": le})
+        self.sum.set(total, tags)
+        self.count.set(count, tags)
+
+
+class _RayMetrics:
+    """The ray.util.metrics objects, created at the first flush (never at import)."""
+
+    def __init__(self, module: Any) -> None:
+        self.requests = module.Counter(
+            REQUESTS, description="Inference requests by model, version, protocol and HTTP status.",
+            tag_keys=("app", "model", "version", "protocol", "status"))
+        self.errors = module.Counter(
+            ERRORS, description="Failed requests (status >= 400) by exception class.",
+            tag_keys=("app", "model", "version", "error"))
+        self.latency = _GaugeHistogram(
+            module, REQUEST_LATENCY, "End-to-end request latency in the replica, seconds",
+            ("app", "model", "version", "protocol", "status"), LATENCY_BUCKETS)
+        self.stage_latency = _GaugeHistogram(
+            module, STAGE_LATENCY, "Per-stage latency (decode+preprocess, queue, inference, postprocess+encode), "
+            "seconds", ("app", "model", "version", "stage"), LATENCY_BUCKETS)
+        self.batch_size = _GaugeHistogram(
+            module, BATCH_SIZE, "Items per inference batch", ("app", "model", "version"), BATCH_BUCKETS)
+        self.in_flight = module.Gauge(
+            IN_FLIGHT, description="Requests in progress in this replica.", tag_keys=("app", "model"))
+        self.version_state = module.Gauge(
+            VERSION_STATE, description="1 for a version's current state (ready, failed, loading), 0 for the others.",
+            tag_keys=("app", "model", "version", "state"))
+
+
+def _version_label(version: Optional[int]) -> str:
+    return "none" if version is None else str(version)
+
+
+class ServingMetrics:
+    """Per-replica request metrics, aggregated in process and flushed to Ray periodically.
+
+    Args:
+        app: the Serve application name (the ``app`` label).
+        flush_interval_s: seconds between flushes once :meth:`start` ran.
+        metrics_module: where ``Counter`` and ``Gauge`` come from; ``ray.util.metrics``
+            by default (imported at the first flush). Unit tests pass fakes.
+    """
+
+    def __init__(self, app: str, *, flush_interval_s: float = 1.0, metrics_module: Any = None) -> None:
+        if flush_interval_s <= 0:
+            raise ValueError(f"flush_interval_s must be > 0, got {flush_interval_s!r}")
+        self.app = app
+        self.flush_interval_s = flush_interval_s
+        self._module = metrics_module
+        self._ray: Optional[_RayMetrics] = None
+        self._lock = threading.Lock()  # guards the aggregates below; never held across a Ray call
+        self._flush_lock = threading.Lock()  # one flush at a time (thread vs explicit flush())
+        # Cumulative since start; keys hold raw values, labels are formatted at flush.
+        self._in_flight: dict[str, int] = {}
+        self._requests: dict[tuple, int] = {}  # (model, version, protocol, status) -> n
+        self._errors: dict[tuple, int] = {}  # (model, version, error) -> n
+        self._latency: dict[tuple, _Hist] = {}  # (model, version, protocol, status)
+        self._stages: dict[tuple, _Hist] = {}  # (model, version, stage)
+        self._batches: dict[tuple, _Hist] = {}  # (model, version)
+        self._states: dict[tuple, str] = {}  # (model, version) -> state
+        self._dirty: set[tuple] = set()  # ("latency"|"stage"|"batch", key) changed since the last flush
+        # Flush-side state: what Ray has been told (counters get deltas) and the last snapshots.
+        self._sent: dict[tuple, int] = {}
+        self._snapshots: dict[tuple, tuple[list[int], float, int]] = {}
+        self._tags: dict[tuple, dict[str, str]] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._last_error_log = 0.0
+
+    # ---- request path (dict updates only) ----------------------------------------------
+    def request_started(self, model: str) -> None:
+        with self._lock:
+            self._in_flight[model] = self._in_flight.get(model, 0) + 1
+
+    def request_finished(
+        self,
+        model: str,
+        version: Optional[int],
+        protocol: str,
+        status: int,
+        error: Optional[str],
+        total_s: float,
+        stages: Optional[dict[str, float]] = None,
+    ) -> None:
+        """Count one finished request; ``stages``: seconds per name in :data:`STAGES`."""
+        key = (model, version, protocol, status)
+        with self._lock:
+            self._in_flight[model] = self._in_flight.get(model, 0) - 1
+            self._requests[key] = self._requests.get(key, 0) + 1
+            hist = self._latency.get(key)
+            if hist is None:
+                hist = self._latency[key] = _Hist(LATENCY_BUCKETS)
+            hist.observe(total_s)
+            self._dirty.add(("latency", key))
+            if status >= 400:
+                ekey = (model, version, error or "unknown")
+                self._errors[ekey] = self._errors.get(ekey, 0) + 1
+            if stages:
+                for stage, seconds in stages.items():
+                    skey = (model, version, stage)
+                    hist = self._stages.get(skey)
+                    if hist is None:
+                        hist = self._stages[skey] = _Hist(LATENCY_BUCKETS)
+                    hist.observe(seconds)
+                    self._dirty.add(("stage", skey))
+
+    def batch(self, model: str, version: int, size: int) -> None:
+        key = (model, version)
+        with self._lock:
+            hist = self._batches.get(key)
+            if hist is None:
+                hist = self._batches[key] = _Hist(BATCH_BUCKETS)
+            hist.observe(size)
+            self._dirty.add(("batch", key))
+
+    def version_state(self, model: str, version: int, state: str) -> None:
+        if state not in VERSION_STATES:
+            raise ValueError(f"state must be one of {VERSION_STATES}, got {state!r}")
+        with self._lock:
+            self._states[(model, version)] = state
+
+    # ---- flushing ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the daemon flush thread (idempotent). Works from ``__init__`` or a loop."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"maas-metrics-{self.app}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the flush thread after one last flush."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+        self._safe_flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_interval_s):
+            self._safe_flush()
+
+    def _safe_flush(self) -> None:
+        try:
+            self.flush()
+        except Exception:  # a metrics backend problem must never reach a request
+            now = time.monotonic()
+            if now - self._last_error_log > 60:
+                self._last_error_log = now
+                logger.exception("flushing serving metrics failed (logged at most once a minute)")
+
+    def flush(self) -> None:
+        """Push the aggregates to Ray now (the flush thread does this every interval)."""
+        with self._flush_lock:
+            if self._ray is None:
+                if self._module is None:
+                    from ray.util import metrics as module
+                    self._module = module
+                self._ray = _RayMetrics(self._module)
+            # Copy under the lock (O(series)); every Ray call happens after releasing it.
+            with self._lock:
+                in_flight = dict(self._in_flight)
+                requests = dict(self._requests)
+                errors = dict(self._errors)
+                states = dict(self._states)
+                sources = {"latency": self._latency, "stage": self._stages, "batch": self._batches}
+                for kind, key in self._dirty:
+                    self._snapshots[(kind, key)] = sources[kind][key].snapshot()
+                self._dirty.clear()
+            self._export(in_flight, requests, errors, states)
+
+    def _export(self, in_flight: dict, requests: dict, errors: dict, states: dict) -> None:
+        r = self._ray
+        assert r is not None
+        for key, total in requests.items():
+            self._inc(r.requests, ("requests", key), total, self._request_tags, key)
+        for key, total in errors.items():
+            self._inc(r.errors, ("errors", key), total, self._error_tags, key)
+        # Gauges are re-set at every flush: Ray's agent expires series nobody refreshes.
+        for (kind, key), snapshot in self._snapshots.items():
+            if kind == "latency":
+                r.latency.set(self._tag(("latency", key), self._request_tags, key), snapshot)
+            elif kind == "stage":
+                r.stage_latency.set(self._tag(("stage", key), self._stage_tags, key), snapshot)
+            else:
+                r.batch_size.set(self._tag(("batch", key), self._batch_tags, key), snapshot)
+        for model, n in in_flight.items():
+            r.in_flight.set(n, {"app": self.app, "model": model})
+        for (model, version), current in states.items():
+            for state in VERSION_STATES:
+                tags = {"app": self.app, "model": model, "version": _version_label(version), "state": state}
+                r.version_state.set(1 if state == current else 0, tags)
+
+    def _inc(self, counter: Any, sent_key: tuple, total: int, make_tags: Any, key: tuple) -> None:
+        delta = total - self._sent.get(sent_key, 0)
+        if delta > 0:
+            counter.inc(delta, self._tag(sent_key, make_tags, key))
+            self._sent[sent_key] = total
+
+    def _tag(self, cache_key: tuple, make_tags: Any, key: tuple) -> dict[str, str]:
+        tags = self._tags.get(cache_key)
+        if tags is None:
+            tags = self._tags[cache_key] = make_tags(key)
+        return tags
+
+    def _request_tags(self, key: tuple) -> dict[str, str]:
+        model, version, protocol, status = key
+        return {"app": self.app, "model": model, "version": _version_label(version),
+                "protocol": protocol, "status": str(status)}
+
+    def _error_tags(self, key: tuple) -> dict[str, str]:
+        model, version, error = key
+        return {"app": self.app, "model": model, "version": _version_label(version), "error": error}
+
+    def _stage_tags(self, key: tuple) -> dict[str, str]:
+        model, version, stage = key
+        return {"app": self.app, "model": model, "version": _version_label(version), "stage": stage}
+
+    def _batch_tags(self, key: tuple) -> dict[str, str]:
+        model, version = key
+        return {"app": self.app, "model": model, "version": _version_label(version)}

@@ -1,0 +1,237 @@
+"""ServingMetrics' aggregation and flush with ray.util.metrics faked, plus the monitoring files.
+
+The fakes record what Ray would receive (counter increments, gauge values per tag set);
+the real export through Ray's metrics agent is tests/integration/test_metrics_endpoint.py.
+"""
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from maas_ray.serving import metrics as m
+from maas_ray.serving.metrics import LATENCY_BUCKETS, STAGES, ServingMetrics
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+MONITORING = ROOT / "deployments" / "monitoring"
+
+
+class FakeMetric:
+    registry: dict = {}
+
+    def __init__(self, name, description="", tag_keys=None):
+        self.name, self.tag_keys, self.values = name, tag_keys, {}
+        self.calls = 0
+        FakeMetric.registry[name] = self
+
+    def _key(self, tags):
+        assert set(tags) == set(self.tag_keys), (self.name, tags)
+        assert all(isinstance(v, str) for v in tags.values())
+        return tuple(sorted(tags.items()))
+
+
+class FakeCounter(FakeMetric):
+    def inc(self, value=1.0, tags=None):
+        assert value > 0  # Ray's Counter.inc rejects 0
+        self.calls += 1
+        key = self._key(tags)
+        self.values[key] = self.values.get(key, 0) + value
+
+
+class FakeGauge(FakeMetric):
+    def set(self, value, tags=None):
+        self.calls += 1
+        self.values[self._key(tags)] = value
+
+
+@pytest.fixture
+def fake():
+    FakeMetric.registry = {}
+    return SimpleNamespace(Counter=FakeCounter, Gauge=FakeGauge)
+
+
+def value(name, **tags):
+    return FakeMetric.registry[name].values.get(tuple(sorted(tags.items())))
+
+
+def test_no_ray_calls_before_flush(fake):
+    sm = ServingMetrics("app", metrics_module=fake)
+    sm.request_started("digits")
+    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
+    assert FakeMetric.registry == {}
+    sm.flush()
+    assert set(FakeMetric.registry) == {
+        "maas_requests", "maas_errors", "maas_requests_in_flight", "maas_version_state",
+        *(f"{h}_{p}" for h in ("maas_request_latency_seconds", "maas_stage_latency_seconds", "maas_batch_size")
+          for p in ("bucket", "sum", "count")),
+    }
+
+
+def test_requests_errors_and_in_flight(fake):
+    sm = ServingMetrics("app", metrics_module=fake)
+    for _ in range(3):
+        sm.request_started("digits")
+    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
+    sm.request_finished("digits", None, "http_v1", 404, "ModelNotFoundError", 0.0002)
+    sm.flush()
+    req = {"app": "app", "model": "digits"}
+    assert value("maas_requests", **req, version="1", protocol="http_v2", status="200") == 1
+    assert value("maas_requests", **req, version="none", protocol="http_v1", status="404") == 1
+    assert value("maas_errors", **req, version="none", error="ModelNotFoundError") == 1
+    assert len(FakeMetric.registry["maas_errors"].values) == 1  # the 200 is no error
+    assert value("maas_requests_in_flight", **req) == 1
+
+    # Counters get deltas: only what happened since the last flush, and nothing when idle.
+    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
+    sm.request_finished("digits", 1, "http_v2", 503, None, 0.001)
+    sm.flush()
+    calls = FakeMetric.registry["maas_requests"].calls
+    sm.flush()
+    assert FakeMetric.registry["maas_requests"].calls == calls
+    assert value("maas_requests", **req, version="1", protocol="http_v2", status="200") == 2
+    assert value("maas_errors", **req, version="1", error="unknown") == 1
+    assert value("maas_requests_in_flight", **req) == -1  # started 3, finished 4
+
+
+def test_latency_histogram_buckets_are_cumulative_and_exact(fake):
+    sm = ServingMetrics("app", metrics_module=fake)
+    observations = [0.00005, 0.0001, 0.0003, 0.004, 0.004, 1.0, 45.0]  # 0.0001 and 1.0 sit on a bound
+    for s in observations:
+        sm.request_finished("digits", 2, "http_v2", 200, None, s)
+    sm.flush()
+    tags = {"app": "app", "model": "digits", "version": "2", "protocol": "http_v2", "status": "200"}
+    buckets = {le: value("maas_request_latency_seconds_bucket", **tags, le=le)
+               for le in [repr(b) for b in LATENCY_BUCKETS] + ["+Inf"]}
+    assert buckets["0.0001"] == 2  # le is inclusive
+    assert buckets["0.00025"] == 2
+    assert buckets["0.0005"] == 3
+    assert buckets["0.0025"] == 3
+    assert buckets["0.005"] == 5
+    assert buckets["0.5"] == 5
+    assert buckets["1.0"] == 6
+    assert buckets["30.0"] == 6
+    assert buckets["+Inf"] == 7
+    assert list(buckets.values()) == sorted(buckets.values())
+    assert value("maas_request_latency_seconds_count", **tags) == 7
+    assert value("maas_request_latency_seconds_sum", **tags) == pytest.approx(sum(observations))
+
+
+def test_stages_and_batches(fake):
+    sm = ServingMetrics("app", metrics_module=fake)
+    stages = {"decode": 0.0002, "queue": 0.00001, "inference": 0.003, "encode": 0.0001}
+    assert tuple(stages) == STAGES
+    sm.request_finished("digits", 1, "http_v2", 200, None, 0.004, stages)
+    sm.request_finished("digits", 1, "handle", 200, None, 0.004, stages)
+    for size in (1, 3, 32, 2000):
+        sm.batch("digits", 1, size)
+    sm.flush()
+    base = {"app": "app", "model": "digits", "version": "1"}
+    for stage, seconds in stages.items():
+        assert value("maas_stage_latency_seconds_count", **base, stage=stage) == 2
+        assert value("maas_stage_latency_seconds_sum", **base, stage=stage) == pytest.approx(2 * seconds)
+    assert value("maas_stage_latency_seconds_bucket", **base, stage="inference", le="0.0025") == 0
+    assert value("maas_stage_latency_seconds_bucket", **base, stage="inference", le="0.005") == 2
+    assert [value("maas_batch_size_bucket", **base, le=le) for le in ("1.0", "2.0", "4.0", "32.0", "1024.0", "+Inf")] \
+        == [1, 1, 2, 3, 3, 4]
+    assert value("maas_batch_size_sum", **base) == 2036
+
+
+def test_gauges_are_refreshed_every_flush(fake):
+    """Ray's agent expires gauge series nobody re-sets, so idle series are re-sent too."""
+    sm = ServingMetrics("app", metrics_module=fake)
+    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
+    sm.version_state("digits", 1, "ready")
+    sm.flush()
+    bucket, state = FakeMetric.registry["maas_request_latency_seconds_bucket"], FakeMetric.registry["maas_version_state"]
+    before = (bucket.calls, state.calls)
+    sm.flush()
+    assert bucket.calls == 2 * before[0] and state.calls == 2 * before[1]
+
+
+def test_version_state(fake):
+    sm = ServingMetrics("app", metrics_module=fake)
+    sm.version_state("digits", 1, "loading")
+    sm.version_state("digits", 2, "failed")
+    sm.version_state("digits", 1, "ready")
+    sm.flush()
+    base = {"app": "app", "model": "digits"}
+    assert {s: value("maas_version_state", **base, version="1", state=s) for s in m.VERSION_STATES} == \
+        {"ready": 1, "failed": 0, "loading": 0}
+    assert value("maas_version_state", **base, version="2", state="failed") == 1
+    with pytest.raises(ValueError, match="'gone'"):
+        sm.version_state("digits", 1, "gone")
+
+
+def test_flush_errors_never_reach_the_request_path(fake, caplog):
+    class Broken(FakeGauge):
+        def set(self, value, tags=None):
+            raise RuntimeError("agent down")
+
+    sm = ServingMetrics("app", flush_interval_s=0.01, metrics_module=SimpleNamespace(Counter=FakeCounter, Gauge=Broken))
+    sm.start()
+    sm.start()  # idempotent
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        sm.request_started("digits")
+        sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
+        if "agent down" in caplog.text:
+            break
+        time.sleep(0.01)
+    sm.stop()
+    assert "flushing serving metrics failed" in caplog.text
+    assert caplog.text.count("agent down") <= 2  # rate-limited
+
+
+def test_concurrent_recording_and_flushing(fake):
+    sm = ServingMetrics("app", flush_interval_s=0.001, metrics_module=fake)
+    sm.start()
+
+    def work():
+        for _ in range(2000):
+            sm.request_started("digits")
+            sm.request_finished("digits", 1, "http_v2", 200, None, 0.001, {"queue": 0.0001})
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sm.stop()
+    tags = {"app": "app", "model": "digits", "version": "1"}
+    assert value("maas_requests", **tags, protocol="http_v2", status="200") == 8000
+    assert value("maas_stage_latency_seconds_count", **tags, stage="queue") == 8000
+    assert value("maas_requests_in_flight", app="app", model="digits") == 0
+
+
+def test_flush_interval_must_be_positive():
+    with pytest.raises(ValueError, match="flush_interval_s"):
+        ServingMetrics("app", flush_interval_s=0)
+
+
+# ---- deployments/monitoring ---------------------------------------------------------
+def test_dashboard_queries_only_exported_metrics():
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    panels = [p for p in dashboard["panels"] if p.get("type") != "row"]
+    assert len(panels) >= 7
+    used = set()
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            names = set(re.findall(r"\bray_maas_\w+", target["expr"]))
+            assert names, f"{panel['title']}: {target['expr']}"
+            assert names <= m.EXPORTED_NAMES, f"{panel['title']}: unknown {names - m.EXPORTED_NAMES}"
+            used |= names
+    # Every metric the module exports is on the dashboard somewhere.
+    assert {n for n in m.EXPORTED_NAMES if not n.endswith(("_sum", "_count"))} <= used
+
+
+def test_prometheus_config_uses_rays_service_discovery_file():
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    ray_jobs = [j for j in config["scrape_configs"] if j["job_name"] == "ray"]
+    assert ray_jobs[0]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
