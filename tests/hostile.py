@@ -9,7 +9,9 @@ pixel datatypes; classification postprocessor over 10 classes (outputs ``label``
 
 Each :class:`HostileCase` is POSTed to ``/v2/models/digits[/versions/<version>]/infer``
 (route "v2") or ``/v1/models/digits[/versions/<version>]:predict`` (route "v1") with its
-headers; ``version`` (URL-quote it) is set only by the cases about version references.
+headers (every value encodes as latin-1, as HTTP header values must); ``version``
+(URL-quote it) is set only by the cases about version references, and expects the server
+to check it with ``parse_version_ref`` before looking the version up.
 :data:`VALID` are requests of the same shapes that must still be answered 200.
 """
 
@@ -253,7 +255,9 @@ def _cases() -> list[HostileCase]:
     body, h = _binary(bin_inp, fp)
     for name, value in [("header_letters", "abc"), ("header_unicode_digit", "\u00b2"), ("header_5000_digits", "9" * 5000),
                         ("header_negative", "-5"), ("header_zero", "0"), ("header_past_body", str(len(body) + 1)),
-                        ("header_spaces", f" {h[HEADER]}"), ("header_arabic_digits", "\u0661\u0662")]:
+                        ("header_spaces", f" {h[HEADER]}"),
+                        # header values are latin-1 strings (as ASGI decodes them): UTF-8 bytes on the wire
+                        ("header_arabic_digits", "\u0661\u0662".encode().decode("latin-1"))]:
         add(name, body, headers={**h, HEADER: value})
     add("binary_truncated", *_swap(_binary(bin_inp, fp[:100])))
     add("binary_trailing_bytes", *_swap(_binary(bin_inp, fp + b"\x00" * 8)))

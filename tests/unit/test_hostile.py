@@ -47,6 +47,8 @@ def test_corpus_is_large_and_names_are_unique():
     assert len(CASES) >= 80
     assert len({c.name for c in CASES}) == len(CASES)
     assert {c.expect for c in CASES} == {400, 413}
+    for c in [*CASES, *VALID]:  # sendable over HTTP as they are
+        assert c.route in ("v2", "v1") and all(v.encode("latin-1") for v in c.headers.values())
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
