@@ -27,7 +27,7 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.limit import measure_limit
 from benchmarks.loadgen import run_wrk, wrk_path
-from benchmarks.systems import SYSTEMS, Ctx, Server
+from benchmarks.systems import SYSTEMS, Ctx, Server, baseline_system
 from benchmarks.workloads import MODEL_PATH, WORKLOADS
 
 logger = logging.getLogger("benchmarks")
@@ -55,7 +55,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base-port", type=int, default=8100, help="systems use base-port + i (not 8000)")
     p.add_argument("--kserve-python", default=os.environ.get("KSERVE_PYTHON", "/tmp/kserve-venv/bin/python"))
     p.add_argument("--maas-src", help="directory holding a patched maas_ray package to benchmark instead")
+    p.add_argument("--baseline-src", help="a checkout of an earlier commit (git worktree add DIR REV): adds "
+                   "'maas-baseline', the shipped profile from that tree, to compare a change in one run")
     a = p.parse_args(argv)
+    if a.baseline_src:
+        SYSTEMS["maas-baseline"] = baseline_system(a.baseline_src)
+        if "maas-baseline" not in a.systems:
+            a.systems.append("maas-baseline")
     a.concurrency = a.concurrency or ([32] if a.quick else [1, 8, 32, 128])
     a.duration = a.duration or (3.0 if a.quick else 6.0)
     return a

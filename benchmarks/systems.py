@@ -59,6 +59,7 @@ class System:
     command: Callable[[Ctx], list[str]]
     env: dict[str, str] = field(default_factory=dict)
     available: Callable[[Ctx], Optional[str]] = lambda ctx: None  # -> reason to skip, or None
+    src: Optional[str] = None  # run maas_ray from this tree instead of the checkout (baselines)
 
 
 def _ray(*args: str) -> Callable[[Ctx], list[str]]:
@@ -83,6 +84,13 @@ def _maas(placement: str, profile: bool, replicas: int = 1) -> System:
         + (f", {replicas} ingress replicas with 1 onnxruntime thread each" if replicas > 1 else ""),
         _ray("maas", "--placement", placement, "--replicas", str(replicas), *(["--no-access-log"] if profile else [])),
         THROUGHPUT_PROFILE if profile else {})
+
+
+def baseline_system(src: str) -> System:
+    """The shipped profile (maas-ingress-tp-x2) run from another tree, e.g. the previous commit."""
+    shipped = _maas("ingress", True, replicas=2)
+    return System("maas-baseline", f"{shipped.description}; maas_ray from {src}", shipped.command,
+                  shipped.env, src=str(Path(src).resolve()))
 
 
 SYSTEMS: dict[str, System] = {s.name: s for s in [
@@ -112,11 +120,12 @@ class Server:
         env = {k: v for k, v in os.environ.items() if k not in _SERVE_FLAGS}
         # A patched maas_ray (--maas-src) must win over the checkout: Python puts the cwd first
         # on the path of the server and of its Ray workers, so the server runs from there.
-        path = [ctx.maas_src] if ctx.maas_src else []
+        src = system.src or ctx.maas_src
+        path = [src] if src else []
         env.update(system.env, BENCH_MODEL_PATH=ctx.model_path, PYTHONPATH=os.pathsep.join([*path, str(ROOT)]),
                    RAY_USAGE_STATS_ENABLED="0")
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(system.command(ctx), cwd=ctx.maas_src or ROOT, env=env, stdout=self.log,
+        self.proc = subprocess.Popen(system.command(ctx), cwd=src or ROOT, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, url: str, body: bytes, timeout_s: float = 240.0) -> dict:

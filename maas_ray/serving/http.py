@@ -198,7 +198,7 @@ def build_api(ingress: "Ingress") -> FastAPI:
 
     @api.get("/v2/health/ready", responses=_ERRORS)
     async def ready() -> JSONResponse:
-        ok = ingress.server_ready()
+        ok = await ingress.server_ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503, headers={} if ok else {"retry-after": "5"})
 
     @api.get("/v2", responses=_ERRORS)
@@ -209,23 +209,23 @@ def build_api(ingress: "Ingress") -> FastAPI:
     @api.get("/v2/models/{model}", responses=_ERRORS)
     async def model_metadata(model: str, request: Request) -> dict:
         admit(request, model)
-        return ingress.metadata(model, None)
+        return await ingress.metadata(model, None)
 
     @api.get("/v2/models/{model}/versions/{version}", responses=_ERRORS)
     async def version_metadata(model: str, version: str, request: Request) -> dict:
         admit(request, model)
-        return ingress.metadata(model, version)
+        return await ingress.metadata(model, version)
 
     @api.get("/v2/models/{model}/ready", responses=_ERRORS)
     async def model_ready(model: str, request: Request) -> JSONResponse:
         admit(request, model)
-        body = ingress.model_ready(model, None)
+        body = await ingress.model_ready(model, None)
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @api.get("/v2/models/{model}/versions/{version}/ready", responses=_ERRORS)
     async def version_ready(model: str, version: str, request: Request) -> JSONResponse:
         admit(request, model)
-        body = ingress.model_ready(model, version)
+        body = await ingress.model_ready(model, version)
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @api.post("/v2/repository/index", responses=_ERRORS)

@@ -166,6 +166,7 @@ class Ingress:
         self.slots: dict[str, dict[int, VersionSlot]] = {}
         self.weights: dict[str, dict[int, float]] = {}
         self.routers: dict[str, Optional[TrafficRouter]] = {}
+        self.loading: dict[str, bool] = {}  # model -> has a version still loading (checked per request)
         for m in self.args.models:
             self.aliases[m.name] = resolved[m.name]
             self.slots[m.name] = {}
@@ -208,6 +209,7 @@ class Ingress:
         ready = {v: w for v, w in self.weights[model].items() if self.slots[model][v].state == "ready"}
         live = {v: w for v, w in ready.items() if w > 0}
         self.routers[model] = TrafficRouter(ready) if live else None
+        self.loading[model] = any(s.state == "loading" for s in self.slots[model].values())
 
     async def _poll_remote_versions(self) -> None:
         """Ask fused/split versions whether they are up (they load in their own replicas)."""
@@ -231,6 +233,23 @@ class Ingress:
                 if changed:
                     self._rebuild_router(model)
             await asyncio.sleep(POLL_SETTLED_S if settled else POLL_LOADING_S)
+
+    async def _refresh_loading(self, model: str) -> None:
+        """Ask this model's still-loading remote versions now (the first requests after a
+        deploy must not wait for the background poll)."""
+        changed = False
+        for slot in self._slots(model).values():
+            if slot.state != "loading" or slot.route is None or slot.route.local is not None:
+                continue
+            try:
+                info = await asyncio.wait_for(slot.route.describe(), timeout=10)
+            except Exception as exc:  # still starting: stays loading
+                logger.debug("describe %s:%d: %r", model, slot.number, exc)
+                continue
+            self._settle(model, slot, info)
+            changed = True
+        if changed:
+            self._rebuild_router(model)
 
     def _ensure_background(self) -> None:
         """Start the background loops on the replica's event loop (the constructor has none)."""
@@ -339,6 +358,8 @@ class Ingress:
         (:class:`protocol.InferRequest`); it is returned unchanged as the second element.
         """
         self._ensure_background()
+        if self.loading.get(model):
+            await self._refresh_loading(model)
         slot = self.pick(model, version, key)
         slot.require_ready(model)
         t0 = time.perf_counter()
@@ -370,7 +391,7 @@ class Ingress:
 
             result, _ = await self.infer(model, None if version is None else str(version), key, decode, False)
             number = result.version
-            return protocol.response_v2(model, result.version, result.outputs)
+            return protocol.v2_response(model, result.version, result.outputs)
         except MaasError as exc:
             status, error = exc.status_code, type(exc).__name__
             raise
@@ -395,8 +416,9 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> HttpApp:
         return HttpApp(self, build_api(self))
 
-    def metadata(self, model: str, version: Optional[str]) -> dict[str, Any]:
+    async def metadata(self, model: str, version: Optional[str]) -> dict[str, Any]:
         slots = self._slots(model)
+        await self._refresh_loading(model)
         slot = slots[self.likely_version(model)] if version is None else self.pick(model, version, None)
         manifest = slot.manifest
         return {
@@ -416,8 +438,10 @@ class Ingress:
             },
         }
 
-    def model_ready(self, model: str, version: Optional[str]) -> dict[str, Any]:
+    async def model_ready(self, model: str, version: Optional[str]) -> dict[str, Any]:
         """{"name", "ready", ...}; ready means: answers unpinned requests (or this version's)."""
+        self._ensure_background()
+        await self._refresh_loading(model)
         if version is None:
             self._slots(model)
             ready = self.routers[model] is not None
@@ -428,7 +452,10 @@ class Ingress:
             out["reason"] = slot.reason
         return out
 
-    def server_ready(self) -> bool:
+    async def server_ready(self) -> bool:
+        self._ensure_background()
+        for model in self.slots:
+            await self._refresh_loading(model)
         return all(router is not None for router in self.routers.values())
 
     def index(self) -> list[dict[str, Any]]:

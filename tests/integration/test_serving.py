@@ -109,8 +109,12 @@ def test_health_and_metadata(app):
     assert app.get("/v2").json()["name"] == "maas-ray"
     meta = app.get("/v2/models/digits").json()
     assert meta["versions"] == ["1", "2"] and meta["platform"] == "onnxruntime_onnx"
-    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+    # the image preprocessor advertises encoded images first (it also takes raw pixels)
+    assert meta["inputs"] == [{"name": "input", "datatype": "BYTES", "shape": [-1]}]
+    assert [o["name"] for o in meta["outputs"]] == ["label", "probabilities", "top_k_labels", "top_k_scores"]
     assert app.get("/v2/models/digits/versions/1").json()["parameters"]["version"] == "1"
+    # unpinned metadata names the version most requests reach (90 % of the split)
+    assert app.get("/v2/models/digits").json()["parameters"]["version"] == "1"
     assert app.get("/v2/models/digits/ready").json() == {"name": "digits", "ready": True}
     assert app.get("/v2/models/lin-local/versions/production/ready").json()["version"] == "1"
 
@@ -133,7 +137,7 @@ def test_v2_and_v1_accept_encoded_images(app, digits):
     sample = x[-10:]
     raw = output(app.post("/v2/models/digits/versions/1/infer", json=v2_body(sample)).json(), "label")
     images = [digit_png(s, size=8) for s in sample]
-    body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [10], "data": images}]}
+    body = {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [10], "data": images}]}
     r = app.post("/v2/models/digits/versions/1/infer", json=body)
     assert r.status_code == 200, r.text
     assert output(r.json(), "label").tolist() == raw.tolist()
@@ -191,7 +195,7 @@ def test_split_and_ingress_placements_concatenate_and_split_batches(app):
         ("/v2/models/lin/infer", {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2]}]}, 400,
          "input 'input': shape [1, 4] needs 4 values, got 2"),
         ("/v2/models/lin/infer", {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": ["a", "b", "c", "d"]}]}, 400, None),
-        ("/v2/models/digits/infer", {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["bm90IGFuIGltYWdl"]}]}, 400, None),
+        ("/v2/models/digits/infer", {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1], "data": ["bm90IGFuIGltYWdl"]}]}, 400, None),
         ("/v1/models/lin:predict", {"instances": [[1, 2], [1, 2, 3]]}, 400, None),
         ("/v1/models/lin:predict", {"wrong": 1}, 400, "request must be a JSON object with an 'instances' list"),
     ],

@@ -1,49 +1,78 @@
-"""The ingress's ASGI app without Ray: route matching, errors, and the FastAPI fallback.
+"""The ingress's ASGI app without Ray: route matching, limits, timeouts, JSON errors everywhere.
 
-A fake Ingress stands in for the deployment (this module's only collaborator); the
-real app over real Serve HTTP is covered in tests/integration/test_serving.py.
+A fake Ingress stands in for the deployment (this module's only collaborator); the real
+app over real Serve HTTP is covered in tests/integration/test_serving.py and test_hardening.py.
 """
 
 import asyncio
+from types import SimpleNamespace
 
 import httpx
+import numpy as np
+import orjson
 import pytest
 
-from maas_ray.errors import ModelNotFoundError
+from maas_ray.errors import ModelNotFoundError, RateLimitedError, UnauthenticatedError
+from maas_ray.serving.config import Limits
 from maas_ray.serving.http import HttpApp, build_api
+from maas_ray.serving.protocol import RequestSchema
 
 pytestmark = pytest.mark.unit
+SCHEMA = RequestSchema({"input": frozenset({"FP32"})}, ("y",))
+V2 = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]})
 
 
-class Overloaded(Exception):
-    """Stands in for Serve's BackPressureError, whose handler Serve registers on the app."""
+class FakeMetrics:
+    def __init__(self):
+        self.finished = []
+
+    def request_started(self, model):
+        pass
+
+    def request_finished(self, model, version, protocol, status, error, total_s, stages=None):
+        self.finished.append((model, version, protocol, status, error))
 
 
 class FakeIngress:
-    def __init__(self):
+    key_header = "x-request-key"
+
+    def __init__(self, limits=None):
+        self.limits = limits or Limits(max_body_bytes=2048, request_timeout_s=0.5)
+        self.metrics = FakeMetrics()
         self.calls = []
 
-    async def infer_v2(self, model, version, body, headers):
-        self.calls.append(("v2", model, version, body, headers.get("x-request-key")))
+    def admit(self, api_key, client, model, *, admin=False):
+        if api_key == "bad":
+            raise UnauthenticatedError("unknown API key")
+        if api_key == "greedy":
+            raise RateLimitedError("over the rate limit", 2.5)
+
+    async def infer(self, model, version, key, decode, strict):
+        self.calls.append((model, version, key, strict))
         if model == "missing":
             raise ModelNotFoundError(f"model {model!r} is not served here")
-        if model == "busy":
-            raise Overloaded()
         if model == "bug":
             raise RuntimeError("boom")
-        return b'{"ok": true}', 3
+        if model == "slow":
+            await asyncio.sleep(5)
+        request = decode(SCHEMA)
+        tensors = request if isinstance(request, dict) else request.tensors
+        y = tensors["input"].sum(axis=1)
+        return SimpleNamespace(version=3, outputs={"y": y}, stages={"inference": 0.001}), request
 
-    async def infer_v1(self, model, version, body, headers):
-        self.calls.append(("v1", model, version, body, None))
-        return b'{"predictions": [1]}', 2
-
-    def metadata(self, model, version):
+    async def metadata(self, model, version):
         if model == "missing":
             raise ModelNotFoundError(f"model {model!r} is not served here")
         return {"name": model, "version": version}
 
-    def model_ready(self, model, version):
-        return {"name": model, "ready": True}
+    async def model_ready(self, model, version):
+        return {"name": model, "ready": model != "cold"}
+
+    async def server_ready(self):
+        return True
+
+    def index(self):
+        return [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
 
 
 def request(app, method, path, root_path="", **kw):
@@ -58,60 +87,116 @@ def request(app, method, path, root_path="", **kw):
 @pytest.fixture
 def app():
     ingress = FakeIngress()
-    app = HttpApp(ingress, build_api(ingress))
-    app.add_exception_handler(Overloaded, lambda request, exc: httpx_response_503())
-    return app
-
-
-def httpx_response_503():
-    from starlette.responses import Response
-
-    return Response("overloaded", status_code=503)
+    return HttpApp(ingress, build_api(ingress))
 
 
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
-        ("/v2/models/m/infer", ("v2", "m", None)),
-        ("/v2/models/m/versions/7/infer", ("v2", "m", "7")),
-        ("/v2/models/m/versions/production/infer", ("v2", "m", "production")),
-        ("/v1/models/m:predict", ("v1", "m", None)),
-        ("/v1/models/m/versions/2:predict", ("v1", "m", "2")),
+        ("/v2/models/m/infer", ("m", None, "k", True)),
+        ("/v2/models/m/versions/7/infer", ("m", "7", "k", True)),
+        ("/v2/models/m/versions/production/infer", ("m", "production", "k", True)),
     ],
 )
-def test_infer_routes_reach_the_ingress_with_body_headers_and_version_header(app, path, expected):
-    r = request(app, "POST", path, content=b"payload", headers={"x-request-key": "k"})
+def test_v2_routes_reach_the_ingress_with_version_and_sticky_key(app, path, expected):
+    r = request(app, "POST", path, content=V2, headers={"x-request-key": "k", "x-request-id": "rid-1"})
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
-    assert r.headers["x-model-version"] in {"3", "2"}
+    assert r.headers["x-model-version"] == "3" and r.headers["x-request-id"] == "rid-1"
     assert int(r.headers["content-length"]) == len(r.content)
-    call = app.ingress.calls[-1]
-    assert call[:3] == expected and call[3] == b"payload"
-    if expected[0] == "v2":
-        assert call[4] == "k"
+    assert r.json()["outputs"][0]["data"] == [3.0]
+    assert app.ingress.calls[-1] == expected
+    assert app.ingress.metrics.finished[-1] == ("m", 3, "http_v2", 200, None)
+
+
+def test_v1_route_decodes_non_strict(app):
+    r = request(app, "POST", "/v1/models/m/versions/2:predict", content=b'{"instances": [[1, 2]]}')
+    assert r.status_code == 200 and r.json()["predictions"] == [3.0]
+    assert app.ingress.calls[-1] == ("m", "2", None, False)
 
 
 def test_route_prefix_is_stripped_before_matching(app):
-    r = request(app, "POST", "/v2/models/m/infer", root_path="/digits", content=b"{}")
-    assert r.status_code == 200 and app.ingress.calls[-1][1] == "m"
+    r = request(app, "POST", "/v2/models/m/infer", root_path="/digits", content=V2)
+    assert r.status_code == 200 and app.ingress.calls[-1][0] == "m"
 
 
-def test_errors_are_json_with_their_status(app):
-    r = request(app, "POST", "/v2/models/missing/infer", content=b"{}")
+def test_binary_outputs_set_the_header_length(app):
+    body = orjson.dumps({**orjson.loads(V2), "outputs": [{"name": "y", "parameters": {"binary_data": True}}]})
+    r = request(app, "POST", "/v2/models/m/infer", content=body)
+    length = int(r.headers["inference-header-content-length"])
+    header = orjson.loads(r.content[:length])
+    assert header["outputs"][0]["parameters"]["binary_data_size"] == 4
+    assert np.frombuffer(r.content[length:], "<f4").tolist() == [3.0]
+    assert r.headers["content-type"] == "application/octet-stream"
+
+
+def test_errors_are_json_with_their_status_and_counted(app):
+    r = request(app, "POST", "/v2/models/missing/infer", content=V2)
     assert (r.status_code, r.json()) == (404, {"error": "model 'missing' is not served here"})
-    r = request(app, "POST", "/v2/models/bug/infer", content=b"{}")
-    assert (r.status_code, r.json()) == (500, {"error": "internal error: RuntimeError: boom"})
+    r = request(app, "POST", "/v2/models/bug/infer", content=V2, headers={"x-request-id": "rid-9"})
+    assert r.status_code == 500 and r.json() == {"error": "internal error (RuntimeError); request id rid-9"}
+    assert "boom" not in r.text  # no internals leak
+    r = request(app, "POST", "/v2/models/m/infer", content=b"{nope")
+    assert r.status_code == 400 and set(r.json()) == {"error"}
+    assert app.ingress.metrics.finished[-1][3:] == (400, "InvalidInputError")
 
 
-def test_serve_registered_handlers_apply_on_the_infer_path(app):
-    r = request(app, "POST", "/v2/models/busy/infer", content=b"{}")
-    assert (r.status_code, r.text) == (503, "overloaded")
+def test_admission_runs_before_the_body_is_read(app):
+    r = request(app, "POST", "/v2/models/m/infer", content=b"x" * 100_000, headers={"authorization": "Bearer bad"})
+    assert (r.status_code, r.json()) == (401, {"error": "unknown API key"})
+    r = request(app, "POST", "/v2/models/m/infer", content=V2, headers={"x-api-key": "greedy"})
+    assert r.status_code == 429 and r.headers["retry-after"] == "3"
+    assert app.ingress.calls == []
 
 
-def test_other_routes_and_methods_go_to_fastapi(app):
+def test_body_limit_from_content_length_and_while_reading_chunks(app):
+    r = request(app, "POST", "/v2/models/m/infer", content=b" " * 4096)
+    assert r.status_code == 413 and "max_body_bytes=2048" in r.json()["error"]
+
+    async def chunks():
+        for _ in range(8):
+            yield b" " * 512
+
+    r = request(app, "POST", "/v2/models/m/infer", content=chunks())
+    assert r.status_code == 413
+    r = request(app, "POST", "/v2/models/m/infer", content=V2, headers={"content-length": "²"})
+    assert r.status_code == 400
+    assert app.ingress.calls == []
+
+
+def test_request_timeout_is_504(app):
+    r = request(app, "POST", "/v2/models/slow/infer", content=V2)
+    assert r.status_code == 504 and "request_timeout_s=0.5" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v2/models/m/infer", 405),
+        ("POST", "/v2/health/live", 405),
+        ("GET", "/nowhere", 404),
+        ("POST", "/v2/models/m/infer/", 404),
+        ("POST", "/v1/models/m:explain", 404),
+        ("GET", "/v2/models/missing", 404),
+    ],
+)
+def test_every_other_route_answers_json_errors(app, method, path, status):
+    r = request(app, method, path)
+    assert r.status_code == status and set(r.json()) == {"error"}, r.text
+    assert app.ingress.calls == []
+
+
+def test_cold_routes(app):
     assert request(app, "GET", "/v2/health/live").json() == {"live": True}
     assert request(app, "GET", "/v2/models/m/versions/4").json() == {"name": "m", "version": "4"}
-    r = request(app, "GET", "/v2/models/missing")
-    assert (r.status_code, r.json()) == (404, {"error": "model 'missing' is not served here"})
-    assert request(app, "GET", "/v2/models/m/infer").status_code == 405  # infer is POST only
-    assert request(app, "POST", "/v2/nothing/here").status_code == 404
-    assert app.ingress.calls == []
+    cold = request(app, "GET", "/v2/models/cold/ready")
+    assert cold.status_code == 503 and cold.json()["ready"] is False
+    assert request(app, "POST", "/v2/repository/index").json()[0]["state"] == "READY"
+
+
+def test_openapi_documents_the_whole_surface_including_infer_routes(app):
+    spec = request(app, "GET", "/openapi.json").json()
+    for path in ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer",
+                 "/v1/models/{model}:predict", "/v2/health/ready", "/v2/repository/index"):
+        assert path in spec["paths"], path
+    infer = spec["paths"]["/v2/models/{model}/infer"]["post"]
+    assert {"400", "401", "413", "429", "503", "504"} <= set(infer["responses"])
