@@ -21,7 +21,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if not uri:
         raise ConfigError(f"no key file: pass --file PATH_OR_URI or set ${AUTH_KEYS_FILE_ENV}")
     if args.keys_cmd == "create":
-        models = ["*"] if args.all_models else [check_name("model", m.strip()) for m in args.models.split(",") if m.strip()]
+        try:
+            models = ["*"] if args.all_models else [check_name("model", m.strip()) for m in args.models.split(",") if m.strip()]
+        except ValueError as exc:  # check_name's message names the bad value
+            raise ConfigError(f"--models: {exc}") from exc
         if not models:
             raise ConfigError(f"--models needs at least one model name, got {args.models!r}")
         keys = read_key_file(uri, missing_ok=True)

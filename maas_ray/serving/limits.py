@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 __all__ = ["RateLimiter"]
 
+_EPSILON = 1e-9
+
 
 class RateLimiter:
     """Token buckets: ``rps`` tokens per second, at most ``burst`` saved up, one per request.
@@ -78,8 +80,10 @@ class RateLimiter:
             self._buckets.move_to_end(key)
             bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rps)
             bucket[1] = now
-        if bucket[0] >= 1.0:
-            bucket[0] -= 1.0
+        # The epsilon absorbs float drift: 10 refills of 0.1 token sum to 0.999..., which
+        # would otherwise turn away every tenth request sent exactly at the rate.
+        if bucket[0] >= 1.0 - _EPSILON:
+            bucket[0] = max(0.0, bucket[0] - 1.0)
             return
         retry_after = (1.0 - bucket[0]) / self.rps
         raise RateLimitedError(
