@@ -209,7 +209,7 @@ def read_key_file(uri: str, *, missing_ok: bool = False) -> KeyFile:
             return KeyFile()
         with fs.open_input_stream(path) as f:
             raw = f.read()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # pyarrow: OSError, or ArrowInvalid (a ValueError)
         raise ConfigError(f"cannot read key file {_redact(uri)!r}: {exc}") from exc
     return KeyFile.parse(raw, repr(_redact(uri)))
 
@@ -233,7 +233,7 @@ def write_key_file(uri: str, keys: KeyFile) -> None:
         else:  # one PUT on an object store is atomic already
             with fs.open_output_stream(path) as f:
                 f.write(data)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot write key file {_redact(uri)!r}: {exc}") from exc
 
 
@@ -320,7 +320,7 @@ class KeyStore:
         """Re-read the source (blocking I/O); keep the old keys and return False on a read error."""
         try:
             keys = self._read_source(self.auth)
-        except ConfigError as exc:
+        except Exception as exc:  # any failure: a replica must keep serving with the keys it has
             if not self._reload_failing:  # once per failure streak, not every interval
                 logger.error("keeping the %d current API keys: %s", len(self._by_id), exc)
             self._reload_failing = True
