@@ -35,13 +35,17 @@ import logging
 import threading
 import time
 from bisect import bisect_left
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("decode", "queue", "inference", "encode")  # decode = decode + preprocess; encode = postprocess + encode
 PROTOCOLS = ("http_v2", "http_v1", "grpc", "handle")
 VERSION_STATES = ("ready", "failed", "loading")
+# The model label of requests for models the app does not serve: the name comes from the URL,
+# so labelling it as sent would let any client create series without bound. Registry names
+# start with a letter or digit, so this cannot collide with a real model.
+UNKNOWN_MODEL = "_unknown"
 # Seconds, 0.1 ms .. 30 s (Prometheus `le` buckets; the +Inf bucket is implicit).
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -143,14 +147,18 @@ class ServingMetrics:
     Args:
         app: the Serve application name (the ``app`` label).
         flush_interval_s: seconds between flushes once :meth:`start` ran.
+        models: the served model names; requests naming any other model are labelled
+            :data:`UNKNOWN_MODEL`. None labels every name as given (trusted callers only).
         metrics_module: where ``Counter`` and ``Gauge`` come from; ``ray.util.metrics``
             by default (imported at the first flush). Unit tests pass fakes.
     """
 
-    def __init__(self, app: str, *, flush_interval_s: float = 1.0, metrics_module: Any = None) -> None:
+    def __init__(self, app: str, *, flush_interval_s: float = 1.0, models: Optional[Iterable[str]] = None,
+                 metrics_module: Any = None) -> None:
         if flush_interval_s <= 0:
             raise ValueError(f"flush_interval_s must be > 0, got {flush_interval_s!r}")
         self.app = app
+        self._models = None if models is None else frozenset(models)
         self.flush_interval_s = flush_interval_s
         self._module = metrics_module
         self._ray: Optional[_RayMetrics] = None
@@ -175,6 +183,8 @@ class ServingMetrics:
 
     # ---- request path (dict updates only) ----------------------------------------------
     def request_started(self, model: str) -> None:
+        if self._models is not None and model not in self._models:
+            model = UNKNOWN_MODEL
         with self._lock:
             self._in_flight[model] = self._in_flight.get(model, 0) + 1
 
@@ -189,6 +199,8 @@ class ServingMetrics:
         stages: Optional[dict[str, float]] = None,
     ) -> None:
         """Count one finished request; ``stages``: seconds per name in :data:`STAGES`."""
+        if self._models is not None and model not in self._models:
+            model = UNKNOWN_MODEL
         key = (model, version, protocol, status)
         with self._lock:
             self._in_flight[model] = self._in_flight.get(model, 0) - 1
