@@ -1,9 +1,11 @@
 """Prometheus metrics for the serving path, exported through Ray's metrics API.
 
-Requests record into plain dicts under a lock (about 2 us per request, see below); a
-daemon thread flushes the aggregates to ``ray.util.metrics`` objects once per
-``flush_interval_s``. Ray's metrics agent serves them on each node's metrics export port,
-with ``ray_`` prepended to every name (:data:`EXPORTED_NAMES`).
+Requests record into plain dicts under a lock; a daemon thread flushes the aggregates to
+``ray.util.metrics`` objects once per ``flush_interval_s``. Ray's metrics agent serves them
+on each node's metrics export port, with ``ray_`` prepended to every name
+(:data:`EXPORTED_NAMES`). Measured in a Ray actor (timeit, 2-core box):
+request_started + request_finished with four stages 2.5 us (1.1 us without stages),
+batch() 0.6 us; a flush of 14 histogram series (~300 gauge sets) 1.0 ms, once a second.
 
 Why aggregate, measured in a Ray actor (Ray 2.60, 2-core box, 5 tags; Cython ``record``
 alone: 2.3 us with 1 tag, 3.8 with 3, 5.4 with 6):
@@ -143,6 +145,9 @@ def _version_label(version: Optional[int]) -> str:
 
 class ServingMetrics:
     """Per-replica request metrics, aggregated in process and flushed to Ray periodically.
+
+    Create it in the replica (``__init__``), not in the driver: it holds a lock and a thread
+    and does not pickle. Pair every :meth:`request_started` with one :meth:`request_finished`.
 
     Args:
         app: the Serve application name (the ``app`` label).

@@ -160,7 +160,8 @@ def test_gauges_are_refreshed_every_flush(fake):
     sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
     sm.version_state("digits", 1, "ready")
     sm.flush()
-    bucket, state = FakeMetric.registry["maas_request_latency_seconds_bucket"], FakeMetric.registry["maas_version_state"]
+    bucket = FakeMetric.registry["maas_request_latency_seconds_bucket"]
+    state = FakeMetric.registry["maas_version_state"]
     before = (bucket.calls, state.calls)
     sm.flush()
     assert bucket.calls == 2 * before[0] and state.calls == 2 * before[1]
