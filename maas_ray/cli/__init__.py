@@ -1,4 +1,4 @@
-"""The ``maas`` command line: train, manage the registry, run the quickstart.
+"""The ``maas`` command line: train, manage the registry and API keys, run the quickstart.
 
 Errors print one line and exit 1; ``--verbose`` shows tracebacks.
 """
@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version")
     for p in msub.choices.values():
         p.set_defaults(func=cmd_models)
+
+    from maas_ray.cli.keys import add_keys_parser
+
+    add_keys_parser(sub, common)
 
     p = sub.add_parser("quickstart", parents=[common], help="Train, publish, serve and query digits end to end.")
     p.add_argument("--epochs", type=int, default=30)

@@ -1,9 +1,11 @@
 """Prometheus metrics for the serving path, exported through Ray's metrics API.
 
-Requests record into plain dicts under a lock (about 2 us per request, see below); a
-daemon thread flushes the aggregates to ``ray.util.metrics`` objects once per
-``flush_interval_s``. Ray's metrics agent serves them on each node's metrics export port,
-with ``ray_`` prepended to every name (:data:`EXPORTED_NAMES`).
+Requests record into plain dicts under a lock; a daemon thread flushes the aggregates to
+``ray.util.metrics`` objects once per ``flush_interval_s``. Ray's metrics agent serves them
+on each node's metrics export port, with ``ray_`` prepended to every name
+(:data:`EXPORTED_NAMES`). Measured in a Ray actor (timeit, 2-core box):
+request_started + request_finished with four stages 2.5 us (1.1 us without stages),
+batch() 0.6 us; a flush of 14 histogram series (~300 gauge sets) 1.0 ms, once a second.
 
 Why aggregate, measured in a Ray actor (Ray 2.60, 2-core box, 5 tags; Cython ``record``
 alone: 2.3 us with 1 tag, 3.8 with 3, 5.4 with 6):
@@ -35,13 +37,17 @@ import logging
 import threading
 import time
 from bisect import bisect_left
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("decode", "queue", "inference", "encode")  # decode = decode + preprocess; encode = postprocess + encode
 PROTOCOLS = ("http_v2", "http_v1", "grpc", "handle")
 VERSION_STATES = ("ready", "failed", "loading")
+# The model label of requests for models the app does not serve: the name comes from the URL,
+# so labelling it as sent would let any client create series without bound. Registry names
+# start with a letter or digit, so this cannot collide with a real model.
+UNKNOWN_MODEL = "_unknown"
 # Seconds, 0.1 ms .. 30 s (Prometheus `le` buckets; the +Inf bucket is implicit).
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -140,17 +146,24 @@ def _version_label(version: Optional[int]) -> str:
 class ServingMetrics:
     """Per-replica request metrics, aggregated in process and flushed to Ray periodically.
 
+    Create it in the replica (``__init__``), not in the driver: it holds a lock and a thread
+    and does not pickle. Pair every :meth:`request_started` with one :meth:`request_finished`.
+
     Args:
         app: the Serve application name (the ``app`` label).
         flush_interval_s: seconds between flushes once :meth:`start` ran.
+        models: the served model names; requests naming any other model are labelled
+            :data:`UNKNOWN_MODEL`. None labels every name as given (trusted callers only).
         metrics_module: where ``Counter`` and ``Gauge`` come from; ``ray.util.metrics``
             by default (imported at the first flush). Unit tests pass fakes.
     """
 
-    def __init__(self, app: str, *, flush_interval_s: float = 1.0, metrics_module: Any = None) -> None:
+    def __init__(self, app: str, *, flush_interval_s: float = 1.0, models: Optional[Iterable[str]] = None,
+                 metrics_module: Any = None) -> None:
         if flush_interval_s <= 0:
             raise ValueError(f"flush_interval_s must be > 0, got {flush_interval_s!r}")
         self.app = app
+        self._models = None if models is None else frozenset(models)
         self.flush_interval_s = flush_interval_s
         self._module = metrics_module
         self._ray: Optional[_RayMetrics] = None
@@ -175,6 +188,8 @@ class ServingMetrics:
 
     # ---- request path (dict updates only) ----------------------------------------------
     def request_started(self, model: str) -> None:
+        if self._models is not None and model not in self._models:
+            model = UNKNOWN_MODEL
         with self._lock:
             self._in_flight[model] = self._in_flight.get(model, 0) + 1
 
@@ -189,6 +204,8 @@ class ServingMetrics:
         stages: Optional[dict[str, float]] = None,
     ) -> None:
         """Count one finished request; ``stages``: seconds per name in :data:`STAGES`."""
+        if self._models is not None and model not in self._models:
+            model = UNKNOWN_MODEL
         key = (model, version, protocol, status)
         with self._lock:
             self._in_flight[model] = self._in_flight.get(model, 0) - 1

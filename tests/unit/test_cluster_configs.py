@@ -8,6 +8,7 @@ the private ``ray.autoscaler._private.util``: pyproject pins the Ray range this 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,26 @@ def test_local_provider_without_head_ip_is_rejected():
     del raw["provider"]["head_ip"]
     with pytest.raises(click.ClickException, match="head_ip"):  # not a ValueError
         _validated(raw)
+
+
+def _exports(commands: str) -> dict[str, str]:
+    """The `export NAME="value"` lines a setup command writes to ~/.maas_env."""
+    return {m.group(1): m.group(2) for m in re.finditer(r"export (\w+)=\"?([^\"'\s]+)\"?", commands)}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_node_turns_api_keys_and_ray_token_auth_on(path):
+    from maas_ray.serving.config import AuthConfig
+    from maas_ray.serving.keys import resolve_auth
+
+    config = _validated(_load(path))
+    for name, commands in _setup_per_node_type(config).items():
+        env = _exports(commands)
+        assert env.get("RAY_AUTH_MODE") == "token", f"{name} runs Ray without token authentication"
+        assert env.get("MAAS_AUTH_KEYS_FILE", "").startswith("s3://"), f"{name} has no s3:// key file"
+        # what build_app sees on that node for a serve YAML without an auth block
+        auth = resolve_auth(AuthConfig(), env)
+        assert auth.enabled and auth.keys_file == env["MAAS_AUTH_KEYS_FILE"], name
+    # the Ray token every node needs comes from the machine running `ray up`
+    mounts = config["file_mounts"]
+    assert any(remote.endswith("/.ray/auth_token") for remote in mounts), mounts

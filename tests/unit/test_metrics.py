@@ -99,6 +99,18 @@ def test_requests_errors_and_in_flight(fake):
     assert value("maas_requests_in_flight", **req) == -1  # started 3, finished 4
 
 
+def test_unknown_model_names_share_one_label(fake):
+    """Model names come from the URL: unserved ones must not create series without bound."""
+    sm = ServingMetrics("app", models=["digits"], metrics_module=fake)
+    for name in ("x1", "x2", "digits"):
+        sm.request_started(name)
+        sm.request_finished(name, None, "http_v2", 404, "ModelNotFoundError", 0.001)
+    sm.flush()
+    errors = FakeMetric.registry["maas_errors"].values
+    assert {dict(k)["model"]: v for k, v in errors.items()} == {m.UNKNOWN_MODEL: 2, "digits": 1}
+    assert value("maas_requests_in_flight", app="app", model=m.UNKNOWN_MODEL) == 0
+
+
 def test_latency_histogram_buckets_are_cumulative_and_exact(fake):
     sm = ServingMetrics("app", metrics_module=fake)
     observations = [0.00005, 0.0001, 0.0003, 0.004, 0.004, 1.0, 45.0]  # 0.0001 and 1.0 sit on a bound
@@ -148,7 +160,8 @@ def test_gauges_are_refreshed_every_flush(fake):
     sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
     sm.version_state("digits", 1, "ready")
     sm.flush()
-    bucket, state = FakeMetric.registry["maas_request_latency_seconds_bucket"], FakeMetric.registry["maas_version_state"]
+    bucket = FakeMetric.registry["maas_request_latency_seconds_bucket"]
+    state = FakeMetric.registry["maas_version_state"]
     before = (bucket.calls, state.calls)
     sm.flush()
     assert bucket.calls == 2 * before[0] and state.calls == 2 * before[1]

@@ -1,0 +1,137 @@
+"""ServingMetrics in a real Ray actor, scraped from the node's real Prometheus endpoint.
+
+Ray exports every ``RAY_metrics_report_interval_ms`` (10 s by default, floored at 1 s), so
+the test polls with a deadline of a few intervals; the suite's TEST_ENV sets it to 1 s.
+The app label is unique per run: counters in the shared Ray instance are cumulative.
+"""
+
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+OK, NOT_FOUND, BAD_INPUT = 25, 3, 2
+STAGES = {"decode": 0.0002, "queue": 0.00001, "inference": 0.003, "encode": 0.0001}
+BATCHES = (1, 4, 4, 32)
+
+
+def _recorder_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Recorder:
+        def __init__(self, app: str) -> None:
+            from maas_ray.serving.metrics import ServingMetrics
+
+            self.metrics = ServingMetrics(app, flush_interval_s=0.2)
+            self.metrics.start()
+
+        def record(self) -> None:
+            m = self.metrics
+            for _ in range(OK + NOT_FOUND + BAD_INPUT + 2):
+                m.request_started("digits")
+            for _ in range(OK):
+                m.request_finished("digits", 1, "http_v2", 200, None, 0.003, STAGES)
+            for _ in range(NOT_FOUND):
+                m.request_finished("digits", None, "http_v1", 404, "ModelNotFoundError", 0.0002)
+            for _ in range(BAD_INPUT):
+                m.request_finished("digits", 1, "http_v2", 400, "InvalidInputError", 0.0004)
+            for size in BATCHES:
+                m.batch("digits", 1, size)
+            m.version_state("digits", 1, "ready")
+            m.version_state("digits", 2, "failed")
+            m.flush()
+
+    return Recorder
+
+
+def metrics_url() -> str:
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+def scrape(url: str, app: str) -> dict:
+    """{(name, frozenset(labels without Ray's own)): value} for one app's ray_maas_* samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ray_labels = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId"}
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    samples: dict = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("ray_maas_") and s.labels.get("app") == app:
+                labels = frozenset((k, v) for k, v in s.labels.items()
+                                   if k not in ray_labels and not k.startswith("otel_"))
+                key = (s.name, labels)
+                samples[key] = samples.get(key, 0.0) + s.value  # summed over processes
+    return samples
+
+
+def expected(app: str) -> dict:
+    def key(name, **labels):
+        return name, frozenset({"app": app, "model": "digits", **labels}.items())
+
+    ok = {"version": "1", "protocol": "http_v2", "status": "200"}
+    want = {
+        key("ray_maas_requests_total", **ok): OK,
+        key("ray_maas_requests_total", version="none", protocol="http_v1", status="404"): NOT_FOUND,
+        key("ray_maas_requests_total", version="1", protocol="http_v2", status="400"): BAD_INPUT,
+        key("ray_maas_errors_total", version="none", error="ModelNotFoundError"): NOT_FOUND,
+        key("ray_maas_errors_total", version="1", error="InvalidInputError"): BAD_INPUT,
+        key("ray_maas_requests_in_flight"): 2,
+        key("ray_maas_request_latency_seconds_bucket", **ok, le="0.0025"): 0,
+        key("ray_maas_request_latency_seconds_bucket", **ok, le="0.005"): OK,
+        key("ray_maas_request_latency_seconds_bucket", **ok, le="+Inf"): OK,
+        key("ray_maas_request_latency_seconds_count", **ok): OK,
+        key("ray_maas_request_latency_seconds_bucket", version="none", protocol="http_v1", status="404",
+            le="0.00025"): NOT_FOUND,
+        key("ray_maas_stage_latency_seconds_bucket", version="1", stage="inference", le="0.0025"): 0,
+        key("ray_maas_stage_latency_seconds_bucket", version="1", stage="inference", le="0.005"): OK,
+        key("ray_maas_stage_latency_seconds_bucket", version="1", stage="queue", le="0.0001"): OK,
+        key("ray_maas_batch_size_bucket", version="1", le="1.0"): 1,
+        key("ray_maas_batch_size_bucket", version="1", le="4.0"): 3,
+        key("ray_maas_batch_size_bucket", version="1", le="16.0"): 3,
+        key("ray_maas_batch_size_bucket", version="1", le="32.0"): 4,
+        key("ray_maas_batch_size_count", version="1"): len(BATCHES),
+        key("ray_maas_batch_size_sum", version="1"): sum(BATCHES),
+        key("ray_maas_version_state", version="1", state="ready"): 1,
+        key("ray_maas_version_state", version="1", state="failed"): 0,
+        key("ray_maas_version_state", version="2", state="failed"): 1,
+        key("ray_maas_version_state", version="2", state="ready"): 0,
+    }
+    return want
+
+
+def run_scenario() -> None:
+    import ray
+
+    app = f"metrics-test-{uuid.uuid4().hex[:8]}"
+    recorder = _recorder_class().remote(app)
+    try:
+        ray.get(recorder.record.remote())
+        url, want = metrics_url(), expected(app)
+        interval_s = max(ray._config.metrics_report_interval_ms(), 1000) / 1000
+        deadline = time.monotonic() + 3 * interval_s + 10
+        got: dict = {}
+        while time.monotonic() < deadline:
+            got = scrape(url, app)
+            if all(k in got for k in want):
+                break
+            time.sleep(0.25)
+        missing = [k for k in want if k not in got]
+        assert not missing, f"not exported from {url} within the deadline: {missing}"
+        assert {k: got[k] for k in want} == pytest.approx(want)
+        sums = {k[1]: v for k, v in got.items() if k[0] == "ray_maas_stage_latency_seconds_sum"}
+        assert sums[frozenset({"app": app, "model": "digits", "version": "1", "stage": "inference"}.items())] \
+            == pytest.approx(OK * STAGES["inference"])  # exact sum, not bucket midpoints
+    finally:
+        ray.kill(recorder)
+
+
+def test_metrics_reach_rays_prometheus_endpoint(ray_cluster):
+    run_scenario()
