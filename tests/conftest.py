@@ -18,6 +18,8 @@ TEST_ENV = {
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_DEDUP_LOGS": "1",
+    # Ray exports metrics every 10 s by default (floored at 1 s); metrics tests poll for them.
+    "RAY_metrics_report_interval_ms": "1000",
 }
 
 

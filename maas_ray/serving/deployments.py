@@ -50,6 +50,16 @@ def use_serve_logging() -> None:
     ours.propagate = False
 
 
+def app_name() -> str:
+    """The Serve application this replica belongs to (the metrics' ``app`` label)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name
+    except Exception:  # not inside a replica (unit tests, scripts)
+        return "maas"
+
+
 def replica_cpus(default: int = 1) -> int:
     """CPUs Ray assigned to this replica (rounded up): the onnxruntime thread count."""
     try:
@@ -142,7 +152,8 @@ class ModelServer:
         use_serve_logging()
         cfg = ModelConfig.model_validate(model)
         self.label = f"{cfg.name}:{version}"
-        self.metrics = ServingMetrics(app=os.environ.get("RAY_SERVE_APP_NAME", "maas"))
+        self.metrics = ServingMetrics(app=app_name(), models=[cfg.name])
+        self.metrics.start()
         self.pipeline: Optional[LocalPipeline] = None
         self.reason: Optional[str] = None
         try:
@@ -165,7 +176,6 @@ class ModelServer:
             self.pipeline.reconfigure(user_config)
 
     async def infer(self, tensors: Tensors, strict: bool) -> tuple[Tensors, Timings]:
-        self.metrics.start()
         return await self._ready().infer(tensors, strict)
 
     async def run(self, feeds: Tensors) -> Tensors:

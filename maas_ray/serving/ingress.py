@@ -33,9 +33,9 @@ from maas_ray.errors import (
 from maas_ray.registry import Manifest, Registry
 from maas_ray.serving import protocol
 from maas_ray.serving.config import AppArgs
-from maas_ray.serving.deployments import LocalPipeline, Timings, use_serve_logging
+from maas_ray.serving.deployments import LocalPipeline, Timings, app_name, use_serve_logging
 from maas_ray.serving.http import HttpApp, build_api
-from maas_ray.serving.keys import ANONYMOUS, KeyStore, Principal
+from maas_ray.serving.keys import ANONYMOUS, KeyStore, Principal, resolve_auth
 from maas_ray.serving.limits import RateLimiter
 from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.router import TrafficRouter
@@ -155,12 +155,11 @@ class Ingress:
         use_serve_logging()
         self.args = AppArgs.model_validate(args)
         self.limits = self.args.limits
-        self.metrics = ServingMetrics(app=os.environ.get("RAY_SERVE_APP_NAME", "maas"))
-        self.keys: Optional[KeyStore] = KeyStore.from_config(self.args.auth) if self.args.auth.enabled else None
-        self.rate: Optional[RateLimiter] = (
-            RateLimiter(self.limits.rate_limit_rps, self.limits.rate_limit_burst)
-            if self.limits.rate_limit_rps else None
-        )
+        self.metrics = ServingMetrics(app=app_name(), models=[m.name for m in self.args.models])
+        self.metrics.start()
+        auth = resolve_auth(self.args.auth)  # cluster nodes may switch keys on through MAAS_AUTH_*
+        self.keys: Optional[KeyStore] = KeyStore.from_config(auth) if auth.enabled else None
+        self.rate: Optional[RateLimiter] = RateLimiter.from_limits(self.limits)
         registry = Registry(self.args.registry_root)
         self.aliases: dict[str, dict[str, int]] = {}
         self.slots: dict[str, dict[int, VersionSlot]] = {}
@@ -259,7 +258,6 @@ class Ingress:
         tasks = [self._poll_remote_versions()]
         if self.keys is not None:
             tasks.append(self.keys.refresh_forever())
-        self.metrics.start()
         self._background = loop.create_task(asyncio.gather(*tasks))
 
     async def check_health(self) -> None:

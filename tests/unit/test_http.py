@@ -158,7 +158,7 @@ def test_body_limit_from_content_length_and_while_reading_chunks(app):
 
     r = request(app, "POST", "/v2/models/m/infer", content=chunks())
     assert r.status_code == 413
-    r = request(app, "POST", "/v2/models/m/infer", content=V2, headers={"content-length": "²"})
+    r = request(app, "POST", "/v2/models/m/infer", content=V2, headers={"content-length": "²".encode()})
     assert r.status_code == 400
     assert app.ingress.calls == []
 
