@@ -15,14 +15,22 @@ from maas_ray.registry.manifest import check_name
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from maas_ray.serving.keys import AUTH_KEYS_FILE_ENV, KeyEntry, generate_key, hash_key, read_key_file, write_key_file
+    from maas_ray.serving.keys import (
+        AUTH_KEYS_FILE_ENV,
+        KeyEntry,
+        generate_key,
+        hash_key,
+        read_key_file,
+        write_key_file,
+    )
 
     uri = args.file or os.environ.get(AUTH_KEYS_FILE_ENV)
     if not uri:
         raise ConfigError(f"no key file: pass --file PATH_OR_URI or set ${AUTH_KEYS_FILE_ENV}")
     if args.keys_cmd == "create":
         try:
-            models = ["*"] if args.all_models else [check_name("model", m.strip()) for m in args.models.split(",") if m.strip()]
+            names = [] if args.all_models else [m.strip() for m in args.models.split(",") if m.strip()]
+            models = ["*"] if args.all_models else [check_name("model", m) for m in names]
         except ValueError as exc:  # check_name's message names the bad value
             raise ConfigError(f"--models: {exc}") from exc
         if not models:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import os
 import secrets
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from maas_ray.errors import ConfigError, PermissionDeniedError, UnauthenticatedError, format_validation_error
+from maas_ray.errors import ConfigError, PermissionDeniedError, UnauthenticatedError
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -100,12 +99,10 @@ def extract_key(headers: Mapping[str, str]) -> Optional[str]:
     A malformed header (another scheme, no token, spaces in the token) gives None, which
     authenticates as a missing key (401) rather than an error that could echo the header.
     """
-    auth = headers.get("authorization")
-    if auth is not None:
-        parts = auth.split()
-        if len(parts) == 2 and parts[0].lower() == "bearer":
-            return parts[1]
-        return None
+    parts = headers.get("authorization", "").split()
+    if len(parts) == 2 and parts[0].lower() == "bearer":
+        return parts[1]
+    # another scheme may come from a proxy in front (e.g. Basic): look for x-api-key then
     key = headers.get("x-api-key")
     if key is not None:
         key = key.strip()
@@ -176,8 +173,12 @@ class KeyFile(BaseModel):
         try:
             return cls.model_validate_json(raw)
         except ValidationError as exc:
-            # the errors quote field values; the file holds only hashes, never keys
-            raise ConfigError(format_validation_error(exc, f"key file {source}")) from exc
+            # Field path and reason only, never the values: a hand-edited file could hold a
+            # plaintext key (e.g. in an unknown "key" field), and this message gets logged.
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+            )
+            raise ConfigError(f"key file {source}: {problems}") from exc
 
     def dumps(self) -> bytes:
         return (self.model_dump_json(indent=2) + "\n").encode()

@@ -161,6 +161,8 @@ def test_scopes():
         ({"authorization": "bearer   mk_a_b  "}, "mk_a_b"),
         ({"x-api-key": " mk_a_b "}, "mk_a_b"),
         ({"authorization": "Basic dXNlcjpwYXNz"}, None),
+        ({"authorization": "Basic dXNlcjpwYXNz", "x-api-key": "mk_a_b"}, "mk_a_b"),
+        ({"authorization": "Bearer mk_c_d", "x-api-key": "mk_a_b"}, "mk_c_d"),
         ({"authorization": "Bearer"}, None),
         ({"authorization": "Bearer a b"}, None),
         ({"x-api-key": ""}, None),
@@ -189,6 +191,7 @@ def test_bad_files_are_config_errors_naming_the_file(tmp_path, content, message)
     with pytest.raises(ConfigError, match=message) as info:
         _store(path)
     assert str(path) in str(info.value)
+    assert "mk_abcd1234_s" not in str(info.value)  # values are never echoed: one may be a key
 
 
 def test_missing_file_and_missing_env_are_config_errors(tmp_path, monkeypatch):
