@@ -18,6 +18,7 @@ from maas_ray.registry import Registry
 from maas_ray.serving.config import AppArgs, ModelConfig
 from maas_ray.serving.deployments import ModelServer, PostprocessServer, PreprocessServer
 from maas_ray.serving.ingress import Ingress
+from maas_ray.serving.keys import KeyStore, resolve_auth
 from maas_ray.serving.processors import POSTPROCESSORS, PREPROCESSORS
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
     """Build the Serve application for ``args`` (a dict from YAML, or AppArgs)."""
     args = parse_args(args)
     resolved = _check_against_registry(args)
+    auth = resolve_auth(args.auth)  # cluster nodes switch keys on through MAAS_AUTH_*
+    if auth.enabled:
+        KeyStore.from_config(auth)  # an unreadable or malformed key file fails the build, not a replica
     routes = {m.name: {v: _version_routes(args, m, v) for v in resolved[m.name]} for m in args.models}
     user_config = {
         "traffic": {m.name: {str(n): v.weight for n, v in zip(resolved[m.name], m.versions)} for m in args.models},

@@ -188,7 +188,7 @@ class Ingress:
             self.weights[m.name] = {self.aliases[m.name][str(v.version)]: v.weight for v in m.versions}
             self._rebuild_router(m.name)
         self.key_header = self.args.request_key_header.lower()
-        self._background: Optional[asyncio.Task] = None
+        self._background: list[asyncio.Task] = []
 
     # ---- version states -------------------------------------------------------------
     def _settle(self, model: str, slot: VersionSlot, info: dict[str, Any]) -> None:
@@ -252,21 +252,23 @@ class Ingress:
 
     def _ensure_background(self) -> None:
         """Start the background loops on the replica's event loop (the constructor has none)."""
-        if self._background is not None:
+        if self._background:
             return
         loop = asyncio.get_running_loop()
-        tasks = [self._poll_remote_versions()]
+        self._background = [loop.create_task(self._poll_remote_versions())]
         if self.keys is not None:
-            tasks.append(self.keys.refresh_forever())
-        self._background = loop.create_task(asyncio.gather(*tasks))
+            self._background.append(loop.create_task(self.keys.refresh_forever()))
 
     async def check_health(self) -> None:
         """Serve calls this periodically on the user-code loop: keep the background loops alive."""
+        for task in self._background:
+            if task.done():
+                logger.error("a background loop stopped (%r); restarting them", task)
+                for other in self._background:
+                    other.cancel()
+                self._background = []
+                break
         self._ensure_background()
-        if self._background.done() and not self._background.cancelled() and self._background.exception():
-            logger.error("background loop died: %r; restarting it", self._background.exception())
-            self._background = None
-            self._ensure_background()
 
     # ---- traffic --------------------------------------------------------------------
     def reconfigure(self, user_config: dict[str, Any]) -> None:
