@@ -246,6 +246,23 @@ def build_api(ingress: "Ingress") -> FastAPI:
     async def predict_v1(model: str, body: PredictRequest) -> dict:  # pragma: no cover
         raise MethodNotAllowedError("served by the lean path")
 
+    def openapi() -> dict:
+        """FastAPI's document, with the served model names as the ``model`` parameter's enum
+        (clients and fuzzers then reach real models; other names still get a JSON 404)."""
+        if api.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+            models = sorted(ingress.slots)
+            for item in doc["paths"].values():
+                for op in item.values():
+                    for param in op.get("parameters", []):
+                        if param.get("in") == "path" and param.get("name") == "model":
+                            param["schema"] = {"type": "string", "enum": models, "title": "Model"}
+            api.openapi_schema = doc
+        return api.openapi_schema
+
+    api.openapi = openapi
     return api
 
 

@@ -35,6 +35,7 @@ class FakeMetrics:
 
 class FakeIngress:
     key_header = "x-request-key"
+    slots = {"m": {}, "slow": {}}
 
     def __init__(self, limits=None):
         self.limits = limits or Limits(max_body_bytes=2048, request_timeout_s=0.5)
@@ -200,3 +201,5 @@ def test_openapi_documents_the_whole_surface_including_infer_routes(app):
         assert path in spec["paths"], path
     infer = spec["paths"]["/v2/models/{model}/infer"]["post"]
     assert {"400", "401", "413", "429", "503", "504"} <= set(infer["responses"])
+    model = next(p for p in infer["parameters"] if p["name"] == "model")
+    assert model["schema"]["enum"] == ["m", "slow"]  # the served models
