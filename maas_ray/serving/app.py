@@ -107,6 +107,8 @@ def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
     user_config = {
         "traffic": {m.name: {str(n): v.weight for n, v in zip(resolved[m.name], m.versions)} for m in args.models},
         "batching": {m.name: m.batching.model_dump() for m in args.models if m.placement == "ingress"},
+        "shadow": {m.name: {"version": str(m.shadow.version), "share": m.shadow.share}
+                   for m in args.models if m.shadow is not None},
     }
     ingress_defaults = DEFAULTS["ingress"]
     if any(m.placement == "ingress" for m in args.models):  # the ingress runs the models too

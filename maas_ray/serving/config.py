@@ -80,6 +80,15 @@ class BatchingConfig(BaseModel):
     )
 
 
+class ShadowConfig(BaseModel):
+    """Mirror a share of the model's live traffic to a candidate version (answers discarded)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Union[int, str] = Field(description="The candidate: a version number or alias listed in `versions`.")
+    share: float = Field(default=1.0, ge=0.0, le=1.0, description="Share of requests mirrored, 0..1.")
+
+
 class VersionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -105,6 +114,9 @@ class ModelConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="onnxruntime provider choice.")
     intra_op_threads: Optional[int] = Field(default=None, ge=1, description="Default: the replica's num_cpus.")
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    shadow: Optional[ShadowConfig] = Field(
+        default=None, description="Mirror traffic to a candidate (changes live through the Ingress user_config)."
+    )
     inference: DeploymentOptions = Field(default_factory=DeploymentOptions)
     preprocess: DeploymentOptions = Field(default_factory=DeploymentOptions)
     postprocess: DeploymentOptions = Field(default_factory=DeploymentOptions)
@@ -135,6 +147,11 @@ class ModelConfig(BaseModel):
         refs = [str(v.version) for v in self.versions]
         if len(set(refs)) != len(refs):
             raise ValueError(f"model {self.name!r}: versions listed twice: {refs}")
+        if self.shadow is not None and str(self.shadow.version) not in refs:
+            raise ValueError(
+                f"model {self.name!r}: shadow.version {self.shadow.version!r} is not in versions {refs} "
+                "(list it with weight 0 to deploy it without live traffic)"
+            )
         return self
 
 

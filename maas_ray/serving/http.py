@@ -348,6 +348,8 @@ class HttpApp:
             extra.append((protocol.BINARY_HEADER.encode(), str(header_length).encode()))
             await _send(send, 200, payload, extra, content_type=_OCTETS)
         ingress.metrics.request_finished(model, number, route, 200, None, time.perf_counter() - start, stages)
+        if result.after_response is not None:  # the shadow call starts once the caller has its answer
+            result.after_response()
 
     async def _read_body(self, headers: dict[str, str], receive: Callable) -> Optional[bytes]:
         """The body, or None if the client disconnected; 413 before reading when Content-Length

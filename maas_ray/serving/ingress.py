@@ -39,6 +39,7 @@ from maas_ray.serving.keys import ANONYMOUS, KeyStore, Principal, resolve_auth
 from maas_ray.serving.limits import RateLimiter
 from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.router import TrafficRouter
+from maas_ray.serving.shadow import ShadowMirror, parse_shadow
 
 logger = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
@@ -135,11 +136,16 @@ class VersionSlot:
 
 @dataclass
 class InferResult:
-    """What :meth:`Ingress.infer` hands back to the protocol that called it."""
+    """What :meth:`Ingress.infer` hands back to the protocol that called it.
+
+    ``after_response``: call it once the response is written (starts the shadow call, if
+    this request is mirrored; None otherwise).
+    """
 
     version: int
     outputs: Tensors
     stages: Timings
+    after_response: Optional[Callable[[], None]] = None
 
 
 @serve.ingress()  # the app is built per replica by __serve_build_asgi_app__
@@ -187,6 +193,7 @@ class Ingress:
                     self._fail(m.name, slot, exc)
             self.weights[m.name] = {self.aliases[m.name][str(v.version)]: v.weight for v in m.versions}
             self._rebuild_router(m.name)
+        self.shadow = ShadowMirror(self._shadow_call, self.metrics)
         self.key_header = self.args.request_key_header.lower()
         self._background: list[asyncio.Task] = []
 
@@ -292,6 +299,14 @@ class Ingress:
             self.weights[model] = parsed
             self._rebuild_router(model)
             logger.info("traffic for %s is now %s", model, parsed)
+        for model, target in (user_config.get("shadow") or {}).items():
+            slots = self._slots(model)
+            parsed_target = parse_shadow(model, target, lambda ref: self._resolve(model, ref), set(slots))
+            if parsed_target is None:
+                self.shadow.targets.pop(model, None)
+            else:
+                self.shadow.targets[model] = parsed_target
+            logger.info("shadow for %s is now %s", model, parsed_target)
         for model, batching in (user_config.get("batching") or {}).items():
             for slot in self._slots(model).values():
                 if slot.route is not None and slot.route.local is not None:
@@ -368,7 +383,14 @@ class Ingress:
         decode_s = time.perf_counter() - t0
         outputs, stages = await slot.route.infer(tensors, strict)
         stages = {**stages, "decode": decode_s + stages.get("decode", 0.0)}
-        return InferResult(slot.number, outputs, stages), request
+        mirror = self.shadow.plan(model, slot.number, tensors, outputs, strict)
+        return InferResult(slot.number, outputs, stages, mirror), request
+
+    async def _shadow_call(self, model: str, version: int, tensors: Tensors, strict: bool) -> Tensors:
+        slot = self.slots[model][version]
+        slot.require_ready(model)
+        outputs, _ = await slot.route.infer(tensors, strict)
+        return outputs
 
     # ---- Python handle API ----------------------------------------------------------
     async def predict(
@@ -391,7 +413,10 @@ class Ingress:
 
             result, _ = await self.infer(model, None if version is None else str(version), key, decode, False)
             number = result.version
-            return protocol.v2_response(model, result.version, result.outputs)
+            response = protocol.v2_response(model, result.version, result.outputs)
+            if result.after_response is not None:
+                result.after_response()
+            return response
         except MaasError as exc:
             status, error = exc.status_code, type(exc).__name__
             raise

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Optional
 logger = logging.getLogger(__name__)
 
 STAGES = ("decode", "queue", "inference", "encode")  # decode = decode + preprocess; encode = postprocess + encode
-PROTOCOLS = ("http_v2", "http_v1", "grpc", "handle")
+PROTOCOLS = ("http_v2", "http_v1", "grpc", "handle", "shadow")  # shadow: mirrored calls to a candidate
 VERSION_STATES = ("ready", "failed", "loading")
 # The model label of requests for models the app does not serve: the name comes from the URL,
 # so labelling it as sent would let any client create series without bound. Registry names
@@ -54,6 +54,8 @@ LATENCY_BUCKETS = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
 BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
+# Largest |primary - candidate| over a mirrored request's float outputs.
+DIFF_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
 
 # Names as recorded through ray.util.metrics; Ray exports each as "ray_" + name (+ "_total"
 # for counters). Histograms: the three gauges <name>_bucket / _sum / _count.
@@ -64,9 +66,15 @@ STAGE_LATENCY = "maas_stage_latency_seconds"
 BATCH_SIZE = "maas_batch_size"
 IN_FLIGHT = "maas_requests_in_flight"
 VERSION_STATE = "maas_version_state"
+SHADOW_COMPARED = "maas_shadow_compared_items"
+SHADOW_AGREED = "maas_shadow_agreed_items"
+SHADOW_DROPPED = "maas_shadow_dropped"
+SHADOW_DIFF = "maas_shadow_max_abs_diff"
 EXPORTED_NAMES = frozenset(
     {f"ray_{REQUESTS}_total", f"ray_{ERRORS}_total", f"ray_{IN_FLIGHT}", f"ray_{VERSION_STATE}"}
-    | {f"ray_{h}_{part}" for h in (REQUEST_LATENCY, STAGE_LATENCY, BATCH_SIZE) for part in ("bucket", "sum", "count")}
+    | {f"ray_{c}_total" for c in (SHADOW_COMPARED, SHADOW_AGREED, SHADOW_DROPPED)}
+    | {f"ray_{h}_{part}" for h in (REQUEST_LATENCY, STAGE_LATENCY, BATCH_SIZE, SHADOW_DIFF)
+       for part in ("bucket", "sum", "count")}
 )
 
 
@@ -134,6 +142,18 @@ class _RayMetrics:
             module, BATCH_SIZE, "Items per inference batch", ("app", "model", "version"), BATCH_BUCKETS)
         self.in_flight = module.Gauge(
             IN_FLIGHT, description="Requests in progress in this replica.", tag_keys=("app", "model"))
+        shadow_tags = ("app", "model", "version")
+        self.shadow_compared = module.Counter(
+            SHADOW_COMPARED, description="Mirrored items whose top-1 label was compared with the primary's.",
+            tag_keys=shadow_tags)
+        self.shadow_agreed = module.Counter(
+            SHADOW_AGREED, description="Mirrored items whose top-1 label equals the primary's.", tag_keys=shadow_tags)
+        self.shadow_dropped = module.Counter(
+            SHADOW_DROPPED, description="Requests not mirrored because the shadow calls in flight were at the bound.",
+            tag_keys=shadow_tags)
+        self.shadow_diff = _GaugeHistogram(
+            module, SHADOW_DIFF, "Largest absolute difference between primary and candidate float outputs",
+            shadow_tags, DIFF_BUCKETS)
         self.version_state = module.Gauge(
             VERSION_STATE, description="1 for a version's current state (ready, failed, loading), 0 for the others.",
             tag_keys=("app", "model", "version", "state"))
@@ -177,6 +197,8 @@ class ServingMetrics:
         self._stages: dict[tuple, _Hist] = {}  # (model, version, stage)
         self._batches: dict[tuple, _Hist] = {}  # (model, version)
         self._states: dict[tuple, str] = {}  # (model, version) -> state
+        self._shadow: dict[tuple, list[int]] = {}  # (model, version) -> [compared, agreed, dropped]
+        self._shadow_diff: dict[tuple, _Hist] = {}  # (model, version)
         self._dirty: set[tuple] = set()  # ("latency"|"stage"|"batch", key) changed since the last flush
         # Flush-side state: what Ray has been told (counters get deltas) and the last snapshots.
         self._sent: dict[tuple, int] = {}
@@ -236,6 +258,25 @@ class ServingMetrics:
             hist.observe(size)
             self._dirty.add(("batch", key))
 
+    def shadow(self, model: str, version: int, *, compared: int, agreed: int, max_abs_diff: Optional[float]) -> None:
+        """One mirrored request's agreement with the primary (see maas_ray.serving.shadow)."""
+        key = (model, version)
+        with self._lock:
+            counts = self._shadow.setdefault(key, [0, 0, 0])
+            counts[0] += compared
+            counts[1] += agreed
+            if max_abs_diff is not None:
+                hist = self._shadow_diff.get(key)
+                if hist is None:
+                    hist = self._shadow_diff[key] = _Hist(DIFF_BUCKETS)
+                hist.observe(max_abs_diff)
+                self._dirty.add(("shadow_diff", key))
+
+    def shadow_dropped(self, model: str, version: int) -> None:
+        key = (model, version)
+        with self._lock:
+            self._shadow.setdefault(key, [0, 0, 0])[2] += 1
+
     def version_state(self, model: str, version: int, state: str) -> None:
         if state not in VERSION_STATES:
             raise ValueError(f"state must be one of {VERSION_STATES}, got {state!r}")
@@ -286,11 +327,14 @@ class ServingMetrics:
                 requests = dict(self._requests)
                 errors = dict(self._errors)
                 states = dict(self._states)
-                sources = {"latency": self._latency, "stage": self._stages, "batch": self._batches}
+                shadow = {k: list(v) for k, v in self._shadow.items()}
+                sources = {"latency": self._latency, "stage": self._stages, "batch": self._batches,
+                           "shadow_diff": self._shadow_diff}
                 for kind, key in self._dirty:
                     self._snapshots[(kind, key)] = sources[kind][key].snapshot()
                 self._dirty.clear()
             self._export(in_flight, requests, errors, states)
+            self._export_shadow(shadow)
 
     def _export(self, in_flight: dict, requests: dict, errors: dict, states: dict) -> None:
         r = self._ray
@@ -305,6 +349,8 @@ class ServingMetrics:
                 r.latency.set(self._tag(("latency", key), self._request_tags, key), snapshot)
             elif kind == "stage":
                 r.stage_latency.set(self._tag(("stage", key), self._stage_tags, key), snapshot)
+            elif kind == "shadow_diff":
+                r.shadow_diff.set(self._tag(("shadow_diff", key), self._batch_tags, key), snapshot)
             else:
                 r.batch_size.set(self._tag(("batch", key), self._batch_tags, key), snapshot)
         for model, n in in_flight.items():
@@ -313,6 +359,14 @@ class ServingMetrics:
             for state in VERSION_STATES:
                 tags = {"app": self.app, "model": model, "version": _version_label(version), "state": state}
                 r.version_state.set(1 if state == current else 0, tags)
+
+    def _export_shadow(self, shadow: dict) -> None:
+        r = self._ray
+        assert r is not None
+        for key, (compared, agreed, dropped) in shadow.items():
+            self._inc(r.shadow_compared, ("shadow_compared", key), compared, self._batch_tags, key)
+            self._inc(r.shadow_agreed, ("shadow_agreed", key), agreed, self._batch_tags, key)
+            self._inc(r.shadow_dropped, ("shadow_dropped", key), dropped, self._batch_tags, key)
 
     def _inc(self, counter: Any, sent_key: tuple, total: int, make_tags: Any, key: tuple) -> None:
         delta = total - self._sent.get(sent_key, 0)

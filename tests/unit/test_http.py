@@ -59,7 +59,7 @@ class FakeIngress:
         request = decode(SCHEMA)
         tensors = request if isinstance(request, dict) else request.tensors
         y = tensors["input"].sum(axis=1)
-        return SimpleNamespace(version=3, outputs={"y": y}, stages={"inference": 0.001}), request
+        return SimpleNamespace(version=3, outputs={"y": y}, stages={"inference": 0.001}, after_response=None), request
 
     async def metadata(self, model, version):
         if model == "missing":

@@ -68,8 +68,9 @@ def test_no_ray_calls_before_flush(fake):
     sm.flush()
     assert set(FakeMetric.registry) == {
         "maas_requests", "maas_errors", "maas_requests_in_flight", "maas_version_state",
-        *(f"{h}_{p}" for h in ("maas_request_latency_seconds", "maas_stage_latency_seconds", "maas_batch_size")
-          for p in ("bucket", "sum", "count")),
+        "maas_shadow_compared_items", "maas_shadow_agreed_items", "maas_shadow_dropped",
+        *(f"{h}_{p}" for h in ("maas_request_latency_seconds", "maas_stage_latency_seconds", "maas_batch_size",
+                               "maas_shadow_max_abs_diff") for p in ("bucket", "sum", "count")),
     }
 
 
@@ -248,3 +249,17 @@ def test_prometheus_config_uses_rays_service_discovery_file():
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     ray_jobs = [j for j in config["scrape_configs"] if j["job_name"] == "ray"]
     assert ray_jobs[0]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
+
+
+def test_shadow_agreement_drops_and_differences(fake):
+    sm = ServingMetrics("app", models=["digits"], metrics_module=fake)
+    sm.shadow("digits", 2, compared=4, agreed=3, max_abs_diff=0.02)
+    sm.shadow("digits", 2, compared=1, agreed=1, max_abs_diff=None)
+    sm.shadow_dropped("digits", 2)
+    sm.flush()
+    tags = {"app": "app", "model": "digits", "version": "2"}
+    assert value("maas_shadow_compared_items", **tags) == 5 and value("maas_shadow_agreed_items", **tags) == 4
+    assert value("maas_shadow_dropped", **tags) == 1
+    assert value("maas_shadow_max_abs_diff_count", **tags) == 1
+    assert value("maas_shadow_max_abs_diff_bucket", **tags, le="0.1") == 1
+    assert value("maas_shadow_max_abs_diff_bucket", **tags, le="0.01") == 0
