@@ -105,7 +105,8 @@ def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
         KeyStore.from_config(auth)  # an unreadable or malformed key file fails the build, not a replica
     routes = {m.name: {v: _version_routes(args, m, v) for v in resolved[m.name]} for m in args.models}
     user_config = {
-        "traffic": {m.name: {str(n): v.weight for n, v in zip(resolved[m.name], m.versions)} for m in args.models},
+        # references as configured (aliases stay aliases: the ingress follows them when they move)
+        "traffic": {m.name: {str(v.version): v.weight for v in m.versions} for m in args.models},
         "batching": {m.name: m.batching.model_dump() for m in args.models if m.placement == "ingress"},
         "shadow": {m.name: {"version": str(m.shadow.version), "share": m.shadow.share}
                    for m in args.models if m.shadow is not None},

@@ -230,6 +230,11 @@ class AppArgs(BaseModel):
     ingress: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Ingress deployment options.")
     request_key_header: str = Field(default="x-request-key", description="Header that makes the split sticky.")
     limits: Limits = Field(default_factory=Limits, description="Request size, time and rate limits.")
+    alias_poll_interval_s: float = Field(
+        default=2.0, gt=0,
+        description="How often replicas re-read the registry aliases that versions are given by; traffic "
+        "follows a moved alias once the version it names is loaded (ingress placement loads it in process).",
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and scopes.")
 
     @model_validator(mode="after")

@@ -172,6 +172,8 @@ class Ingress:
         self.weights: dict[str, dict[int, float]] = {}
         self.routers: dict[str, Optional[TrafficRouter]] = {}
         self.loading: dict[str, bool] = {}  # model -> has a version still loading (checked per request)
+        self.refs: dict[str, dict[str, float]] = {}  # model -> configured version reference -> weight
+        self.registry = registry
         for m in self.args.models:
             self.aliases[m.name] = resolved[m.name]
             self.slots[m.name] = {}
@@ -191,7 +193,8 @@ class Ingress:
                         slot.route = _Route(handles=handles)
                 except Exception as exc:  # one bad version must not take the others down
                     self._fail(m.name, slot, exc)
-            self.weights[m.name] = {self.aliases[m.name][str(v.version)]: v.weight for v in m.versions}
+            self.refs[m.name] = {str(v.version): v.weight for v in m.versions}
+            self.weights[m.name] = self._weights_from_refs(m.name)
             self._rebuild_router(m.name)
         self.shadow = ShadowMirror(self._shadow_call, self.metrics)
         self.key_header = self.args.request_key_header.lower()
@@ -257,12 +260,70 @@ class Ingress:
         if changed:
             self._rebuild_router(model)
 
+    def _weights_from_refs(self, model: str) -> dict[int, float]:
+        """Weights per version number from the weights per configured reference (two aliases on
+        one version add up)."""
+        weights: dict[int, float] = {}
+        for ref, weight in self.refs[model].items():
+            number = self._resolve(model, ref)
+            weights[number] = weights.get(number, 0.0) + weight
+        return weights
+
+    async def _follow_aliases(self) -> None:
+        """Re-read the registry's aliases; when one this app routes by moves, load the version it
+        now names (in process, for ``ingress`` placement) and only then move its traffic."""
+        placements = {m.name: m for m in self.args.models}
+        while True:
+            await asyncio.sleep(self.args.alias_poll_interval_s)
+            for model, mapping in self.aliases.items():
+                alias_refs = [r for r in self.refs[model] if not r.isdigit()]
+                if not alias_refs:
+                    continue
+                try:
+                    current = await asyncio.to_thread(self.registry.aliases, model)
+                except Exception as exc:  # registry unreachable: keep routing as before
+                    logger.warning("reading %s's aliases failed: %r", model, exc)
+                    continue
+                for ref in alias_refs:
+                    target = current.get(ref)
+                    if target is None or target == mapping.get(ref):
+                        continue
+                    if target not in self.slots[model]:
+                        if placements[model].placement != "ingress":
+                            logger.warning("%s alias %r moved to %d, which this app does not deploy (placement %s):"
+                                           " rebuild the app to follow it", model, ref, target,
+                                           placements[model].placement)
+                            continue
+                        await self._load_local(placements[model], target)
+                    if self.slots[model][target].state != "ready":
+                        logger.warning("%s alias %r moved to %d, which is %s: traffic stays on %d", model, ref,
+                                       target, self.slots[model][target].state, mapping.get(ref))
+                        continue
+                    logger.info("%s alias %r moved %s -> %d: traffic follows", model, ref, mapping.get(ref), target)
+                    mapping[ref] = target
+                    self.weights[model] = self._weights_from_refs(model)
+                    self._rebuild_router(model)
+
+    async def _load_local(self, m: Any, number: int) -> None:
+        """Load one more version into this replica (off the event loop) as a new slot."""
+        slot = VersionSlot(number, manifest=None)
+        try:
+            slot.manifest = await asyncio.to_thread(self.registry.describe, m.name, number)
+            pipeline = await asyncio.to_thread(
+                LocalPipeline, self.args.registry_root, m, number, limits=self.limits, metrics=self.metrics)
+            slot.route = _Route(local=pipeline)
+            self._settle(m.name, slot, pipeline.describe())
+        except Exception as exc:
+            self._fail(m.name, slot, exc)
+        self.slots[m.name][number] = slot
+        self.weights[m.name].setdefault(number, 0.0)
+
     def _ensure_background(self) -> None:
         """Start the background loops on the replica's event loop (the constructor has none)."""
         if self._background:
             return
         loop = asyncio.get_running_loop()
-        self._background = [loop.create_task(self._poll_remote_versions())]
+        self._background = [loop.create_task(self._poll_remote_versions()), loop.create_task(self._follow_aliases())]
         if self.keys is not None:
             self._background.append(loop.create_task(self.keys.refresh_forever()))
 
@@ -296,7 +357,8 @@ class Ingress:
                 parsed[number] = float(weight)
             if sum(parsed.values()) <= 0:
                 raise ConfigError(f"user_config.traffic.{model}: all weights are 0: {weights}")
-            self.weights[model] = parsed
+            self.refs[model] = {str(ref): float(weight) for ref, weight in weights.items()}
+            self.weights[model] = self._weights_from_refs(model)
             self._rebuild_router(model)
             logger.info("traffic for %s is now %s", model, parsed)
         for model, target in (user_config.get("shadow") or {}).items():
