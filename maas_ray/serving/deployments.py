@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from maas_ray.registry import Registry
+from maas_ray.registry import ONNX_EXTERNAL_DATA, LoadedModel, Registry
 from maas_ray.serving.config import BatchingConfig, ModelConfig
 from maas_ray.serving.processors import make_postprocessor, make_preprocessor
 from maas_ray.serving.runner import BatchedRunner, OnnxRunner
@@ -38,8 +38,16 @@ def replica_cpus(default: int = 1) -> int:
     return max(1, math.ceil(cpus)) if cpus else default
 
 
-def load_batched_runner(registry_root: Optional[str], model: ModelConfig, version: int) -> BatchedRunner:
-    loaded = Registry(registry_root).load(model.name, version)  # checksum verified
+# Extra files a serving replica does not read: torch weights are for fine-tuning only.
+SKIP_ROLES = ("weights",)
+# ...and preprocessors get neither the weights nor ONNX external data.
+PROCESSOR_SKIP_ROLES = ("weights", ONNX_EXTERNAL_DATA)
+
+
+def load_batched_runner(
+    registry_root: Optional[str], model: ModelConfig, version: int, loaded: Optional[LoadedModel] = None
+) -> BatchedRunner:
+    loaded = loaded or Registry(registry_root).load(model.name, version, skip_roles=SKIP_ROLES)  # checksums verified
     runner = OnnxRunner(
         loaded.manifest,
         loaded.model_bytes,
@@ -50,13 +58,19 @@ def load_batched_runner(registry_root: Optional[str], model: ModelConfig, versio
     return BatchedRunner(runner, model.batching)
 
 
+def _processor_files(loaded: LoadedModel) -> dict[str, bytes]:
+    roles = {n: e.role for n, e in loaded.manifest.files.items()}
+    return {n: b for n, b in loaded.files.items() if roles.get(n) not in PROCESSOR_SKIP_ROLES}
+
+
 class LocalPipeline:
     """pre -> batched inference -> post, all in this process."""
 
     def __init__(self, registry_root: Optional[str], model: ModelConfig, version: int) -> None:
-        self.batched = load_batched_runner(registry_root, model, version)
+        loaded = Registry(registry_root).load(model.name, version, skip_roles=SKIP_ROLES)
+        self.batched = load_batched_runner(registry_root, model, version, loaded)
         manifest = self.batched.runner.manifest
-        self.pre = make_preprocessor(manifest, model.preprocessor)
+        self.pre = make_preprocessor(manifest, model.preprocessor, files=_processor_files(loaded))
         self.post = make_postprocessor(manifest, model.postprocessor)
 
     @property
@@ -99,7 +113,13 @@ class PreprocessServer:
 
     def __init__(self, registry_root: Optional[str], model: dict[str, Any], version: int) -> None:
         cfg = ModelConfig.model_validate(model)
-        self.pre = make_preprocessor(Registry(registry_root).describe(cfg.name, version), cfg.preprocessor)
+        reg = Registry(registry_root)
+        manifest = reg.describe(cfg.name, version)
+        files = {
+            n: reg.read_file(cfg.name, version, n)
+            for n, e in manifest.files.items() if e.role not in PROCESSOR_SKIP_ROLES
+        }
+        self.pre = make_preprocessor(manifest, cfg.preprocessor, files=files)
 
     def __call__(self, tensors: Tensors, strict: bool) -> Tensors:
         return self.pre(tensors, strict_dtypes=strict)

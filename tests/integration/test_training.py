@@ -12,7 +12,7 @@ import pytest
 from maas_ray.registry import Registry
 from maas_ray.runtime import create_session
 from maas_ray.train import TrainConfig, train_and_publish
-from maas_ray.train.data import load_dataset
+from maas_ray.train.data import load_splits
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,10 +29,14 @@ def test_ddp_training_exports_passes_parity_and_publishes(trained, registry_root
 
     # the published artifact itself classifies the held-out split as reported
     loaded = Registry(registry_root).load("digits", 1)
-    ds = load_dataset("digits", test_fraction=0.2, seed=0)
+    ds = load_splits("digits", val_fraction=0.1, test_fraction=0.2, seed=0)
     session = create_session(loaded.model_bytes, device="cpu")
     logits = session.run(None, {"input": ds.x_test})[0]
     assert np.isclose((logits.argmax(1) == ds.y_test).mean(), first.test_accuracy, atol=1e-6)
+    # the chosen checkpoint is the best on validation, and the manifest records the data
+    assert first.val_accuracy == max(h["val_accuracy"] for h in first.history)
+    assert m.dataset["rows"] == {"train": 1258, "validation": 180, "test": 359}
+    assert sorted(m.files) == ["model_spec.json", "weights.safetensors"]
 
 
 def test_fine_tune_records_parent(trained):
