@@ -61,11 +61,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.load(args.config, **_flag_values(args, TrainConfig))
     # Per-epoch reports wait for the controller's poll (2 s by default); workers inherit this.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    ray.init(address=args.address, **ray_console_options(args.verbose))
     try:
-        report = train_and_publish(cfg, _registry(args), on_epoch=lambda m: print(format_epoch(m), flush=True))
+        # Ray starts only once the spec and the data passed their checks.
+        report = train_and_publish(
+            cfg, _registry(args), on_epoch=lambda m: print(format_epoch(m), flush=True),
+            ray_init={"address": args.address, **ray_console_options(args.verbose)},
+        )
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
     m = report.manifest
     print(
         f"published {m.model}:{m.version}  val_accuracy={report.val_accuracy:.4f} (epoch {report.best_epoch + 1})  "
@@ -116,7 +120,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from maas_ray.cli.quickstart import run_quickstart
 
-    return run_quickstart(registry_root=args.registry, epochs=args.epochs, model=args.model, verbose=args.verbose)
+    return run_quickstart(registry_root=args.registry, epochs=args.epochs, model=args.model, verbose=args.verbose, port=args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=["digits", "cnn", "text"], default="digits",
                    help="digits (MLP, the default), cnn (digit images, served from PNG) or text (transformer, raw text).")
     p.add_argument("--epochs", type=int, default=None, help="Default: the model's training YAML.")
+    p.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (the app YAML says 8000).")
     p.set_defaults(func=cmd_quickstart)
     return parser
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import yaml
 
 from maas_ray.registry import Registry, default_root
 
@@ -107,7 +108,11 @@ QUERIES = {"digits": _query_digits, "cnn": _query_cnn, "text": _query_text}
 
 
 def run_quickstart(
-    registry_root: Optional[str] = None, epochs: Optional[int] = None, model: str = "digits", verbose: bool = False
+    registry_root: Optional[str] = None,
+    epochs: Optional[int] = None,
+    model: str = "digits",
+    verbose: bool = False,
+    port: int = 8000,
 ) -> int:
     import ray
     from ray import serve
@@ -145,10 +150,15 @@ def run_quickstart(
               f"test_accuracy={second.test_accuracy:.4f} -> alias candidate")
 
         print(f"[3/4] serving {app_config.relative_to(REPO)}: production 90% / candidate 10%")
-        deploy(app_config)
-        QUERIES[model]("http://127.0.0.1:8000")
+        app = yaml.safe_load(app_config.read_text())
+        app["http_options"]["port"] = port
+        deploy(app)
+        QUERIES[model](f"http://127.0.0.1:{port}")
         print(f"done in {time.perf_counter() - t0:.0f}s. Keep it running with: serve run {app_config.relative_to(REPO)}")
     finally:
-        serve.shutdown()
+        if os.environ.get("RAY_ADDRESS"):  # a cluster we joined: leave it without our app
+            serve.shutdown()
+        # A local Ray we started goes down whole; serve.shutdown() first would only add the
+        # controller's shutdown-retry lines to the console.
         ray.shutdown()
     return 0

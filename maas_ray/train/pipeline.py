@@ -147,11 +147,13 @@ def train_and_publish(
     registry: Optional[Registry] = None,
     *,
     on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
+    ray_init: Optional[dict[str, Any]] = None,
 ) -> TrainReport:
     """Run DDP training on the connected Ray cluster (started locally if none) and publish.
 
     ``on_epoch`` gets rank 0's metrics after every epoch (:func:`format_epoch` makes the
-    console line); by default they are logged at INFO.
+    console line); by default they are logged at INFO. ``ray_init``: ``ray.init`` options
+    used if Ray is not initialized yet (it is started only once the spec and data are valid).
 
     Everything that can be wrong with the spec or the data (bad import path, a factory that
     raises or returns the wrong shape, a data file without labels, a corrupt parent) fails
@@ -193,7 +195,7 @@ def train_and_publish(
     spec_doc = {"model": model_name, "model_args": model_args, "data": splits.spec.as_dict(), "class_labels": labels}
 
     if not ray.is_initialized():
-        ray.init()
+        ray.init(**(ray_init or {}))
     use_gpu = _cluster_has_gpu() if cfg.use_gpu is None else cfg.use_gpu
     loop_config: dict[str, Any] = {
         "train_config": cfg.model_dump(),
