@@ -33,7 +33,7 @@ def trained(ray_cluster, reg_root, tmp_path_factory):
         return train_and_publish(TrainConfig.load(config, storage_path=runs, cpus_per_worker=0.5, **kw), reg)
 
     out = {
-        "mine": train(None, model_name="mine", model="tests.factories:tiny_mlp", model_args={"width": 48},
+        "mine": train(None, model_name="mine", model="tests.factories:tiny_mlp", model_args={"width": 48}, grad_accum_steps=2,
                       num_workers=2, epochs=20, batch_size=32, lr=0.01, min_test_accuracy=0.9),
         "cnn": train("deployments/train/cnn.yaml", epochs=6, min_test_accuracy=0.95),
         "text": train("deployments/train/text.yaml", epochs=4, patience=None, min_test_accuracy=0.9),

@@ -1,5 +1,6 @@
 """Real Ray Train DDP on CPU: train, export, parity, publish; fine-tune; survive a killed worker."""
 
+import json
 import os
 import signal
 import threading
@@ -57,6 +58,13 @@ def _train_workers() -> list[psutil.Process]:
     return procs
 
 
+def _registered_checkpoints(run_dir) -> int:
+    try:
+        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+        return 0
+
+
 def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(ray_cluster, tmp_path):
     runs = tmp_path / "runs"
     cfg = TrainConfig.load(
@@ -71,9 +79,9 @@ def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(ray_clus
     deadline = time.monotonic() + 180
     killed = None
     while time.monotonic() < deadline and thread.is_alive():
-        # A second checkpoint on disk means the controller has registered the first
-        # (each worker's report queue holds one report until the controller takes it).
-        registered = len(list((runs / "killed").glob("checkpoint_*"))) >= 2
+        # The controller lists every checkpoint it has registered in this snapshot file;
+        # checkpoint directories on disk alone may not be registered yet.
+        registered = _registered_checkpoints(runs / "killed") >= 2
         workers = _train_workers()
         if registered and len(workers) >= 2:
             killed = workers[-1].pid

@@ -162,3 +162,23 @@ def test_corrupt_parent_weights_are_refused_before_training(tmp_path):
     with pytest.raises(IntegrityError, match="digits:1 failed its integrity check: weights.safetensors has"):
         train_and_publish(cfg, reg)
     assert not ray.is_initialized() and reg.list_versions("digits") == [1]
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    from maas_ray.train.loop import lr_lambda
+
+    f = lr_lambda(total_steps=100, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+    assert lr_lambda(10, 0)(0) == pytest.approx(1.0)
+
+
+def test_mixed_precision_is_off_on_cpu():
+    import torch
+
+    from maas_ray.train.loop import autocast_dtype
+
+    for mode in ("auto", "bf16", "fp16", "off"):
+        assert autocast_dtype(mode, torch.device("cpu")) is None
+    assert autocast_dtype("off", torch.device("cuda")) is None
+    assert autocast_dtype("fp16", torch.device("cuda")) is torch.float16
