@@ -61,6 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.load(args.config, **_flag_values(args, TrainConfig))
     # Per-epoch reports wait for the controller's poll (2 s by default); workers inherit this.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    if not args.verbose:  # Ray Data's driver-side progress report is not ours to print
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         # Ray starts only once the spec and the data passed their checks.
         report = train_and_publish(

@@ -131,6 +131,8 @@ def run_quickstart(
     reg = Registry(root)
     t0 = time.perf_counter()
     ray.init(**ray_console_options(verbose))
+    if not verbose:  # Serve's driver-side logger has its own handler: keep its INFO lines out
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     on_epoch = (lambda m: print(f"      {format_epoch(m)}", flush=True))
     try:
         cfg = TrainConfig.load(train_config, epochs=epochs)

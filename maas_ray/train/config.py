@@ -126,6 +126,16 @@ class TrainConfig(BaseModel):
         default=0.2, gt=0.0, lt=1.0, description="Test share, evaluated once on the chosen checkpoint."
     )
     seed: int = Field(default=0, description="Seed for the splits and the initial weights.")
+    data_loading: Literal["auto", "memory", "ray_data"] = Field(
+        default="auto",
+        description="How workers get the data: 'memory' (loaded on the driver, one copy in the object "
+        "store), 'ray_data' (a .parquet of feature columns + 'label' streamed to each worker as a Ray "
+        "Dataset shard, never collected on the driver), 'auto' (ray_data for .parquet files larger "
+        "than ray_data_threshold_bytes).",
+    )
+    ray_data_threshold_bytes: int = Field(
+        default=256 * 1024**2, ge=0, description="'auto' data_loading streams .parquet files above this size."
+    )
     vocab_size: int = Field(default=2000, ge=3, description="Text data: most tokens the trained tokenizer keeps.")
     max_seq_len: int = Field(default=32, ge=1, description="Text data: tokens per text (padded/truncated).")
     num_workers: int = Field(default=2, ge=1, description="DDP workers (Ray Train actors).")
@@ -218,6 +228,8 @@ class TrainConfig(BaseModel):
                 f"val_fraction + test_fraction must leave >= 10 % for training, got "
                 f"{self.val_fraction} + {self.test_fraction}"
             )
+        if self.data_loading == "ray_data" and not self.data.endswith(".parquet"):
+            raise ValueError(f"data_loading 'ray_data' needs a .parquet file, got data {self.data!r}")
         if self.model in FAMILY_ARGS:  # built-ins: check model_args now, not in a worker
             try:
                 self.model_args = FAMILY_ARGS[self.model].model_validate(self.model_args).model_dump()

@@ -71,7 +71,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     # stdout reaches the console only in verbose runs (ray.init(log_to_driver=...)).
     progress = loop_config.get("progress")
     torch.manual_seed(cfg.seed)
-    splits = ray.get(loop_config["splits"])  # the driver loaded and split the data once
+    streamed = loop_config["splits"] is None  # Ray Data shards instead of in-memory arrays
+    splits = None if streamed else ray.get(loop_config["splits"])  # the driver loaded the data once
     spec = loop_config["model_spec"]
     model = build_model(spec["model"], spec["model_args"], DataSpec.from_dict(spec["data"]), probe=False)
     if loop_config.get("init_state") is not None:  # fine-tuning from a published parent
@@ -89,14 +90,45 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     model = ray.train.torch.prepare_model(model)  # DDP across workers, moved to the device
     device = ray.train.torch.get_device()
     bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    loader = DataLoader(
-        # Object-store arrays are read-only; torch wants writable memory for its tensors.
-        TensorDataset(torch.tensor(splits.x_train), torch.tensor(splits.y_train)),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-    )
-    loader = ray.train.torch.prepare_data_loader(loader)  # adds a DistributedSampler
-    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum_steps)
+    if streamed:
+        rows_per_worker = math.ceil(loop_config["rows"]["train"] / world)
+        batches_per_epoch = math.ceil(rows_per_worker / cfg.batch_size)  # for the LR schedule only
+
+        def train_batches(epoch: int):
+            shard = ray.train.get_dataset_shard("train")  # equal-sized shards: DDP steps stay in lockstep
+            for b in shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch):
+                yield b["x"], b["y"]
+
+        def val_accuracy() -> float:
+            bare.eval()
+            counts = torch.zeros(2, device=device)  # (correct, seen) on this worker's shard
+            with torch.no_grad():
+                for b in ray.train.get_dataset_shard("validation").iter_torch_batches(batch_size=1024, device=device):
+                    counts += torch.stack([(bare(b["x"]).argmax(1) == b["y"]).sum().float(), torch.tensor(float(len(b["y"])), device=device)])
+            if world > 1:
+                torch.distributed.all_reduce(counts)
+            return (counts[0] / counts[1].clamp(min=1)).item()
+    else:
+        loader = DataLoader(
+            # Object-store arrays are read-only; torch wants writable memory for its tensors.
+            TensorDataset(torch.tensor(splits.x_train), torch.tensor(splits.y_train)),
+            batch_size=cfg.batch_size,
+            shuffle=True,
+        )
+        loader = ray.train.torch.prepare_data_loader(loader)  # adds a DistributedSampler
+        batches_per_epoch = len(loader)
+        x_val = torch.tensor(splits.x_val, device=device)
+        y_val = torch.tensor(splits.y_val, device=device)
+
+        def train_batches(epoch: int):
+            if world > 1:
+                loader.sampler.set_epoch(epoch)
+            yield from loader
+
+        def val_accuracy() -> float:
+            return accuracy(bare, x_val, y_val)  # every worker: the same value, the same stop
+
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -110,8 +142,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         best_val, bad_epochs = saved["best_val"], saved["bad_epochs"]
-    x_val = torch.tensor(splits.x_val, device=device)
-    y_val = torch.tensor(splits.y_val, device=device)
     loss_fn = nn.CrossEntropyLoss()
 
     history: list[dict[str, float]] = []
@@ -119,13 +149,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         # (samples/s below counts the training pass only, not validation)
-        if world > 1:
-            loader.sampler.set_epoch(epoch)
         model.train()
         loss_sum = torch.zeros(2, device=device)  # (sum of losses, sample count)
         optimizer.zero_grad(set_to_none=True)
-        for i, (xb, yb) in enumerate(loader):
-            last_micro = (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == len(loader)
+        for i, (xb, yb) in enumerate(train_batches(epoch)):
+            last_micro = (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == batches_per_epoch
             # DDP all-reduces gradients on every backward; skip it on the micro-steps
             # whose gradients are only accumulated.
             sync = contextlib.nullcontext() if last_micro or world == 1 else model.no_sync()
@@ -144,7 +172,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if world > 1:
             torch.distributed.all_reduce(loss_sum)
         train_seconds = time.perf_counter() - t0
-        val_acc = accuracy(bare, x_val, y_val)  # every worker: the same value, the same stop
+        val_acc = val_accuracy()
         improved = val_acc > best_val
         best_val, bad_epochs = (val_acc, 0) if improved else (best_val, bad_epochs + 1)
         stop = cfg.patience is not None and bad_epochs >= cfg.patience

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from maas_ray.errors import ConfigError, IntegrityError, MaasError
 from maas_ray.registry import ONNX_EXTERNAL_DATA, ExtraFile, Manifest, ParentRef, ProcessorSpec, Registry
 from maas_ray.train.config import TrainConfig
-from maas_ray.train.data import Splits, load_splits
+from maas_ray.train.data import load_splits, stream_splits, use_ray_data
 from maas_ray.train.export import EXTERNAL_DATA_FILE, export_onnx, parity_check
 from maas_ray.train.loop import accuracy, load_state, train_loop_per_worker
 from maas_ray.train.model import build_model
@@ -72,7 +72,7 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return load(data)
 
 
-def _processors(splits: Splits, labels: list[str]) -> tuple[ProcessorSpec, ProcessorSpec]:
+def _processors(splits: Any, labels: list[str]) -> tuple[ProcessorSpec, ProcessorSpec]:
     post = ProcessorSpec(name="classification", params={"labels": labels, "top_k": 3})
     spec = splits.spec
     if splits.is_digits:
@@ -172,11 +172,19 @@ def train_and_publish(
         model_name, model_args = parent.spec["model"], parent.spec["model_args"]
         if (cfg.model, cfg.model_args) != (model_name, model_args) and cfg.model_args:
             logger.warning("fine-tuning uses the parent's model %s %s, not %s %s", model_name, model_args, cfg.model, cfg.model_args)
-    splits = load_splits(
-        cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed,
-        vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
-        tokenizer_json=parent.tokenizer_json if parent else None,
-    )
+    streamed = use_ray_data(cfg.data, cfg.data_loading, cfg.ray_data_threshold_bytes)
+    if streamed:
+        if parent is not None and parent.tokenizer_json:
+            raise ConfigError("data_loading 'ray_data' reads feature columns; the parent is a text model")
+        if not ray.is_initialized():
+            ray.init(**(ray_init or {}))  # Ray Data needs Ray to read the file; no workers yet
+        splits: Any = stream_splits(cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+    else:
+        splits = load_splits(
+            cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed,
+            vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
+            tokenizer_json=parent.tokenizer_json if parent else None,
+        )
     labels = cfg.class_labels or splits.class_labels
     if len(labels) != splits.spec.num_classes:
         raise ConfigError(f"class_labels has {len(labels)} names for {splits.spec.num_classes} classes")
@@ -196,11 +204,14 @@ def train_and_publish(
 
     if not ray.is_initialized():
         ray.init(**(ray_init or {}))
+    logger.info("data %s: %s", cfg.data, "streamed with Ray Data" if streamed else "in memory (object store)")
     use_gpu = _cluster_has_gpu() if cfg.use_gpu is None else cfg.use_gpu
     loop_config: dict[str, Any] = {
         "train_config": cfg.model_dump(),
         "model_spec": spec_doc,
-        "splits": ray.put(splits),  # small data: one copy in the object store, read by every worker
+        # small data: one copy in the object store, read by every worker; large: Ray Data shards
+        "splits": None if streamed else ray.put(splits),
+        "rows": splits.identity["rows"],
         "init_state": ray.put(parent.state) if parent else None,
         "progress": Queue(),
     }
@@ -208,6 +219,7 @@ def train_and_publish(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        datasets={"train": splits.datasets["train"], "validation": splits.datasets["validation"]} if streamed else None,
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=use_gpu,
@@ -245,17 +257,28 @@ def train_and_publish(
 
     model = build_model(model_name, model_args, splits.spec, probe=False)
     model.load_state_dict(state["model"])
-    test_acc = accuracy(model, torch.from_numpy(splits.x_test), torch.from_numpy(splits.y_test))  # once
+    if streamed:  # batch by batch: the test split is never collected on the driver
+        model.eval()
+        correct = seen = 0
+        with torch.no_grad():
+            for b in splits.datasets["test"].iter_torch_batches(batch_size=1024):
+                correct += int((model(b["x"]).argmax(1) == b["y"]).sum())
+                seen += len(b["y"])
+        test_acc = correct / max(1, seen)
+        x_parity = splits.datasets["validation"].take_batch(512)["x"].astype(np.float32)
+    else:
+        test_acc = accuracy(model, torch.from_numpy(splits.x_test), torch.from_numpy(splits.y_test))  # once
+        x_parity = splits.x_val
     if test_acc < cfg.min_test_accuracy:
         raise MaasError(f"test accuracy {test_acc:.4f} is below min_test_accuracy {cfg.min_test_accuracy}")
     exported = export_onnx(model, splits.spec, external_data_threshold_bytes=cfg.external_data_threshold_bytes)
-    diff = parity_check(model, exported, splits.x_val, cfg.parity_tolerance)
+    diff = parity_check(model, exported, x_parity, cfg.parity_tolerance)
 
     files: dict[str, ExtraFile] = {
         WEIGHTS_FILE: ExtraFile(state_to_bytes(model.state_dict()), role="weights"),
         SPEC_FILE: ExtraFile(json.dumps(spec_doc, indent=2).encode(), role="model_spec"),
     }
-    if splits.tokenizer_json is not None:
+    if getattr(splits, "tokenizer_json", None) is not None:
         files[TOKENIZER_FILE] = ExtraFile(splits.tokenizer_json.encode(), role="tokenizer")
     if exported.external_data is not None:
         files[EXTERNAL_DATA_FILE] = ExtraFile(exported.external_data, role=ONNX_EXTERNAL_DATA)

@@ -182,3 +182,15 @@ def test_mixed_precision_is_off_on_cpu():
         assert autocast_dtype(mode, torch.device("cpu")) is None
     assert autocast_dtype("off", torch.device("cuda")) is None
     assert autocast_dtype("fp16", torch.device("cuda")) is torch.float16
+
+
+def test_ray_data_is_picked_by_size_and_needs_parquet(tmp_path):
+    from maas_ray.train.data import use_ray_data
+
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"x" * 1000)
+    assert use_ray_data(str(path), "auto", threshold_bytes=999) and not use_ray_data(str(path), "auto", threshold_bytes=1000)
+    assert not use_ray_data("digits", "auto", 0) and use_ray_data(str(path), "ray_data", 10**9)
+    assert not use_ray_data(str(path), "memory", 0)
+    with pytest.raises(ConfigError, match="data_loading 'ray_data' needs a .parquet file, got data 'digits'"):
+        TrainConfig.load(None, data_loading="ray_data")
