@@ -137,3 +137,33 @@ def test_large_data_streams_through_ray_data_shards(ray_cluster, tmp_path):
     assert 1800 < m.dataset["rows"]["train"] < 2400  # 70 % in expectation
     assert report.test_accuracy >= 0.9 and m.inputs[0].shape == [-1, 8]
     assert m.postprocessor.params["labels"] == ["a", "b", "c"]
+
+
+def test_cnn_from_a_folder_of_pngs_answers_pngs(ray_cluster, tmp_path):
+    """data = a folder with one sub-folder of PNGs per class; the published version's image
+    preprocessor reads PNG bytes the same way training read the files."""
+    import asyncio
+    import base64
+
+    from PIL import Image
+
+    from maas_ray.serving.config import ModelConfig
+    from maas_ray.serving.deployments import LocalPipeline
+
+    x, y = load_digits(return_X_y=True)
+    for i in range(900):
+        (tmp_path / "pngs" / str(y[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x[i].reshape(8, 8) * 255 / 16).astype(np.uint8), "L").save(tmp_path / "pngs" / str(y[i]) / f"{i}.png")
+    report = train_and_publish(
+        TrainConfig.load("deployments/train/cnn.yaml", data=str(tmp_path / "pngs"), model_name="png-cnn", epochs=8,
+                         num_workers=1, min_test_accuracy=0.85, storage_path=str(tmp_path / "runs")),
+        Registry(str(tmp_path / "reg")),
+    )
+    m = report.manifest
+    assert m.dataset["source"] == str(tmp_path / "pngs") and m.inputs[0].shape == [-1, 1, 8, 8]
+    assert m.preprocessor.params == {"height": 8, "width": 8, "channels": 1, "pixel_max": 1.0}
+    pipeline = LocalPipeline(str(tmp_path / "reg"), ModelConfig.model_validate({"name": "png-cnn", "versions": [{"version": 1}]}), 1)
+    files = sorted((tmp_path / "pngs").glob("*/*.png"))[::30]
+    pngs = np.array([base64.b64encode(f.read_bytes()).decode() for f in files], dtype=object)
+    labels = asyncio.run(pipeline.infer({"images": pngs}, True))["label"]
+    assert np.mean(labels == np.array([f.parent.name for f in files])) >= 0.85
