@@ -133,6 +133,17 @@ class LoadedModel:
         """The name of the (first) extra file with this role, or None."""
         return next((n for n, e in self.manifest.files.items() if e.role == role), None)
 
+    def write_to(self, directory: str) -> str:
+        """Write model.onnx and the loaded extra files into ``directory``; returns the
+        model.onnx path. A graph with external data must be opened from a path: its
+        initializers name their file relative to the graph's own."""
+        with open(os.path.join(directory, MODEL_FILE), "wb") as f:
+            f.write(self.model_bytes)
+        for name, data in self.files.items():
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(data)
+        return os.path.join(directory, MODEL_FILE)
+
 
 def _verify(what: str, name: str, data: bytes, size: int, sha256: str) -> None:
     digest = hashlib.sha256(data).hexdigest()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 from typing import Any, Optional
 
 import numpy as np
@@ -48,12 +49,16 @@ def load_batched_runner(
     registry_root: Optional[str], model: ModelConfig, version: int, loaded: Optional[LoadedModel] = None
 ) -> BatchedRunner:
     loaded = loaded or Registry(registry_root).load(model.name, version, skip_roles=SKIP_ROLES)  # checksums verified
-    runner = OnnxRunner(
-        loaded.manifest,
-        loaded.model_bytes,
-        device=model.device,
-        intra_op_threads=model.intra_op_threads or replica_cpus(),
-    )
+    with tempfile.TemporaryDirectory(prefix="maas-model-") as tmp:
+        # Weights in ONNX external data (> 2 GB): onnxruntime opens the graph from a path,
+        # reading the data file beside it while the session is created.
+        source = loaded.write_to(tmp) if loaded.file_for(ONNX_EXTERNAL_DATA) else loaded.model_bytes
+        runner = OnnxRunner(
+            loaded.manifest,
+            source,
+            device=model.device,
+            intra_op_threads=model.intra_op_threads or replica_cpus(),
+        )
     runner.warm_up()
     return BatchedRunner(runner, model.batching)
 

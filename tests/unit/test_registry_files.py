@@ -122,3 +122,29 @@ def test_text_preprocessor_tokenizes_with_the_versions_tokenizer():
         pre({"text": np.array([3], dtype=object)}, strict_dtypes=True)
     with pytest.raises(ConfigError, match="has no extra file 'tokenizer.json'"):
         make_preprocessor(manifest, spec, files={})
+
+
+def test_a_version_with_external_data_is_served(reg):
+    """The serving loader opens such a graph from a temporary directory (no Ray needed with
+    intra_op_threads set)."""
+    import asyncio
+
+    import torch
+
+    from maas_ray.serving.config import ModelConfig
+    from maas_ray.serving.deployments import load_batched_runner
+    from maas_ray.train.data import DataSpec
+    from maas_ray.train.export import EXTERNAL_DATA_FILE, export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    exported = export_onnx(model, DataSpec((16,), "float32", 3, "features"), external_data_threshold_bytes=1024)
+    reg.publish("ext", exported.model_bytes, files={
+        EXTERNAL_DATA_FILE: ExtraFile(exported.external_data, ONNX_EXTERNAL_DATA),
+        "weights.safetensors": ExtraFile(b"not read by serving", "weights"),
+    })
+    cfg = ModelConfig.model_validate({"name": "ext", "versions": [{"version": 1}], "intra_op_threads": 1, "device": "cpu"})
+    batched = load_batched_runner(reg.root, cfg, 1)
+    x = np.random.default_rng(1).normal(size=(4, 16)).astype(np.float32)
+    got = asyncio.run(batched.infer({"input": x}))["logits"]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(torch.from_numpy(x)).numpy(), atol=1e-5)
