@@ -38,6 +38,14 @@ def _flag_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, 
     return out
 
 
+def ray_console_options(verbose: bool) -> dict[str, Any]:
+    """ray.init options: by default the console shows only our lines (the per-epoch ones come
+    from the driver); ``--verbose`` restores Ray's own logs and every worker's output."""
+    if verbose:
+        return {"logging_level": logging.INFO, "log_to_driver": True}
+    return {"logging_level": logging.ERROR, "log_to_driver": False}
+
+
 def _registry(args: argparse.Namespace):
     from maas_ray.registry import Registry
 
@@ -48,18 +56,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     import ray
 
     from maas_ray.train import TrainConfig, train_and_publish
+    from maas_ray.train.pipeline import format_epoch
 
     cfg = TrainConfig.load(args.config, **_flag_values(args, TrainConfig))
     # Per-epoch reports wait for the controller's poll (2 s by default); workers inherit this.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    ray.init(address=args.address, logging_level=logging.WARNING)
+    if not args.verbose:  # Ray Data's driver-side progress report is not ours to print
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
-        report = train_and_publish(cfg, _registry(args))
+        # Ray starts only once the spec and the data passed their checks.
+        report = train_and_publish(
+            cfg, _registry(args), on_epoch=lambda m: print(format_epoch(m), flush=True),
+            ray_init={"address": args.address, **ray_console_options(args.verbose)},
+        )
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
     m = report.manifest
     print(
-        f"published {m.model}:{m.version}  test_accuracy={report.test_accuracy:.4f}  "
+        f"published {m.model}:{m.version}  val_accuracy={report.val_accuracy:.4f} (epoch {report.best_epoch + 1})  "
+        f"test_accuracy={report.test_accuracy:.4f}  "
         f"parity_max_abs_diff={report.parity_max_abs_diff:.2e}  "
         f"mean_epoch={report.mean_epoch_seconds:.2f}s  wall={report.wall_seconds:.1f}s"
     )
@@ -106,7 +122,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from maas_ray.cli.quickstart import run_quickstart
 
-    return run_quickstart(registry_root=args.registry, epochs=args.epochs)
+    return run_quickstart(registry_root=args.registry, epochs=args.epochs, model=args.model, verbose=args.verbose, port=args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_parser(sub, common)
 
     p = sub.add_parser("quickstart", parents=[common], help="Train, publish, serve and query digits end to end.")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--model", choices=["digits", "cnn", "text"], default="digits",
+                   help="digits (MLP, the default), cnn (digit images, served from PNG) or text (transformer, raw text).")
+    p.add_argument("--epochs", type=int, default=None, help="Default: the model's training YAML.")
+    p.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (the app YAML says 8000).")
     p.set_defaults(func=cmd_quickstart)
     return parser
 
@@ -160,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        # Commands print their own results; library INFO logs are for --verbose.
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

@@ -1,9 +1,19 @@
 """Versioned, immutable ONNX model registry."""
 
-from maas_ray.registry.manifest import Manifest, ParentRef, ProcessorSpec, TensorSpec
-from maas_ray.registry.store import LoadedModel, Registry, default_root, schema_from_onnx
+from maas_ray.registry.manifest import FileEntry, Manifest, ParentRef, ProcessorSpec, TensorSpec
+from maas_ray.registry.store import (
+    ONNX_EXTERNAL_DATA,
+    ExtraFile,
+    LoadedModel,
+    Registry,
+    default_root,
+    schema_from_onnx,
+)
 
 __all__ = [
+    "ONNX_EXTERNAL_DATA",
+    "ExtraFile",
+    "FileEntry",
     "LoadedModel",
     "Manifest",
     "ParentRef",

@@ -87,6 +87,40 @@ class ParentRef(BaseModel):
     version: int = Field(ge=1, description="Parent version.")
 
 
+class FileEntry(BaseModel):
+    """One extra file of a version (weights, model spec, tokenizer, ONNX external data)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str = Field(description="sha256 of the file, checked whenever it is read.")
+    size_bytes: int = Field(ge=0, description="Size of the file.")
+    role: str = Field(
+        default="",
+        description="What the file is for: 'weights', 'model_spec', 'tokenizer', 'onnx_external_data', ...",
+    )
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, v: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {v!r}")
+        return v
+
+
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+RESERVED_FILES = ("model.onnx", "manifest.json")
+
+
+def check_file_name(value: str) -> str:
+    """Extra files sit flat beside model.onnx: plain names, no directories."""
+    if not _FILE_NAME_RE.match(value) or value in RESERVED_FILES:
+        raise ValueError(
+            f"invalid extra file name {value!r}: a plain name (letters, digits, '_', '.', '-'), "
+            f"not one of {list(RESERVED_FILES)}"
+        )
+    return value
+
+
 class Manifest(BaseModel):
     """Self-description of one immutable model version."""
 
@@ -108,6 +142,16 @@ class Manifest(BaseModel):
     )
     sha256: str = Field(description="sha256 of model.onnx, checked on every load.")
     size_bytes: int = Field(ge=1, description="Size of model.onnx.")
+    files: dict[str, FileEntry] = Field(
+        default_factory=dict,
+        description="Extra files beside model.onnx (name -> checksum, size, role); all checked on load.",
+    )
+    model_spec: Optional[dict[str, Any]] = Field(
+        default=None, description="How the torch model is built: family or import path, and model_args."
+    )
+    dataset: Optional[dict[str, Any]] = Field(
+        default=None, description="Dataset identity: source, rows per split, content hash."
+    )
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     description: str = Field(default="", description="Free text.")
 
@@ -121,4 +165,11 @@ class Manifest(BaseModel):
     def _hex_digest(cls, v: str) -> str:
         if not re.fullmatch(r"[0-9a-f]{64}", v):
             raise ValueError(f"sha256 must be 64 lowercase hex digits, got {v!r}")
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _file_names(cls, v: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for name in v:
+            check_file_name(name)
         return v

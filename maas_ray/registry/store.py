@@ -3,6 +3,7 @@
 Layout, as in Triton and TF Serving::
 
     <root>/<model>/<version>/model.onnx
+    <root>/<model>/<version>/<extra files>     (weights, model spec, tokenizer, ONNX external data)
     <root>/<model>/<version>/manifest.json     (written last: its presence = visible)
     <root>/<model>/_aliases/<alias>.json
     <root>/<model>/_claims/<version>/<token>   (who owns a version number)
@@ -26,10 +27,10 @@ import os
 import random
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Collection, Mapping, Optional, Union
 
 import pyarrow.fs as pafs
 from pydantic import ValidationError
@@ -44,10 +45,12 @@ from maas_ray.errors import (
 )
 from maas_ray.registry.manifest import (
     NUMPY_TO_OIP,
+    FileEntry,
     Manifest,
     ParentRef,
     ProcessorSpec,
     TensorSpec,
+    check_file_name,
     check_name,
 )
 
@@ -57,6 +60,7 @@ REGISTRY_ENV = "MAAS_REGISTRY_ROOT"
 DEFAULT_ROOT = "~/.maas_ray/registry"
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
+ONNX_EXTERNAL_DATA = "onnx_external_data"  # role of an ONNX external-data file (weights > 2 GB)
 _MAX_PUBLISH_ATTEMPTS = 50
 
 
@@ -65,14 +69,21 @@ def default_root() -> str:
     return os.environ.get(REGISTRY_ENV) or DEFAULT_ROOT
 
 
-def schema_from_onnx(model_bytes: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Read input/output names, datatypes and shapes from an ONNX graph."""
+def schema_from_onnx(
+    model_bytes: bytes, *, external: bool = False
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Read input/output names, datatypes and shapes from an ONNX graph.
+
+    ``external``: the weights live in an external data file (not given here), so the
+    checker cannot look at them; the graph structure is still read.
+    """
     import onnx
     from onnx.helper import tensor_dtype_to_np_dtype
 
     try:
         proto = onnx.load_model_from_string(model_bytes)
-        onnx.checker.check_model(proto)
+        if not external:
+            onnx.checker.check_model(proto)
     except Exception as exc:  # onnx raises several unrelated types
         raise ConfigError(f"not a valid ONNX model: {exc}") from exc
     initializers = {init.name for init in proto.graph.initializer}
@@ -103,11 +114,45 @@ def framework_versions() -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class ExtraFile:
+    """A file to publish beside model.onnx, with what it is for (recorded in the manifest)."""
+
+    data: bytes
+    role: str = ""
+
+
+@dataclass(frozen=True)
 class LoadedModel:
-    """A verified artifact: the manifest and the ONNX bytes it describes."""
+    """A verified artifact: the manifest, the ONNX bytes and the extra files it describes."""
 
     manifest: Manifest
     model_bytes: bytes
+    files: Mapping[str, bytes] = field(default_factory=dict)  # only those asked for in load()
+
+    def file_for(self, role: str) -> Optional[str]:
+        """The name of the (first) extra file with this role, or None."""
+        return next((n for n, e in self.manifest.files.items() if e.role == role), None)
+
+    def write_to(self, directory: str) -> str:
+        """Write model.onnx and the loaded extra files into ``directory``; returns the
+        model.onnx path. A graph with external data must be opened from a path: its
+        initializers name their file relative to the graph's own."""
+        with open(os.path.join(directory, MODEL_FILE), "wb") as f:
+            f.write(self.model_bytes)
+        for name, data in self.files.items():
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(data)
+        return os.path.join(directory, MODEL_FILE)
+
+
+def _verify(what: str, name: str, data: bytes, size: int, sha256: str) -> None:
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != size or digest != sha256:
+        raise IntegrityError(
+            f"{what} failed its integrity check: {name} has {len(data)} bytes with sha256 "
+            f"{digest[:12]}..., the manifest expects {size} bytes with sha256 {sha256[:12]}...; "
+            "refusing to load"
+        )
 
 
 class Registry:
@@ -224,18 +269,52 @@ class Registry:
         except ValidationError as exc:
             raise IntegrityError(f"manifest of {model}:{version} is invalid: {exc}") from exc
 
-    def load(self, model: str, ref: Union[int, str, None] = None) -> LoadedModel:
-        """Read a version and verify its size and sha256; raise rather than serve a bad file."""
+    def load(
+        self,
+        model: str,
+        ref: Union[int, str, None] = None,
+        *,
+        files: Optional[Collection[str]] = None,
+        skip_roles: Collection[str] = (),
+    ) -> LoadedModel:
+        """Read a version and verify the size and sha256 of every file read; raise rather
+        than serve a bad file.
+
+        Args:
+            files: extra files to read as well (names from ``manifest.files``); default all.
+            skip_roles: leave out extra files with these roles (serving skips ``weights``).
+        """
         manifest = self.describe(model, ref)
         data = self._read(self._path(model, manifest.version, MODEL_FILE))
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != manifest.size_bytes or digest != manifest.sha256:
-            raise IntegrityError(
-                f"{model}:{manifest.version} failed its integrity check: model.onnx has "
-                f"{len(data)} bytes with sha256 {digest[:12]}..., the manifest expects "
-                f"{manifest.size_bytes} bytes with sha256 {manifest.sha256[:12]}...; refusing to load"
+        _verify(f"{model}:{manifest.version}", MODEL_FILE, data, manifest.size_bytes, manifest.sha256)
+        names = [
+            n for n in (manifest.files if files is None else files)
+            if n not in manifest.files or manifest.files[n].role not in skip_roles
+        ]
+        return LoadedModel(
+            manifest=manifest,
+            model_bytes=data,
+            files={name: self._read_verified(manifest, name) for name in names},
+        )
+
+    def read_file(self, model: str, ref: Union[int, str, None], name: str) -> bytes:
+        """One extra file of a version, checksum verified."""
+        return self._read_verified(self.describe(model, ref), name)
+
+    def _read_verified(self, manifest: Manifest, name: str) -> bytes:
+        entry = manifest.files.get(name)
+        if entry is None:
+            raise VersionNotFoundError(
+                f"{manifest.model}:{manifest.version} has no file {name!r}; files: {sorted(manifest.files)}"
             )
-        return LoadedModel(manifest=manifest, model_bytes=data)
+        try:
+            data = self._read(self._path(manifest.model, manifest.version, name))
+        except OSError as exc:  # listed in the manifest but gone: the version is damaged
+            raise IntegrityError(
+                f"{manifest.model}:{manifest.version} failed its integrity check: {name} is missing ({exc})"
+            ) from exc
+        _verify(f"{manifest.model}:{manifest.version}", name, data, entry.size_bytes, entry.sha256)
+        return data
 
     # ---- aliases -------------------------------------------------------------------------
     def set_alias(self, model: str, alias: str, ref: Union[int, str]) -> int:
@@ -267,14 +346,23 @@ class Registry:
         training_config: Optional[dict[str, Any]] = None,
         parent: Optional[ParentRef] = None,
         description: str = "",
+        files: Optional[Mapping[str, Union[bytes, ExtraFile]]] = None,
+        model_spec: Optional[dict[str, Any]] = None,
+        dataset: Optional[dict[str, Any]] = None,
     ) -> Manifest:
         """Publish an ONNX model (bytes or a path) as the next version of ``model``.
 
-        The schema is read from the graph, so any ONNX file can be published.
+        The schema is read from the graph, so any ONNX file can be published. ``files``
+        are published beside model.onnx in the same atomic step (name -> bytes, or
+        :class:`ExtraFile` with a role), each with its sha256 in the manifest.
         """
         check_name("model", model)
         data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
-        inputs, outputs = schema_from_onnx(data)
+        extras = {
+            check_file_name(name): f if isinstance(f, ExtraFile) else ExtraFile(bytes(f))
+            for name, f in (files or {}).items()
+        }
+        inputs, outputs = schema_from_onnx(data, external=any(f.role == ONNX_EXTERNAL_DATA for f in extras.values()))
         if parent is not None:
             self.resolve(parent.model, parent.version)  # the parent must exist
         fields = dict(
@@ -289,16 +377,24 @@ class Registry:
             frameworks=framework_versions(),
             sha256=hashlib.sha256(data).hexdigest(),
             size_bytes=len(data),
+            files={
+                name: FileEntry(sha256=hashlib.sha256(f.data).hexdigest(), size_bytes=len(f.data), role=f.role)
+                for name, f in extras.items()
+            },
+            model_spec=model_spec,
+            dataset=dataset,
             description=description,
         )
         token = f"{time.time_ns():020d}-{uuid.uuid4().hex}"
         staging = self._path(model, "_staging", token)
         self._write(f"{staging}/{MODEL_FILE}", data)
+        for name, f in extras.items():
+            self._write(f"{staging}/{name}", f.data)
         try:
             version = self._claim_version(model, token)
             manifest = Manifest(version=version, **fields)
             self._write(f"{staging}/{MANIFEST_FILE}", manifest.model_dump_json(indent=2).encode())
-            self._commit(staging, self._path(model, version))
+            self._commit(staging, self._path(model, version), list(extras))
         except BaseException:
             self._fs.delete_dir_contents(staging, missing_dir_ok=True)
             raise
@@ -342,10 +438,11 @@ class Registry:
                     out.add(int(head))
         return sorted(out)
 
-    def _commit(self, staging: str, final: str) -> None:
+    def _commit(self, staging: str, final: str, extra_names: list[str]) -> None:
         if self._local:
             self._fs.move(staging, final)  # rename(2) of the directory: all or nothing
             return
         # Object stores have no rename; the manifest goes last and marks the version visible.
-        self._fs.copy_file(f"{staging}/{MODEL_FILE}", f"{final}/{MODEL_FILE}")
+        for name in [MODEL_FILE, *extra_names]:
+            self._fs.copy_file(f"{staging}/{name}", f"{final}/{name}")
         self._fs.copy_file(f"{staging}/{MANIFEST_FILE}", f"{final}/{MANIFEST_FILE}")

@@ -15,13 +15,14 @@ import functools
 import logging
 import math
 import os
+import tempfile
 import time
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from maas_ray.errors import ModelNotReadyError
-from maas_ray.registry import Registry
+from maas_ray.registry import ONNX_EXTERNAL_DATA, LoadedModel, Registry
 from maas_ray.serving.config import BatchingConfig, Limits, ModelConfig
 from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.processors import make_postprocessor, make_preprocessor
@@ -71,18 +72,38 @@ def replica_cpus(default: int = 1) -> int:
     return max(1, math.ceil(cpus)) if cpus else default
 
 
+# Extra files a serving replica does not read: torch weights are for fine-tuning only.
+SKIP_ROLES = ("weights",)
+# ...and preprocessors get neither the weights nor ONNX external data.
+PROCESSOR_SKIP_ROLES = ("weights", ONNX_EXTERNAL_DATA)
+
+
 def load_batched_runner(
-    registry_root: Optional[str], model: ModelConfig, version: int, *, on_batch: Optional[Callable[[int], None]] = None
+    registry_root: Optional[str],
+    model: ModelConfig,
+    version: int,
+    loaded: Optional[LoadedModel] = None,
+    *,
+    on_batch: Optional[Callable[[int], None]] = None,
 ) -> BatchedRunner:
-    loaded = Registry(registry_root).load(model.name, version)  # checksum verified
-    runner = OnnxRunner(
-        loaded.manifest,
-        loaded.model_bytes,
-        device=model.device,
-        intra_op_threads=model.intra_op_threads or replica_cpus(),
-    )
+    loaded = loaded or Registry(registry_root).load(model.name, version, skip_roles=SKIP_ROLES)  # checksums verified
+    with tempfile.TemporaryDirectory(prefix="maas-model-") as tmp:
+        # Weights in ONNX external data (> 2 GB): onnxruntime opens the graph from a path,
+        # reading the data file beside it while the session is created.
+        source = loaded.write_to(tmp) if loaded.file_for(ONNX_EXTERNAL_DATA) else loaded.model_bytes
+        runner = OnnxRunner(
+            loaded.manifest,
+            source,
+            device=model.device,
+            intra_op_threads=model.intra_op_threads or replica_cpus(),
+        )
     runner.warm_up()
     return BatchedRunner(runner, model.batching, on_batch=on_batch)
+
+
+def _processor_files(loaded: LoadedModel) -> dict[str, bytes]:
+    roles = {n: e.role for n, e in loaded.manifest.files.items()}
+    return {n: b for n, b in loaded.files.items() if roles.get(n) not in PROCESSOR_SKIP_ROLES}
 
 
 class LocalPipeline:
@@ -100,9 +121,10 @@ class LocalPipeline:
         on_batch = None
         if metrics is not None:
             on_batch = functools.partial(metrics.batch, model.name, version)
-        self.batched = load_batched_runner(registry_root, model, version, on_batch=on_batch)
+        loaded = Registry(registry_root).load(model.name, version, skip_roles=SKIP_ROLES)
+        self.batched = load_batched_runner(registry_root, model, version, loaded, on_batch=on_batch)
         manifest = self.batched.runner.manifest
-        self.pre = make_preprocessor(manifest, model.preprocessor, limits=limits)
+        self.pre = make_preprocessor(manifest, model.preprocessor, limits=limits, files=_processor_files(loaded))
         self.post = make_postprocessor(manifest, model.postprocessor)
         self.schema = RequestSchema.of(self.pre, self.post)
 
@@ -195,9 +217,14 @@ class PreprocessServer:
         self, registry_root: Optional[str], model: dict[str, Any], version: int, limits: Optional[dict] = None
     ) -> None:
         cfg = ModelConfig.model_validate(model)
+        reg = Registry(registry_root)
+        manifest = reg.describe(cfg.name, version)
+        files = {
+            n: reg.read_file(cfg.name, version, n)
+            for n, e in manifest.files.items() if e.role not in PROCESSOR_SKIP_ROLES
+        }
         self.pre = make_preprocessor(
-            Registry(registry_root).describe(cfg.name, version), cfg.preprocessor,
-            limits=None if limits is None else Limits.model_validate(limits),
+            manifest, cfg.preprocessor, limits=None if limits is None else Limits.model_validate(limits), files=files,
         )
 
     def __call__(self, tensors: Tensors, strict: bool) -> Tensors:

@@ -23,6 +23,7 @@ import numpy as np
 from maas_ray.errors import ConfigError, InvalidInputError, MaasError, PayloadTooLargeError
 from maas_ray.registry.manifest import Manifest, ProcessorSpec, TensorSpec
 from maas_ray.serving.config import Limits
+from maas_ray.serving.text import TextPreprocessor
 
 logger = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
@@ -306,17 +307,26 @@ class ClassificationPostprocessor(Postprocessor):
         }
 
 
-PREPROCESSORS: dict[str, type[Preprocessor]] = {c.name: c for c in (TensorPreprocessor, ImagePreprocessor)}
+PREPROCESSORS: dict[str, type[Preprocessor]] = {c.name: c for c in (TensorPreprocessor, ImagePreprocessor, TextPreprocessor)}
 POSTPROCESSORS: dict[str, type[Postprocessor]] = {c.name: c for c in (TensorPostprocessor, ClassificationPostprocessor)}
 
 
 def make_preprocessor(
-    manifest: Manifest, override: ProcessorSpec | None = None, *, limits: Optional[Limits] = None
+    manifest: Manifest,
+    override: ProcessorSpec | None = None,
+    *,
+    limits: Optional[Limits] = None,
+    files: dict[str, bytes] | None = None,
 ) -> Preprocessor:
+    """``files``: the version's verified extra files, for preprocessors that declare
+    ``needs_files`` (the text preprocessor reads its tokenizer.json from them)."""
     spec = override or manifest.preprocessor
     if spec.name not in PREPROCESSORS:
         raise ConfigError(f"unknown preprocessor {spec.name!r}; known: {sorted(PREPROCESSORS)}")
-    return PREPROCESSORS[spec.name](manifest, spec.params, limits)
+    cls = PREPROCESSORS[spec.name]
+    if getattr(cls, "needs_files", False):
+        return cls(manifest, spec.params, limits, files=files)
+    return cls(manifest, spec.params, limits)
 
 
 def make_postprocessor(manifest: Manifest, override: ProcessorSpec | None = None) -> Postprocessor:

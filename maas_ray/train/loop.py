@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import tempfile
 import time
@@ -14,118 +16,178 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from maas_ray.train.config import TrainConfig
-from maas_ray.train.data import load_dataset
-from maas_ray.train.model import MLPClassifier
+from maas_ray.train.data import DataSpec
+from maas_ray.train.model import build_model
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 
 
-def _progress_logger() -> logging.Logger:
-    # Worker processes are entrypoints of their own: give progress lines a handler
-    # so they reach the driver through Ray's log forwarding.
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    return logger
-
-
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    """Share of correct argmax predictions, in batches (the validation set may be large)."""
     model.eval()
-    return (model(x).argmax(dim=1) == y).float().mean().item()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += (model(x[i : i + batch_size]).argmax(dim=1) == y[i : i + batch_size]).sum().item()
+    return correct / max(1, len(x))
 
 
 def load_state(path: str) -> dict[str, Any]:
     return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
 
 
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """None (full fp32), bf16 or fp16: mixed precision only on CUDA."""
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def lr_lambda(total_steps: int, warmup_steps: int):
+    """Linear warm-up to the peak LR, then cosine decay to 0 (per optimizer step)."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Train with DDP; checkpoint every epoch from rank 0; resume from the last checkpoint."""
+    """Train with DDP; select on validation accuracy; checkpoint from rank 0; resume."""
+    import ray
     import ray.train
     import ray.train.torch
 
     cfg = TrainConfig.model_validate(loop_config["train_config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    log = _progress_logger()
+    # Progress goes to the driver through this queue (one line per epoch there); worker
+    # stdout reaches the console only in verbose runs (ray.init(log_to_driver=...)).
+    progress = loop_config.get("progress")
     torch.manual_seed(cfg.seed)
-    ds = load_dataset(cfg.data, test_fraction=cfg.test_fraction, seed=cfg.seed)
-    model_args = dict(
-        num_features=ds.num_features,
-        num_classes=len(ds.class_labels),
-        hidden_sizes=cfg.hidden_sizes,
-        dropout=cfg.dropout,
-    )
-    model = MLPClassifier(**model_args)
+    streamed = loop_config["splits"] is None  # Ray Data shards instead of in-memory arrays
+    splits = None if streamed else ray.get(loop_config["splits"])  # the driver loaded the data once
+    spec = loop_config["model_spec"]
+    model = build_model(spec["model"], spec["model_args"], DataSpec.from_dict(spec["data"]), probe=False)
     if loop_config.get("init_state") is not None:  # fine-tuning from a published parent
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in loop_config["init_state"].items()})
+        model.load_state_dict(ray.get(loop_config["init_state"]))
 
-    start_epoch, opt_state = 0, None
+    start_epoch, saved = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
-            state = load_state(path)
-        model.load_state_dict(state["model"])
-        opt_state, start_epoch = state["optimizer"], state["epoch"] + 1
-        if rank == 0:
-            log.info("resuming from checkpoint after epoch %d", state["epoch"])
+            saved = load_state(path)
+        model.load_state_dict(saved["model"])
+        start_epoch = saved["epoch"] + 1
+        logger.info("resuming from checkpoint after epoch %d", saved["epoch"])
 
     model = ray.train.torch.prepare_model(model)  # DDP across workers, moved to the device
     device = ray.train.torch.get_device()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
-    # Cosine decay to 0 over the whole run; derived from the epoch so resuming needs no state.
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, cfg.epochs) / cfg.epochs))
-    )
-    for _ in range(start_epoch):
-        schedule.step()
-    loader = DataLoader(
-        TensorDataset(torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-    )
-    loader = ray.train.torch.prepare_data_loader(loader)  # adds a DistributedSampler
-    x_test = torch.from_numpy(ds.x_test).to(device)
-    y_test = torch.from_numpy(ds.y_test).to(device)
-    loss_fn = nn.CrossEntropyLoss()
     bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if streamed:
+        rows_per_worker = math.ceil(loop_config["rows"]["train"] / world)
+        batches_per_epoch = math.ceil(rows_per_worker / cfg.batch_size)  # for the LR schedule only
 
-    epoch_seconds = []
+        def train_batches(epoch: int):
+            shard = ray.train.get_dataset_shard("train")  # equal-sized shards: DDP steps stay in lockstep
+            for b in shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch):
+                yield b["x"], b["y"]
+
+        def val_accuracy() -> float:
+            bare.eval()
+            counts = torch.zeros(2, device=device)  # (correct, seen) on this worker's shard
+            with torch.no_grad():
+                for b in ray.train.get_dataset_shard("validation").iter_torch_batches(batch_size=1024, device=device):
+                    counts += torch.stack([(bare(b["x"]).argmax(1) == b["y"]).sum().float(), torch.tensor(float(len(b["y"])), device=device)])
+            if world > 1:
+                torch.distributed.all_reduce(counts)
+            return (counts[0] / counts[1].clamp(min=1)).item()
+    else:
+        loader = DataLoader(
+            # Object-store arrays are read-only; torch wants writable memory for its tensors.
+            TensorDataset(torch.tensor(splits.x_train), torch.tensor(splits.y_train)),
+            batch_size=cfg.batch_size,
+            shuffle=True,
+        )
+        loader = ray.train.torch.prepare_data_loader(loader)  # adds a DistributedSampler
+        batches_per_epoch = len(loader)
+        x_val = torch.tensor(splits.x_val, device=device)
+        y_val = torch.tensor(splits.y_val, device=device)
+
+        def train_batches(epoch: int):
+            if world > 1:
+                loader.sampler.set_epoch(epoch)
+            yield from loader
+
+        def val_accuracy() -> float:
+            return accuracy(bare, x_val, y_val)  # every worker: the same value, the same stop
+
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, int(cfg.warmup_fraction * total_steps))
+    )
+    amp = autocast_dtype(cfg.mixed_precision, device)
+    # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not.
+    scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
+    best_val, bad_epochs = -1.0, 0
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        best_val, bad_epochs = saved["best_val"], saved["bad_epochs"]
+    loss_fn = nn.CrossEntropyLoss()
+
+    history: list[dict[str, float]] = []
+    t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        if world > 1:
-            loader.sampler.set_epoch(epoch)
+        # (samples/s below counts the training pass only, not validation)
         model.train()
         loss_sum = torch.zeros(2, device=device)  # (sum of losses, sample count)
-        for xb, yb in loader:
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            loss_sum += torch.stack([loss.detach() * len(yb), torch.tensor(float(len(yb)), device=device)])
-        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        for i, (xb, yb) in enumerate(train_batches(epoch)):
+            last_micro = (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == batches_per_epoch
+            # DDP all-reduces gradients on every backward; skip it on the micro-steps
+            # whose gradients are only accumulated.
+            sync = contextlib.nullcontext() if last_micro or world == 1 else model.no_sync()
+            with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = loss_fn(model(xb), yb)
+                scaler.scale(loss / cfg.grad_accum_steps).backward()
+            loss_sum += torch.stack([loss.detach().float() * len(yb), torch.tensor(float(len(yb)), device=device)])
+            if last_micro:
+                if cfg.grad_clip_norm is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
         if world > 1:
             torch.distributed.all_reduce(loss_sum)
+        train_seconds = time.perf_counter() - t0
+        val_acc = val_accuracy()
+        improved = val_acc > best_val
+        best_val, bad_epochs = (val_acc, 0) if improved else (best_val, bad_epochs + 1)
+        stop = cfg.patience is not None and bad_epochs >= cfg.patience
         metrics = {
             "epoch": epoch,
             "train_loss": (loss_sum[0] / loss_sum[1]).item(),
-            "test_accuracy": accuracy(bare, x_test, y_test),
+            "val_accuracy": val_acc,
+            "samples_per_s": loss_sum[1].item() / train_seconds,
             "epoch_seconds": time.perf_counter() - t0,
             "resumed_from_epoch": start_epoch,
         }
-        epoch_seconds.append(metrics["epoch_seconds"])
-        save = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
-        if rank == 0:
-            log.info(
-                "epoch %3d/%d  loss %.4f  test_acc %.4f  %.2fs",
-                epoch + 1, cfg.epochs, metrics["train_loss"], metrics["test_accuracy"], metrics["epoch_seconds"],
-            )
+        history.append(metrics)
+        if rank == 0 and progress is not None:
+            progress.put({**metrics, "epochs": cfg.epochs, "improved": improved, "elapsed_s": time.perf_counter() - t_start})
+        save = improved or (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or stop
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0 and save:
@@ -133,12 +195,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                     {
                         "model": {k: v.cpu() for k, v in bare.state_dict().items()},
                         "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
                         "epoch": epoch,
-                        "model_args": model_args,  # the checkpoint rebuilds its own model
-                        "class_labels": cfg.class_labels or ds.class_labels,
+                        "val_accuracy": val_acc,
+                        "best_val": best_val,
+                        "bad_epochs": bad_epochs,
                     },
                     os.path.join(tmp, STATE_FILE),
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
-    return {"epoch_seconds": epoch_seconds, "start_epoch": start_epoch}
+        if stop:
+            logger.info("early stop: no better val_acc for %d epochs (best %.4f)", bad_epochs, best_val)
+            break
+    return {"history": history, "start_epoch": start_epoch}

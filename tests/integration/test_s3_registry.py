@@ -213,3 +213,16 @@ def test_concurrent_publish_from_processes_loses_nothing(root):
     # Not asserted: versions == 1..9. Colliding claimants both withdraw, and a third
     # publisher may meanwhile take v+1, so gaps are possible by design (see
     # test_withdrawn_claim_does_not_burn_a_version for the avoidable, common case).
+
+
+def test_extra_files_on_s3_are_copied_with_the_version_and_checked(reg):
+    """Object stores have no rename: every extra file is copied before the manifest."""
+    from maas_ray.registry import ExtraFile
+
+    reg.publish("lin", linear_onnx(), files={"tokenizer.json": ExtraFile(b"{}", "tokenizer"), "weights.safetensors": b"w" * 64})
+    assert reg.load("lin", 1).files == {"tokenizer.json": b"{}", "weights.safetensors": b"w" * 64}
+    with reg._fs.open_output_stream(reg._path("lin", 1, "weights.safetensors")) as f:
+        f.write(b"w" * 63)
+    with pytest.raises(IntegrityError, match="weights.safetensors has 63 bytes"):
+        reg.load("lin", 1)
+    assert reg.load("lin", 1, skip_roles=("",)).files == {"tokenizer.json": b"{}"}  # b"..." files have role ""

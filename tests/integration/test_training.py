@@ -1,5 +1,6 @@
 """Real Ray Train DDP on CPU: train, export, parity, publish; fine-tune; survive a killed worker."""
 
+import json
 import os
 import signal
 import threading
@@ -12,7 +13,7 @@ import pytest
 from maas_ray.registry import Registry
 from maas_ray.runtime import create_session
 from maas_ray.train import TrainConfig, train_and_publish
-from maas_ray.train.data import load_dataset
+from maas_ray.train.data import load_splits
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,10 +30,14 @@ def test_ddp_training_exports_passes_parity_and_publishes(trained, registry_root
 
     # the published artifact itself classifies the held-out split as reported
     loaded = Registry(registry_root).load("digits", 1)
-    ds = load_dataset("digits", test_fraction=0.2, seed=0)
+    ds = load_splits("digits", val_fraction=0.1, test_fraction=0.2, seed=0)
     session = create_session(loaded.model_bytes, device="cpu")
     logits = session.run(None, {"input": ds.x_test})[0]
     assert np.isclose((logits.argmax(1) == ds.y_test).mean(), first.test_accuracy, atol=1e-6)
+    # the chosen checkpoint is the best on validation, and the manifest records the data
+    assert first.val_accuracy == max(h["val_accuracy"] for h in first.history)
+    assert m.dataset["rows"] == {"train": 1258, "validation": 180, "test": 359}
+    assert sorted(m.files) == ["model_spec.json", "weights.safetensors"]
 
 
 def test_fine_tune_records_parent(trained):
@@ -53,6 +58,13 @@ def _train_workers() -> list[psutil.Process]:
     return procs
 
 
+def _registered_checkpoints(run_dir) -> int:
+    try:
+        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+        return 0
+
+
 def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(ray_cluster, tmp_path):
     runs = tmp_path / "runs"
     cfg = TrainConfig.load(
@@ -67,9 +79,9 @@ def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(ray_clus
     deadline = time.monotonic() + 180
     killed = None
     while time.monotonic() < deadline and thread.is_alive():
-        # A second checkpoint on disk means the controller has registered the first
-        # (each worker's report queue holds one report until the controller takes it).
-        registered = len(list((runs / "killed").glob("checkpoint_*"))) >= 2
+        # The controller lists every checkpoint it has registered in this snapshot file;
+        # checkpoint directories on disk alone may not be registered yet.
+        registered = _registered_checkpoints(runs / "killed") >= 2
         workers = _train_workers()
         if registered and len(workers) >= 2:
             killed = workers[-1].pid

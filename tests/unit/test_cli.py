@@ -29,7 +29,7 @@ def test_publish_list_describe_alias(tmp_path, capsys):
     [
         (["models", "describe", "nope"], "error: model 'nope' does not exist"),
         (["train", "--epochs", "0"], "error: training config: epochs: Input should be greater than or equal to 1 (got '0')"),
-        (["train", "--hidden-sizes", "64,-1"], "hidden_sizes must be positive, got [64, -1]"),
+        (["train", "--model-args", '{"hidden_sizes": [64, -1]}'], "hidden_sizes must be positive, got [64, -1]"),
         (["train", "--config", "missing.yaml"], "error: cannot read training config 'missing.yaml'"),
     ],
 )

@@ -24,8 +24,16 @@ def test_public_api_is_exactly_all():
     [
         ({"epochs": 0}, "epochs: Input should be greater than or equal to 1 (got 0)"),
         ({"lr": -1}, "lr: Input should be greater than 0 (got -1)"),
-        ({"hidden_sizes": [64, -3]}, "hidden_sizes must be positive, got [64, -3]"),
-        ({"data": "features.csv"}, "got 'features.csv'"),
+        ({"model_args": {"hidden_sizes": [64, -3]}}, "hidden_sizes must be positive, got [64, -3]"),
+        ({"data": "features.xlsx"}, "got 'features.xlsx'"),
+        ({"model": "resnet"}, "model must be one of ['mlp', 'cnn', 'text-transformer'] or an import path"),
+        ({"model": "cnn", "model_args": {"channel": [3]}}, "model_args of cnn: channel: Extra inputs are not permitted"),
+        ({"model": "text-transformer", "model_args": {"dim": 30, "heads": 4}}, "heads must divide dim, got dim=30 heads=4"),
+        ({"model_args": "{not json"}, "model_args must be a JSON object, got '{not json'"),
+        ({"val_fraction": 0.5, "test_fraction": 0.45}, "must leave >= 10 % for training, got 0.5 + 0.45"),
+        ({"mixed_precision": "fp8"}, "mixed_precision: Input should be 'auto', 'off', 'bf16' or 'fp16' (got 'fp8')"),
+        ({"grad_accum_steps": 0}, "grad_accum_steps: Input should be greater than or equal to 1 (got 0)"),
+        ({"patience": 0}, "patience: Input should be greater than or equal to 1 (got 0)"),
         ({"parent": "digits"}, "parent must look like 'model:version'"),
         ({"model_name": "bad name"}, "invalid model name 'bad name'"),
         ({"epochz": 3}, "epochz: Extra inputs are not permitted"),
@@ -39,9 +47,9 @@ def test_train_config_names_field_and_value(overrides, message):
 
 def test_train_config_from_yaml_with_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("epochs: 5\nhidden_sizes: [32]\n")
+    path.write_text("epochs: 5\nmodel_args: {hidden_sizes: [32]}\n")
     cfg = TrainConfig.load(str(path), epochs=7)
-    assert cfg.epochs == 7 and cfg.hidden_sizes == [32]
+    assert cfg.epochs == 7 and cfg.model_args == {"hidden_sizes": [32], "dropout": 0.1}  # defaults filled
     assert TrainConfig.load("deployments/train/digits.yaml").min_test_accuracy == 0.97
 
 
