@@ -32,7 +32,7 @@ def bodies() -> dict[str, bytes]:
     return {
         "pixels": json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
                                           "data": x[-1].tolist()}]}).encode(),
-        "png": json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+        "png": json.dumps({"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1],
                                        "data": [digit_png(x[-1])]}]}).encode(),
     }
 
