@@ -170,7 +170,7 @@ def train_and_publish(
     model_name, model_args = cfg.model, cfg.model_args
     if parent is not None:  # fine-tuning keeps the parent's architecture and tokenizer
         model_name, model_args = parent.spec["model"], parent.spec["model_args"]
-        if (cfg.model, cfg.model_args) != (model_name, model_args) and cfg.model_args:
+        if (cfg.model, cfg.model_args) != (model_name, model_args):
             logger.warning("fine-tuning uses the parent's model %s %s, not %s %s", model_name, model_args, cfg.model, cfg.model_args)
     streamed = use_ray_data(cfg.data, cfg.data_loading, cfg.ray_data_threshold_bytes)
     if streamed:
