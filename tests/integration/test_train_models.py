@@ -165,5 +165,5 @@ def test_cnn_from_a_folder_of_pngs_answers_pngs(ray_cluster, tmp_path):
     pipeline = LocalPipeline(str(tmp_path / "reg"), ModelConfig.model_validate({"name": "png-cnn", "versions": [{"version": 1}]}), 1)
     files = sorted((tmp_path / "pngs").glob("*/*.png"))[::30]
     pngs = np.array([base64.b64encode(f.read_bytes()).decode() for f in files], dtype=object)
-    labels = asyncio.run(pipeline.infer({"images": pngs}, True))["label"]
+    labels = asyncio.run(pipeline.infer({"input": pngs}, True))[0]["label"]
     assert np.mean(labels == np.array([f.parent.name for f in files])) >= 0.85

@@ -145,6 +145,6 @@ def test_a_version_with_external_data_is_served(reg):
     cfg = ModelConfig.model_validate({"name": "ext", "versions": [{"version": 1}], "intra_op_threads": 1, "device": "cpu"})
     batched = load_batched_runner(reg.root, cfg, 1)
     x = np.random.default_rng(1).normal(size=(4, 16)).astype(np.float32)
-    got = asyncio.run(batched.infer({"input": x}))["logits"]
+    got = asyncio.run(batched.infer({"input": x}))[0]["logits"]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(torch.from_numpy(x)).numpy(), atol=1e-5)
