@@ -24,3 +24,51 @@ def linear_onnx(in_features: int = 4, out_features: int = 3, seed: int = 0) -> b
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def _linear_graph(nodes: list, inits: list, in_features: int, out_features: int, seed: int, x: str = "input"):
+    """x @ W + b after the given nodes, W and b from ``seed`` (as linear_onnx's)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.normal(size=(in_features, out_features)).astype(np.float32), "W")
+    b = numpy_helper.from_array(rng.normal(size=(out_features,)).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [*nodes, helper.make_node("MatMul", [x, "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["logits"])],
+        "linear",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", in_features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", out_features])],
+        initializer=[w, b, *inits],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def fails_on_batches_onnx(in_features: int = 4, out_features: int = 3, seed: int = 0) -> bytes:
+    """linear_onnx's model, except that any request of more than one item fails in onnxruntime
+    (a Reshape to a fixed [1, in] shape): a candidate that errors on some inputs."""
+    from onnx import helper, numpy_helper
+
+    shape = numpy_helper.from_array(np.array([1, in_features], np.int64), "one_row")
+    return _linear_graph([helper.make_node("Reshape", ["input", "one_row"], ["row"])], [shape],
+                         in_features, out_features, seed, x="row")
+
+
+def slow_onnx(in_features: int = 4, out_features: int = 3, seed: int = 0, width: int = 1024, depth: int = 4) -> bytes:
+    """linear_onnx's answers, after ``depth`` (width x width) matmuls whose result is added
+    times zero: the same outputs, several milliseconds slower per item."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.normal(size=(in_features, width)).astype(np.float32) * 0.01, "up")]
+    nodes = [helper.make_node("MatMul", ["input", "up"], ["h0"])]
+    for i in range(depth):
+        inits.append(numpy_helper.from_array(rng.normal(size=(width, width)).astype(np.float32) * 0.01, f"m{i}"))
+        nodes.append(helper.make_node("MatMul", [f"h{i}", f"m{i}"], [f"h{i + 1}"]))
+    inits.append(numpy_helper.from_array(np.zeros((width, in_features), np.float32), "down"))
+    nodes += [helper.make_node("MatMul", [f"h{depth}", "down"], ["zero"]),
+              helper.make_node("Add", ["input", "zero"], ["same"])]
+    return _linear_graph(nodes, inits, in_features, out_features, seed, x="same")

@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_keys_parser(sub, common)
 
+    from maas_ray.cli.rollout import add_rollout_parser
+
+    add_rollout_parser(sub, common)
+
     p = sub.add_parser("quickstart", parents=[common], help="Train, publish, serve and query digits end to end.")
     p.add_argument("--model", choices=["digits", "cnn", "text"], default="digits",
                    help="digits (MLP, the default), cnn (digit images, served from PNG) or text (transformer, raw text).")

@@ -328,6 +328,33 @@ class Registry:
         logger.info("alias %s:%s -> version %d", model, alias, version)
         return version
 
+    # ---- records beside the versions (rollout decisions and their evidence) --------------
+    def write_record(self, model: str, kind: str, name: str, body: dict[str, Any]) -> str:
+        """Write ``<model>/_<kind>/<name>.json`` atomically (a rollout's state and evidence, next to
+        the versions it moves); returns its path. Versions themselves stay immutable."""
+        check_name(kind, kind)
+        check_name(f"{kind} record", name)
+        path = self._path(model, f"_{kind}", f"{name}.json")
+        try:
+            self._write(path, json.dumps(body, indent=1, default=str).encode(), atomic=True)
+        except OSError as exc:
+            raise RegistryError(f"cannot write {path}: {exc}") from exc
+        return path
+
+    def read_record(self, model: str, kind: str, name: str) -> Optional[dict[str, Any]]:
+        """The record written by :meth:`write_record`, or None if there is none."""
+        path = self._path(model, f"_{kind}", f"{check_name(f'{kind} record', name)}.json")
+        if not self._exists(path):
+            return None
+        try:
+            return json.loads(self._read(path))
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"cannot read {path}: {exc}") from exc
+
+    def list_records(self, model: str, kind: str) -> list[str]:
+        return sorted(i.base_name[:-5] for i in self._children(self._path(model, f"_{kind}"))
+                      if i.base_name.endswith(".json"))
+
     def delete_alias(self, model: str, alias: str) -> None:
         path = self._path(model, "_aliases", f"{check_name('alias', alias)}.json")
         if not self._exists(path):

@@ -53,3 +53,42 @@ def deploy(config: Union[str, Path, dict[str, Any]], *, timeout_s: float = 180.0
             raise ConfigError(f"deploy failed: {failed}")
         time.sleep(0.5)
     raise TimeoutError(f"apps {names} not RUNNING after {timeout_s}s: {states}")
+
+
+def update_ingress_user_config(app: str, user_config: dict[str, Any]) -> None:
+    """Set the ``Ingress`` deployment's ``user_config`` of a running app, as ``serve deploy`` of an
+    edited YAML would: replicas are reconfigured in place (no restarts).
+
+    Every other app is redeployed with its config unchanged (``deploy_apps`` takes the whole
+    set; an unchanged config is a no-op for Serve). Apps must have been deployed from a config
+    (``serve run``/``serve deploy``/:func:`deploy`), as the deployed config is what is edited.
+    """
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    client = _get_global_client()
+    details = client.get_serve_details()
+    apps = []
+    for name, info in details.get("applications", {}).items():
+        config = info.get("deployed_app_config")
+        if config is None:
+            raise ConfigError(f"app {name!r} was not deployed from a config; cannot update it in place")
+        config = dict(config)
+        if name == app:
+            deployments = [dict(d) for d in config.get("deployments") or []]
+            ingress = next((d for d in deployments if d.get("name") == "Ingress"), None)
+            if ingress is None:
+                ingress = {"name": "Ingress"}
+                deployments.append(ingress)
+            ingress["user_config"] = user_config
+            config["deployments"] = deployments
+        apps.append(config)
+    if app not in details.get("applications", {}):
+        raise ConfigError(f"no app {app!r} is running; apps: {sorted(details.get('applications', {}))}")
+    schema = ServeDeploySchema.model_validate({
+        "proxy_location": details.get("proxy_location") or "EveryNode",
+        "http_options": details.get("http_options") or {},
+        **({"grpc_options": details["grpc_options"]} if details.get("grpc_options") else {}),
+        "applications": apps,
+    })
+    client.deploy_apps(schema, _blocking=False)

@@ -197,6 +197,7 @@ class Ingress:
             self.weights[m.name] = self._weights_from_refs(m.name)
             self._rebuild_router(m.name)
         self.shadow = ShadowMirror(self._shadow_call, self.metrics)
+        self.batching: dict[str, Any] = {}  # model -> the user_config batching entry last applied
         self.key_header = self.args.request_key_header.lower()
         self._background: list[asyncio.Task] = []
 
@@ -370,6 +371,7 @@ class Ingress:
                 self.shadow.targets[model] = parsed_target
             logger.info("shadow for %s is now %s", model, parsed_target)
         for model, batching in (user_config.get("batching") or {}).items():
+            self.batching[model] = batching
             for slot in self._slots(model).values():
                 if slot.route is not None and slot.route.local is not None:
                     slot.route.local.reconfigure(batching)
@@ -487,6 +489,20 @@ class Ingress:
             raise
         finally:
             self.metrics.request_finished(model, number, "handle", status, error, time.perf_counter() - start)
+
+    async def current_config(self) -> dict[str, Any]:
+        """The user_config this replica runs with (what the rollout controller edits and restores),
+        plus the version each reference resolves to now and each version's state."""
+        return {
+            "user_config": {
+                "traffic": {m: dict(refs) for m, refs in self.refs.items()},
+                "shadow": {m: {"version": str(t.version), "share": t.share} for m, t in self.shadow.targets.items()},
+                "batching": dict(self.batching),
+            },
+            "resolved": {m: dict(a) for m, a in self.aliases.items()},
+            "weights": {m: {str(v): w for v, w in ws.items()} for m, ws in self.weights.items()},
+            "states": {m: {str(v): s.state for v, s in slots.items()} for m, slots in self.slots.items()},
+        }
 
     async def replicas(self) -> dict[str, Any]:
         """Which process and onnxruntime provider serve each version (ops and tests)."""
