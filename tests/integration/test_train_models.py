@@ -115,7 +115,7 @@ def test_served_over_http_from_pixels_png_and_raw_text(trained, reg_root, serve_
         r = http.post("/v1/models/text-order/versions/2:predict", json={"instances": ["the owl scared the dog"]})
         assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "owl", r.text
         r = http.post("/v1/models/text-order:predict", json={"instances": [[1, 2, 3]]})
-        assert r.status_code == 400 and "text 0: expected a string" in r.json()["error"], r.text
+        assert r.status_code == 400 and "input 'text' takes ['BYTES'], got numbers" in r.json()["error"], r.text
 
 
 def test_large_data_streams_through_ray_data_shards(ray_cluster, tmp_path):
