@@ -18,6 +18,7 @@ import os
 import platform
 import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--quick", action="store_true", help="c=32 only, 3 s points, short warm-up")
-    p.add_argument("--systems", type=lambda v: _csv(v, SYSTEMS), default=list(SYSTEMS),
+    p.add_argument("--systems", type=lambda v: _csv(v, {**SYSTEMS, "maas-baseline": None}), default=list(SYSTEMS),
                    help=f"comma list of {', '.join(SYSTEMS)}")
     p.add_argument("--workloads", type=lambda v: _csv(v, WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=None,
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         SYSTEMS["maas-baseline"] = baseline_system(a.baseline_src)
         if "maas-baseline" not in a.systems:
             a.systems.append("maas-baseline")
+    elif "maas-baseline" in a.systems:
+        p.error("maas-baseline needs --baseline-src")
     a.concurrency = a.concurrency or ([32] if a.quick else [1, 8, 32, 128])
     a.duration = a.duration or (3.0 if a.quick else 6.0)
     return a
@@ -123,7 +126,14 @@ def main(argv: list[str] | None = None) -> int:
             entry = results["workloads"][wname] = {"description": w.description, "limit": limit, "systems": {}}
             for i, sname in enumerate(a.systems):
                 system = SYSTEMS[sname]
-                ctx = Ctx(wname, str(model_path), f"{tmp}/registry", a.base_port + i, a.cores,
+                registry = f"{tmp}/registry"
+                if system.src:  # an older tree reads only the manifests it wrote: publish with it
+                    registry = f"{tmp}/registry-{sname}"
+                    subprocess.run([sys.executable, "-c", "import sys; from maas_ray.registry import Registry; "
+                                    "Registry(sys.argv[1]).publish(sys.argv[2], open(sys.argv[3], 'rb').read())",
+                                    registry, wname, str(model_path)],
+                                   env={**os.environ, "PYTHONPATH": system.src}, cwd=system.src, check=True)
+                ctx = Ctx(wname, str(model_path), registry, a.base_port + i, a.cores,
                           w.max_batch_size, a.kserve_python, a.maas_src)
                 skip = system.available(ctx)
                 if skip:

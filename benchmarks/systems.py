@@ -8,6 +8,7 @@ when Ray starts.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -30,7 +31,8 @@ def read_profile(path: Path = PROFILE_ENV) -> dict[str, str]:
     for line in path.read_text().splitlines():
         if line.startswith("export "):
             name, _, value = line[len("export "):].partition("=")
-            env[name.strip()] = value.strip()
+            parsed = shlex.split(value)  # quoted values with spaces, as bash reads them
+            env[name.strip()] = parsed[0] if parsed else ""
     return env
 
 

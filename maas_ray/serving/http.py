@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import sys
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
@@ -58,27 +57,6 @@ INFER_ROUTES = (
 )
 _JSON = (b"content-type", b"application/json")
 _OCTETS = (b"content-type", b"application/octet-stream")
-
-if sys.version_info >= (3, 11):
-    _deadline = asyncio.timeout  # a timer handle, no extra task per request
-else:  # pragma: no cover - Python 3.10
-
-    class _deadline:  # noqa: N801 - mirrors asyncio.timeout
-        def __init__(self, delay: Optional[float]) -> None:
-            self.delay = delay
-
-        async def __aenter__(self) -> None:
-            if self.delay is not None:
-                task = asyncio.current_task()
-                self.handle = asyncio.get_running_loop().call_later(self.delay, task.cancel)
-
-        async def __aexit__(self, exc_type, exc, tb) -> bool:
-            if self.delay is not None:
-                self.handle.cancel()
-                if exc_type is asyncio.CancelledError:
-                    raise TimeoutError from exc
-            return False
-
 
 def error_body(exc: BaseException, request_id: Optional[str] = None) -> tuple[int, dict[str, str], list]:
     """(status, JSON body, extra headers) for an error: ours carry their status; Serve's
@@ -306,50 +284,65 @@ class HttpApp:
         # Serve's proxy (and HAProxy) set x-request-id; its log lines carry the same id.
         request_id = headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         ingress.metrics.request_started(model)
-        number, stages, extra = None, None, [(b"x-request-id", request_id.encode("latin-1"))]
+        extra = [(b"x-request-id", request_id.encode("latin-1"))]
+        task = ingress.deadlines.enter()  # the whole request, body read included, is under the timeout
         try:
-            async with _deadline(self.limits.request_timeout_s):
-                client = scope["client"][0] if scope.get("client") else "-"
-                ingress.admit(extract_key(headers), client, model)
-                body = await self._read_body(headers, receive)
-                if body is None:  # the client went away
-                    return
-                if route == "http_v2":
-                    result, request = await ingress.infer(
-                        model, version, headers.get(ingress.key_header),
-                        lambda schema: protocol.decode_v2(
-                            body, headers.get(protocol.BINARY_HEADER), schema, self.limits),
-                        True,
-                    )
-                    t0 = time.perf_counter()
-                    payload, header_length = protocol.encode_v2(model, result.version, result.outputs, request)
-                else:
-                    result, _ = await ingress.infer(
-                        model, version, headers.get(ingress.key_header),
-                        lambda schema: protocol.decode_v1(body, schema, self.limits),
-                        False,
-                    )
-                    t0 = time.perf_counter()
-                    payload, header_length = protocol.encode_v1(result.outputs, result.version), None
-                number, stages = result.version, result.stages
-                stages["encode"] = stages.get("encode", 0.0) + time.perf_counter() - t0
-        except TimeoutError:
-            await self._error(RequestTimeoutError(
-                f"request not answered within limits.request_timeout_s={self.limits.request_timeout_s}"),
-                model, number, route, start, extra, send, request_id)
+            answer = await self._answer(route, model, version, scope, headers, receive)
+        except asyncio.CancelledError:
+            if not ingress.deadlines.exit(task):
+                raise  # the client went away or the replica is shutting down
+            timeout = RequestTimeoutError(
+                f"request not answered within limits.request_timeout_s={self.limits.request_timeout_s}")
+            await self._error(timeout, model, None, route, start, extra, send, request_id)
             return
         except Exception as exc:
-            await self._error(exc, model, number, route, start, extra, send, request_id)
+            ingress.deadlines.exit(task)
+            await self._error(exc, model, None, route, start, extra, send, request_id)
             return
-        extra.append((VERSION_HEADER.encode(), str(number).encode()))
+        ingress.deadlines.exit(task)
+        if answer is None:  # the client went away before sending its body
+            ingress.metrics.request_finished(model, None, route, 499, "ClientDisconnected", time.perf_counter() - start)
+            return
+        result, payload, header_length = answer
+        extra.append((VERSION_HEADER.encode(), str(result.version).encode()))
         if header_length is None:
             await _send(send, 200, payload, extra)
         else:  # binary tensor extension: JSON header of this length, then raw output bytes
             extra.append((protocol.BINARY_HEADER.encode(), str(header_length).encode()))
             await _send(send, 200, payload, extra, content_type=_OCTETS)
-        ingress.metrics.request_finished(model, number, route, 200, None, time.perf_counter() - start, stages)
+        ingress.metrics.request_finished(model, result.version, route, 200, None, time.perf_counter() - start,
+                                         result.stages)
         if result.after_response is not None:  # the shadow call starts once the caller has its answer
             result.after_response()
+
+    async def _answer(
+        self, route: str, model: str, version: Optional[str], scope: dict, headers: dict[str, str], receive: Callable
+    ) -> Optional[tuple[Any, bytes, Optional[int]]]:
+        """Admission, body, decode + inference, encode -> (result, payload, binary header length)."""
+        ingress = self.ingress
+        client = scope["client"][0] if scope.get("client") else "-"
+        ingress.admit(extract_key(headers), client, model)
+        body = await self._read_body(headers, receive)
+        if body is None:
+            return None
+        if route == "http_v2":
+            result, request = await ingress.infer(
+                model, version, headers.get(ingress.key_header),
+                lambda schema: protocol.decode_v2(body, headers.get(protocol.BINARY_HEADER), schema, self.limits),
+                True,
+            )
+            t0 = time.perf_counter()
+            payload, header_length = protocol.encode_v2(model, result.version, result.outputs, request)
+        else:
+            result, _ = await ingress.infer(
+                model, version, headers.get(ingress.key_header),
+                lambda schema: protocol.decode_v1(body, schema, self.limits),
+                False,
+            )
+            t0 = time.perf_counter()
+            payload, header_length = protocol.encode_v1(result.outputs, result.version), None
+        result.stages["encode"] = result.stages.get("encode", 0.0) + time.perf_counter() - t0
+        return result, payload, header_length
 
     async def _read_body(self, headers: dict[str, str], receive: Callable) -> Optional[bytes]:
         """The body, or None if the client disconnected; 413 before reading when Content-Length

@@ -36,7 +36,7 @@ from maas_ray.serving.config import AppArgs
 from maas_ray.serving.deployments import LocalPipeline, Timings, app_name, use_serve_logging
 from maas_ray.serving.http import HttpApp, build_api
 from maas_ray.serving.keys import ANONYMOUS, KeyStore, Principal, resolve_auth
-from maas_ray.serving.limits import RateLimiter
+from maas_ray.serving.limits import RateLimiter, RequestDeadlines
 from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.router import TrafficRouter
 from maas_ray.serving.shadow import ShadowMirror, parse_shadow
@@ -134,7 +134,7 @@ class VersionSlot:
             raise ModelNotReadyError(f"model {model!r} version {self.number} is {self.state}{why}", 5.0)
 
 
-@dataclass
+@dataclass(slots=True)
 class InferResult:
     """What :meth:`Ingress.infer` hands back to the protocol that called it.
 
@@ -166,6 +166,7 @@ class Ingress:
         auth = resolve_auth(self.args.auth)  # cluster nodes may switch keys on through MAAS_AUTH_*
         self.keys: Optional[KeyStore] = KeyStore.from_config(auth) if auth.enabled else None
         self.rate: Optional[RateLimiter] = RateLimiter.from_limits(self.limits)
+        self.deadlines = RequestDeadlines(self.limits.request_timeout_s)
         registry = Registry(self.args.registry_root)
         self.aliases: dict[str, dict[str, int]] = {}
         self.slots: dict[str, dict[int, VersionSlot]] = {}
@@ -324,7 +325,8 @@ class Ingress:
         if self._background:
             return
         loop = asyncio.get_running_loop()
-        self._background = [loop.create_task(self._poll_remote_versions()), loop.create_task(self._follow_aliases())]
+        self._background = [loop.create_task(self._poll_remote_versions()), loop.create_task(self._follow_aliases()),
+                            loop.create_task(self.deadlines.watch_forever())]
         if self.keys is not None:
             self._background.append(loop.create_task(self.keys.refresh_forever()))
 
@@ -440,13 +442,14 @@ class Ingress:
         if self.loading.get(model):
             await self._refresh_loading(model)
         slot = self.pick(model, version, key)
-        slot.require_ready(model)
+        if slot.state != "ready":
+            slot.require_ready(model)
         t0 = time.perf_counter()
         request = decode(slot.schema)
         tensors = request if isinstance(request, dict) else request.tensors
         decode_s = time.perf_counter() - t0
         outputs, stages = await slot.route.infer(tensors, strict)
-        stages = {**stages, "decode": decode_s + stages.get("decode", 0.0)}
+        stages["decode"] = decode_s + stages.get("decode", 0.0)  # a fresh dict per request
         mirror = self.shadow.plan(model, slot.number, tensors, outputs, strict)
         return InferResult(slot.number, outputs, stages, mirror), request
 

@@ -6,6 +6,7 @@ app-wide limit is ``rate_limit_rps`` times the number of ingress replicas.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import OrderedDict
@@ -91,3 +92,53 @@ class RateLimiter:
             f"retry after {retry_after:.2f} s",
             retry_after,
         )
+
+
+class RequestDeadlines:
+    """``limits.request_timeout_s`` for every request of a replica, checked by one watchdog.
+
+    ``asyncio.timeout`` costs ~17 us per request on the replica's uvloop (a timer armed and
+    disarmed each time; measured in process through the lean HTTP path), about 5 % of a tiny
+    model's whole request. Here a request only registers its
+    task in a dict (~0.3 us); a watchdog task wakes every ``check_interval_s`` and cancels the
+    tasks past their deadline, so a request gets its 504 within the timeout plus one interval.
+    """
+
+    def __init__(self, timeout_s: Optional[float], *, check_interval_s: Optional[float] = None) -> None:
+        self.timeout_s = timeout_s
+        self.check_interval_s = check_interval_s or (min(1.0, timeout_s / 10) if timeout_s else 1.0)
+        self.active: dict[asyncio.Task, float] = {}
+        self.expired: set[asyncio.Task] = set()
+
+    def enter(self) -> Optional[asyncio.Task]:
+        if self.timeout_s is None:
+            return None
+        task = asyncio.current_task()
+        if task is not None:
+            self.active[task] = time.monotonic() + self.timeout_s
+        return task
+
+    def exit(self, task: Optional[asyncio.Task]) -> bool:
+        """Unregister; True if this task was cancelled because it ran past its deadline."""
+        if task is None:
+            return False
+        self.active.pop(task, None)
+        if task in self.expired:
+            self.expired.discard(task)
+            return True
+        return False
+
+    def timed_out(self, task: Optional[asyncio.Task]) -> bool:
+        return task is not None and task in self.expired
+
+    async def watch_forever(self) -> None:
+        if self.timeout_s is None:
+            return
+        while True:
+            await asyncio.sleep(self.check_interval_s)
+            now = time.monotonic()
+            for task, deadline in list(self.active.items()):
+                if deadline <= now:
+                    del self.active[task]
+                    self.expired.add(task)
+                    task.cancel()

@@ -194,12 +194,11 @@ class ServingMetrics:
         self._requests: dict[tuple, int] = {}  # (model, version, protocol, status) -> n
         self._errors: dict[tuple, int] = {}  # (model, version, error) -> n
         self._latency: dict[tuple, _Hist] = {}  # (model, version, protocol, status)
-        self._stages: dict[tuple, _Hist] = {}  # (model, version, stage)
+        self._stages: dict[tuple, dict[str, _Hist]] = {}  # (model, version) -> stage -> histogram
         self._batches: dict[tuple, _Hist] = {}  # (model, version)
         self._states: dict[tuple, str] = {}  # (model, version) -> state
         self._shadow: dict[tuple, list[int]] = {}  # (model, version) -> [compared, agreed, dropped]
         self._shadow_diff: dict[tuple, _Hist] = {}  # (model, version)
-        self._dirty: set[tuple] = set()  # ("latency"|"stage"|"batch", key) changed since the last flush
         # Flush-side state: what Ray has been told (counters get deltas) and the last snapshots.
         self._sent: dict[tuple, int] = {}
         self._snapshots: dict[tuple, tuple[list[int], float, int]] = {}
@@ -236,18 +235,19 @@ class ServingMetrics:
             if hist is None:
                 hist = self._latency[key] = _Hist(LATENCY_BUCKETS)
             hist.observe(total_s)
-            self._dirty.add(("latency", key))
             if status >= 400:
                 ekey = (model, version, error or "unknown")
                 self._errors[ekey] = self._errors.get(ekey, 0) + 1
             if stages:
+                # One lookup per request, not per stage: this path runs for every request.
+                per_stage = self._stages.get((model, version))
+                if per_stage is None:
+                    per_stage = self._stages[(model, version)] = {}
                 for stage, seconds in stages.items():
-                    skey = (model, version, stage)
-                    hist = self._stages.get(skey)
+                    hist = per_stage.get(stage)
                     if hist is None:
-                        hist = self._stages[skey] = _Hist(LATENCY_BUCKETS)
+                        hist = per_stage[stage] = _Hist(LATENCY_BUCKETS)
                     hist.observe(seconds)
-                    self._dirty.add(("stage", skey))
 
     def batch(self, model: str, version: int, size: int) -> None:
         key = (model, version)
@@ -256,7 +256,6 @@ class ServingMetrics:
             if hist is None:
                 hist = self._batches[key] = _Hist(BATCH_BUCKETS)
             hist.observe(size)
-            self._dirty.add(("batch", key))
 
     def shadow(self, model: str, version: int, *, compared: int, agreed: int, max_abs_diff: Optional[float]) -> None:
         """One mirrored request's agreement with the primary (see maas_ray.serving.shadow)."""
@@ -270,7 +269,6 @@ class ServingMetrics:
                 if hist is None:
                     hist = self._shadow_diff[key] = _Hist(DIFF_BUCKETS)
                 hist.observe(max_abs_diff)
-                self._dirty.add(("shadow_diff", key))
 
     def shadow_dropped(self, model: str, version: int) -> None:
         key = (model, version)
@@ -328,11 +326,15 @@ class ServingMetrics:
                 errors = dict(self._errors)
                 states = dict(self._states)
                 shadow = {k: list(v) for k, v in self._shadow.items()}
-                sources = {"latency": self._latency, "stage": self._stages, "batch": self._batches,
-                           "shadow_diff": self._shadow_diff}
-                for kind, key in self._dirty:
-                    self._snapshots[(kind, key)] = sources[kind][key].snapshot()
-                self._dirty.clear()
+                # Snapshot every histogram (O(series x buckets) once a second): cheaper than
+                # marking the changed ones on every request.
+                for kind, source in (("latency", self._latency), ("batch", self._batches),
+                                     ("shadow_diff", self._shadow_diff)):
+                    for key, hist in source.items():
+                        self._snapshots[(kind, key)] = hist.snapshot()
+                for (model, version), per_stage in self._stages.items():
+                    for stage, hist in per_stage.items():
+                        self._snapshots[("stage", (model, version, stage))] = hist.snapshot()
             self._export(in_flight, requests, errors, states)
             self._export_shadow(shadow)
 

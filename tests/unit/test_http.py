@@ -15,6 +15,7 @@ import pytest
 from maas_ray.errors import ModelNotFoundError, RateLimitedError, UnauthenticatedError
 from maas_ray.serving.config import Limits
 from maas_ray.serving.http import HttpApp, build_api
+from maas_ray.serving.limits import RequestDeadlines
 from maas_ray.serving.protocol import RequestSchema
 
 pytestmark = pytest.mark.unit
@@ -40,6 +41,7 @@ class FakeIngress:
     def __init__(self, limits=None):
         self.limits = limits or Limits(max_body_bytes=2048, request_timeout_s=0.5)
         self.metrics = FakeMetrics()
+        self.deadlines = RequestDeadlines(self.limits.request_timeout_s, check_interval_s=0.05)
         self.calls = []
 
     def admit(self, api_key, client, model, *, admin=False):
@@ -55,7 +57,11 @@ class FakeIngress:
         if model == "bug":
             raise RuntimeError("boom")
         if model == "slow":
-            await asyncio.sleep(5)
+            watchdog = asyncio.get_running_loop().create_task(self.deadlines.watch_forever())
+            try:
+                await asyncio.sleep(5)
+            finally:
+                watchdog.cancel()
         request = decode(SCHEMA)
         tensors = request if isinstance(request, dict) else request.tensors
         y = tensors["input"].sum(axis=1)
