@@ -281,10 +281,11 @@ class HttpApp:
         start = time.perf_counter()
         ingress = self.ingress
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        # Serve's proxy (and HAProxy) set x-request-id; its log lines carry the same id.
+        # Serve's RequestIdMiddleware (proxy and direct ingress alike) puts x-request-id in the
+        # scope, yours or a generated one, and returns it on the response; its log lines carry it.
         request_id = headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         ingress.metrics.request_started(model)
-        extra = [(b"x-request-id", request_id.encode("latin-1"))]
+        extra: list = []
         task = ingress.deadlines.enter()  # the whole request, body read included, is under the timeout
         try:
             answer = await self._answer(route, model, version, scope, headers, receive)
