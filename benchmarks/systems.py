@@ -8,6 +8,7 @@ when Ray starts.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -30,7 +31,8 @@ def read_profile(path: Path = PROFILE_ENV) -> dict[str, str]:
     for line in path.read_text().splitlines():
         if line.startswith("export "):
             name, _, value = line[len("export "):].partition("=")
-            env[name.strip()] = value.strip()
+            # Shell quoting, as `source` strips it: HAProxy refuses a retry-on value in quotes.
+            env[name.strip()] = shlex.split(value)[0] if value.strip() else ""
     return env
 
 
@@ -50,6 +52,7 @@ class Ctx:
     max_batch_size: int
     kserve_python: str
     maas_src: Optional[str] = None  # a patched copy of maas_ray to import first (experiments)
+    grpc_port: Optional[int] = None  # maas systems: also serve OIP v2 over gRPC here (run.py --grpc)
 
 
 @dataclass
@@ -65,7 +68,8 @@ class System:
 def _ray(*args: str) -> Callable[[Ctx], list[str]]:
     return lambda c: [sys.executable, "-m", "benchmarks.servers.ray_server", *args, "--port", str(c.port),
                       "--num-cpus", str(c.cores), "--threads", str(c.cores), "--model-path", c.model_path,
-                      "--registry", c.registry, "--model", c.workload, "--max-batch-size", str(c.max_batch_size)]
+                      "--registry", c.registry, "--model", c.workload, "--max-batch-size", str(c.max_batch_size),
+                      *(["--grpc-port", str(c.grpc_port)] if c.grpc_port else [])]
 
 
 def _kserve_missing(c: Ctx) -> Optional[str]:
