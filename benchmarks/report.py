@@ -29,6 +29,25 @@ def _ms(v: float) -> str:
     return f"{v:.1f}" if v < 100 else f"{v:.0f}"
 
 
+def _grpc_table(w: dict, lim: dict) -> list[str]:
+    """Systems measured over gRPC too (run.py --grpc): each concurrency, HTTP beside gRPC."""
+    rows = []
+    for s, r in w["systems"].items():
+        http = {q["concurrency"]: q for q in r.get("points", [])}
+        for g in r.get("grpc_points", []):
+            h = http.get(g["concurrency"])
+            rows.append(
+                f"| {s} | {g['concurrency']} | " + (f"{h['rps']:,.0f} / {_ms(h['p99_ms'])}" if h else "-")
+                + f" | {g['rps']:,.0f} / {_ms(g['p99_ms'])} | {_ratio(g['rps'], h['rps'] if h else None)} | "
+                f"{_ratio(g['rps'], lim['batch1_items_per_s'])} | {g['errors']} |")
+    if not rows:
+        return []
+    return ["", "**OIP v2 over gRPC** (benchmarks/grpc_loadgen.py: grpc.aio closed loop, raw_input_contents) "
+            "beside HTTP (wrk) on the same server:", "",
+            "| system | c | HTTP items/s / p99 ms | gRPC items/s / p99 ms | gRPC vs HTTP | gRPC vs limit b1 | "
+            "gRPC errors |", "|---|---|---|---|---|---|---|", *rows]
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     out = [f"# Benchmark results ({meta['started']})", "",
@@ -64,6 +83,7 @@ def markdown(results: dict) -> str:
                 f"{_ms(c1['p50_ms']) if c1 else '-'} | {errs} | {_ratio(p['rps'], lim['batch1_items_per_s'])} | "
                 f"{_ratio(p['rps'], lim['best_items_per_s'])} | "
                 + " | ".join(_ratio(p["rps"], base.get(b)) for b in BASELINES) + " |")
+        out += _grpc_table(w, lim)
         out += ["", "**At a p99 no worse than the baseline's own** (the targets' reading): each system's best "
                 "point with p99 <= the baseline's p99 at its peak, over the baseline's peak items/s.", "",
                 "| system | " + " | ".join(f"vs {b} (p99 <= {_ms(peaks[b]['p99_ms'])} ms)" for b in base) + " |",

@@ -7,6 +7,11 @@ with wrk. Writes ``results.json``, ``results.md`` and ``results.png`` under --ou
 
     python -m benchmarks.run --out benchmarks/results                 # full run, ~20 min on 2 cores
     python -m benchmarks.run --quick --systems flask,maas-fused-tp    # c=32 only, short points
+    python -m benchmarks.run --grpc --workloads mlp --systems maas-ingress-tp-x2   # + OIP v2 over gRPC
+
+--grpc: maas systems also serve gRPC (HTTP port + 1000) and each is measured over gRPC
+after HTTP, at the same concurrencies, with benchmarks/grpc_loadgen.py (closed loop,
+grpc.aio); the points go under ``grpc_points`` beside ``points``.
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks import report
+from benchmarks.grpc_loadgen import infer_request, run_grpc
 from benchmarks.limit import measure_limit
 from benchmarks.loadgen import run_wrk, wrk_path
 from benchmarks.systems import SYSTEMS, Ctx, Server, baseline_system
-from benchmarks.workloads import MODEL_PATH, WORKLOADS
+from benchmarks.workloads import INPUT_NAME, MODEL_PATH, WORKLOADS
 
 logger = logging.getLogger("benchmarks")
 
@@ -55,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="CPUs every system gets in total")
     p.add_argument("--base-port", type=int, default=8100, help="systems use base-port + i (not 8000)")
     p.add_argument("--kserve-python", default=os.environ.get("KSERVE_PYTHON", "/tmp/kserve-venv/bin/python"))
+    p.add_argument("--grpc", action="store_true",
+                   help="maas systems: also measure OIP v2 over gRPC (port base-port + i + 1000)")
     p.add_argument("--maas-src", help="directory holding a patched maas_ray package to benchmark instead")
     p.add_argument("--baseline-src", help="a checkout of an earlier commit (git worktree add DIR REV): adds "
                    "'maas-baseline', the shipped profile from that tree, to compare a change in one run")
@@ -78,6 +88,20 @@ def bench_system(server: Server, url: str, body: bytes, a: argparse.Namespace) -
             run_wrk(url, body, c, 1)  # settle at this concurrency
         p = run_wrk(url, body, c, a.duration).as_dict()
         logger.info("  %-18s c=%-4d %8.0f items/s  p50 %7.1f ms  p99 %7.1f ms  errors %d",
+                    server.system.name, c, p["rps"], p["p50_ms"], p["p99_ms"], p["errors"])
+        points.append(p)
+    return points
+
+
+def bench_grpc(server: Server, target: str, request: bytes, a: argparse.Namespace) -> list[dict]:
+    """The same sweep as :func:`bench_system`, over gRPC (benchmarks/grpc_loadgen.py)."""
+    run_grpc(target, request, 8, 2 if a.quick else 4)  # warm-up, not measured
+    points = []
+    for c in a.concurrency:
+        if not a.quick:
+            run_grpc(target, request, c, 1)
+        p = run_grpc(target, request, c, a.duration).as_dict()
+        logger.info("  %-18s c=%-4d %8.0f items/s  p50 %7.1f ms  p99 %7.1f ms  errors %d  (gRPC)",
                     server.system.name, c, p["rps"], p["p50_ms"], p["p99_ms"], p["errors"])
         points.append(p)
     return points
@@ -126,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             entry = results["workloads"][wname] = {"description": w.description, "limit": limit, "systems": {}}
             for i, sname in enumerate(a.systems):
                 system = SYSTEMS[sname]
+<<<<<<< HEAD
                 registry = f"{tmp}/registry"
                 if system.src:  # an older tree reads only the manifests it wrote: publish with it
                     registry = f"{tmp}/registry-{sname}"
@@ -135,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
                                    env={**os.environ, "PYTHONPATH": system.src}, cwd=system.src, check=True)
                 ctx = Ctx(wname, str(model_path), registry, a.base_port + i, a.cores,
                           w.max_batch_size, a.kserve_python, a.maas_src)
+=======
+                # The baseline's maas_ray predates gRPC: HTTP only.
+                grpc_port = a.base_port + i + 1000 if a.grpc and sname.startswith("maas-") and \
+                    sname != "maas-baseline" else None
+                ctx = Ctx(wname, str(model_path), f"{tmp}/registry", a.base_port + i, a.cores,
+                          w.max_batch_size, a.kserve_python, a.maas_src, grpc_port)
+>>>>>>> grpc
                 skip = system.available(ctx)
                 if skip:
                     logger.warning("%s: skipped: %s", sname, skip)
@@ -150,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                     rec["startup_s"] = round(time.monotonic() - started, 1)
                     rec["sample_output_shape"] = reply["outputs"][0]["shape"]
                     rec["points"] = bench_system(server, url, body, a)
+                    if grpc_port:
+                        x = w.example(1, np.random.default_rng(0))
+                        request = infer_request(wname, INPUT_NAME, x, "FP32" if x.dtype.kind == "f" else "INT64")
+                        rec["grpc_points"] = bench_grpc(server, f"127.0.0.1:{grpc_port}", request, a)
                 except Exception as exc:  # record and go on with the next system
                     logger.error("%s / %s failed: %s", wname, sname, exc)
                     rec["note"] = f"failed: {exc}"

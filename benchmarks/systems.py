@@ -52,6 +52,7 @@ class Ctx:
     max_batch_size: int
     kserve_python: str
     maas_src: Optional[str] = None  # a patched copy of maas_ray to import first (experiments)
+    grpc_port: Optional[int] = None  # maas systems: also serve OIP v2 over gRPC here (run.py --grpc)
 
 
 @dataclass
@@ -67,7 +68,8 @@ class System:
 def _ray(*args: str) -> Callable[[Ctx], list[str]]:
     return lambda c: [sys.executable, "-m", "benchmarks.servers.ray_server", *args, "--port", str(c.port),
                       "--num-cpus", str(c.cores), "--threads", str(c.cores), "--model-path", c.model_path,
-                      "--registry", c.registry, "--model", c.workload, "--max-batch-size", str(c.max_batch_size)]
+                      "--registry", c.registry, "--model", c.workload, "--max-batch-size", str(c.max_batch_size),
+                      *(["--grpc-port", str(c.grpc_port)] if c.grpc_port else [])]
 
 
 def _kserve_missing(c: Ctx) -> Optional[str]:

@@ -89,12 +89,13 @@ def tuned_app(model_path: str, max_batch_size: int, threads: int):
 
 
 def maas_config(port: int, registry: str, model: str, placement: str, max_batch_size: int, threads: int,
-                replicas: int = 1, access_log: bool = True) -> dict:
+                replicas: int = 1, access_log: bool = True, grpc_port: int = 0) -> dict:
     """A Serve config for maas_ray's real app (``build_app``), sized for 2 cores.
 
     ``replicas`` > 1 (ingress placement): that many ingress replicas share the cores, each
     with ``threads // replicas`` onnxruntime threads, as gunicorn runs one worker per core.
     ``access_log=False``: no per-request access log line (the throughput profile).
+    ``grpc_port``: also serve OIP v2 over gRPC there (0: HTTP only).
     """
     m = {
         "name": model, "placement": placement, "versions": [{"version": 1}],
@@ -106,9 +107,13 @@ def maas_config(port: int, registry: str, model: str, placement: str, max_batch_
     if placement == "split":
         m["preprocess"] = m["postprocess"] = {"ray_actor_options": {"num_cpus": 0.1}}
     ingress_cpus = round(1.5 / replicas, 2) if placement == "ingress" else 0.25
+    from maas_ray.serving.grpc import SERVICER_FUNCTION
+
+    grpc = {"grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}} if grpc_port else {}
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "127.0.0.1", "port": port},
+        **grpc,
         "applications": [{
             "name": "maas", "route_prefix": "/", "import_path": "maas_ray.serving.app:build_app",
             "logging_config": {"enable_access_log": access_log},
@@ -131,6 +136,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", help="registry model name (maas)")
     p.add_argument("--placement", choices=["split", "fused", "ingress"], default="fused")
     p.add_argument("--no-access-log", action="store_true", help="drop Serve's per-request access log (maas)")
+    p.add_argument("--grpc-port", type=int, default=0, help="also serve OIP v2 over gRPC on this port (maas)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -150,7 +156,7 @@ def main(argv=None) -> None:
             logger.info("maas_ray from %s", maas_ray.__file__)
 
             deploy(maas_config(a.port, a.registry, a.model, a.placement, a.max_batch_size, a.threads, a.replicas,
-                               access_log=not a.no_access_log))
+                               access_log=not a.no_access_log, grpc_port=a.grpc_port))
         else:
             serve.start(http_options={"host": "127.0.0.1", "port": a.port})
             app = plain_app(a.model_path) if a.system == "ray-plain" else tuned_app(

@@ -38,6 +38,9 @@ def deploy(config: Union[str, Path, dict[str, Any]], *, timeout_s: float = 180.0
     schema = load_config(config)
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(),
+        # The OIP v2 gRPC service (maas_ray.serving.grpc) when the config names a servicer;
+        # Serve's default (no servicer functions) starts no gRPC server.
+        grpc_options=schema.grpc_options.model_dump(),
         proxy_location=schema.proxy_location,
     )
     client.deploy_apps(schema, _blocking=False)

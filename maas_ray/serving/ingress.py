@@ -34,6 +34,7 @@ from maas_ray.registry import Manifest, Registry
 from maas_ray.serving import protocol
 from maas_ray.serving.config import AppArgs
 from maas_ray.serving.deployments import LocalPipeline, Timings, app_name, use_serve_logging
+from maas_ray.serving.grpc import GrpcInferenceMixin
 from maas_ray.serving.http import HttpApp, build_api
 from maas_ray.serving.keys import ANONYMOUS, KeyStore, Principal, resolve_auth
 from maas_ray.serving.limits import RateLimiter, RequestDeadlines
@@ -149,7 +150,7 @@ class InferResult:
 
 
 @serve.ingress()  # the app is built per replica by __serve_build_asgi_app__
-class Ingress:
+class Ingress(GrpcInferenceMixin):  # the OIP v2 gRPC RPCs: maas_ray.serving.grpc
     def __init__(
         self,
         args: dict[str, Any],

@@ -41,7 +41,7 @@ import math
 import struct
 from dataclasses import dataclass
 from itertools import chain, islice
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 import orjson
@@ -276,7 +276,14 @@ def _to_array(where: str, datatype: str, values: Any, shape: list[int], types: s
     return arr.reshape(shape)
 
 
-def _from_binary(where: str, datatype: str, raw: memoryview, shape: list[int], size: int) -> np.ndarray:
+def _from_binary(
+    where: str, datatype: str, raw: memoryview, shape: list[int], size: int,
+    size_field: str = ".parameters.binary_data_size",
+) -> np.ndarray:
+    """Raw little-endian tensor bytes (binary extension, gRPC raw contents) -> an array.
+
+    ``size_field`` names where the byte count came from, for the error message.
+    """
     if datatype == "BYTES":  # repeated: 4-byte little-endian length, then that many bytes
         items, pos, end = [], 0, len(raw)
         unpack = struct.Struct("<I").unpack_from
@@ -302,7 +309,7 @@ def _from_binary(where: str, datatype: str, raw: memoryview, shape: list[int], s
     dtype = OIP_TO_NUMPY[datatype]
     if len(raw) != size * dtype.itemsize:
         raise InvalidInputError(
-            f"{where}.parameters.binary_data_size: shape {shape} of {datatype} needs "
+            f"{where}{size_field}: shape {shape} of {datatype} needs "
             f"{size * dtype.itemsize} bytes, got {len(raw)}"
         )
     arr = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))  # the extension is little-endian
@@ -536,6 +543,128 @@ def encode_v2(
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
+
+
+# ---- v2 over gRPC ----------------------------------------------------------------------
+# The typed ``contents`` field of inference.InferTensorContents that carries each datatype.
+# FP16 has none: it travels in raw_input_contents only (as in Triton).
+GRPC_CONTENTS = {
+    "BOOL": "bool_contents", "BYTES": "bytes_contents",
+    "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
+    "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents",
+}
+
+
+def grpc_parameters(params: Any, where: str) -> dict[str, Scalar]:
+    """A ``map<string, InferParameter>`` -> plain scalars, checked like JSON parameters."""
+    out: dict[str, Scalar] = {}
+    for k, p in params.items():
+        which = p.WhichOneof("parameter_choice")
+        if which is None:
+            raise _bad(f"{where}.{_key(k)}", "a string, number or boolean", None)
+        out[k] = getattr(p, which)
+    return _parameters(out, where)
+
+
+def decode_grpc(req: Any, schema: RequestSchema, limits: "Limits") -> InferRequest:
+    """Validate and decode an ``inference.ModelInferRequest`` (typed contents or raw_input_contents).
+
+    The same checks as :func:`decode_v2`, with the same messages where the fields match:
+    names, datatypes, shapes and element limits before any tensor is built; contents
+    lengths against the shape; raw sizes against ``prod(shape) * itemsize``; BYTES length
+    prefixes bounds-checked; requested outputs known. Outputs always go back raw.
+    """
+    request_id = req.id or None
+    if request_id is not None and len(request_id) > MAX_ID_CHARS:
+        raise _bad("id", f"a string of at most {MAX_ID_CHARS} characters", request_id)
+    params = grpc_parameters(req.parameters, "parameters") if req.parameters else {}
+    inputs: Sequence[Any] = req.inputs
+    if not inputs:
+        raise _bad("inputs", "a non-empty list of input objects", [])
+    raw: Sequence[bytes] = req.raw_input_contents
+    if raw and len(raw) != len(inputs):
+        raise InvalidInputError(
+            f"raw_input_contents: expected one entry per input ({len(inputs)}), got {len(raw)}"
+        )
+    headers: list[tuple[str, str, str, list[int], int]] = []
+    seen: set[str] = set()
+    total = 0
+    for i, item in enumerate(inputs):
+        where = f"inputs[{i}]"
+        name = item.name
+        accepted = schema.inputs.get(name)
+        if accepted is None:
+            raise InvalidInputError(
+                f"{where}.name: unknown input {_show(name)}; this model takes {list(schema.inputs)}"
+            )
+        if name in seen:
+            raise InvalidInputError(f"{where}.name: input {name!r} given more than once")
+        seen.add(name)
+        datatype = item.datatype
+        if datatype not in accepted:
+            raise _bad(f"{where}.datatype", f"one of {sorted(accepted)} for input {name!r}", datatype)
+        shape, size = _shape(list(item.shape), f"{where}.shape", limits)
+        total += size
+        if item.parameters:
+            grpc_parameters(item.parameters, f"{where}.parameters")
+        filled = [f.name for f, _ in item.contents.ListFields()]
+        if raw and filled:
+            raise InvalidInputError(f"{where}: give either contents or raw_input_contents, not both")
+        if not raw:
+            wanted = GRPC_CONTENTS.get(datatype)
+            if wanted is None:
+                raise InvalidInputError(f"{where}: {datatype} travels in raw_input_contents only")
+            if filled and filled != [wanted]:
+                raise InvalidInputError(f"{where}.contents: expected {wanted} for {datatype}, got {filled}")
+        headers.append((where, name, datatype, shape, size))
+    if total > limits.max_tensor_elements:
+        raise PayloadTooLargeError(
+            f"inputs: {total} elements in all, over the limit of {limits.max_tensor_elements} (max_tensor_elements)"
+        )
+    if len(seen) != len(schema.inputs):
+        missing = [n for n in schema.inputs if n not in seen]
+        raise InvalidInputError(f"inputs: missing input(s) {missing}; this model takes {list(schema.inputs)}")
+    wanted_outputs = [
+        {"name": o.name, **({"parameters": grpc_parameters(o.parameters, f"outputs[{j}].parameters")}
+                            if o.parameters else {})}
+        for j, o in enumerate(req.outputs)
+    ]
+    outputs, _ = _requested_outputs(wanted_outputs, schema, False)
+
+    tensors: Tensors = {}
+    for i, (item, (where, name, datatype, shape, size)) in enumerate(zip(inputs, headers)):
+        if raw:
+            tensors[name] = _from_binary(
+                where, datatype, memoryview(raw[i]), shape, size, size_field=f" (raw_input_contents[{i}])"
+            )
+            continue
+        values = getattr(item.contents, GRPC_CONTENTS[datatype])
+        if len(values) != size:
+            raise InvalidInputError(f"{where}.contents: shape {shape} needs {size} values, got {len(values)}")
+        if datatype == "BYTES":
+            arr = np.empty(size, dtype=object)
+            arr[:] = list(values)
+            tensors[name] = arr.reshape(shape)
+            continue
+        # Protobuf floats can be NaN/inf (JSON's cannot): check finiteness for every float type.
+        arr = _to_array(f"{where}.contents", datatype, list(values), shape, {float})
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise InvalidInputError(f"{where}.contents: {datatype} values must be finite")
+        tensors[name] = arr
+    return InferRequest(tensors, request_id, outputs, frozenset(), params)
+
+
+def encode_grpc_outputs(outputs: Tensors, request: Optional[InferRequest]) -> list[tuple[str, str, list[int], bytes]]:
+    """(name, datatype, shape, raw little-endian bytes) per output, the requested ones only,
+    in request order: gRPC responses carry raw_output_contents, as Triton's do."""
+    if request is not None and request.outputs is not None:
+        outputs = {n: outputs[n] for n in request.outputs if n in outputs}
+    result = []
+    for name, arr in outputs.items():
+        datatype = datatype_of(arr)
+        result.append((name, datatype, list(arr.shape), _as_binary(arr, datatype)))
+    return result
 
 
 # ---- v1 ---------------------------------------------------------------------------------

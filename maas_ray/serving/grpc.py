@@ -1,0 +1,216 @@
+"""Open Inference Protocol v2 over gRPC (``inference.GRPCInferenceService``) on the ingress.
+
+Serve's gRPC proxy calls the ingress method named like the RPC (``ModelInfer``, ...) with
+the decoded request message and a ``grpc_context``; the servicer registration that tells
+the proxy about the service is tritonclient's
+``tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server`` (the
+exact service stock ``tritonclient.grpc`` and KServe's InferenceGRPCClient speak), named in
+the Serve config's ``grpc_options.grpc_servicer_functions``.
+
+Everything goes through the same ingress core as HTTP (:meth:`Ingress.admit`,
+:meth:`Ingress.infer`, :meth:`Ingress.metadata`, ...), so keys, rate limits, validation
+(:func:`protocol.decode_grpc`), version routing and metrics are one code path. Errors set
+the status code from ``MaasError.grpc_code`` and the same message HTTP sends; metrics record
+the HTTP status the error would have had, so dashboards agree across protocols.
+
+Request metadata: ``authorization: Bearer <key>`` or ``x-api-key`` (as HTTP headers), the
+sticky key as the app's ``request_key_header`` (metadata or a request parameter of that name),
+and the version pin as ``model_version``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from maas_ray.errors import MaasError, RequestTimeoutError, unwrap_remote
+from maas_ray.serving import protocol
+from maas_ray.serving.keys import extract_key
+
+if TYPE_CHECKING:
+    from maas_ray.serving.ingress import Ingress
+
+logger = logging.getLogger(__name__)
+
+# What the Serve config names in grpc_options.grpc_servicer_functions.
+SERVICER_FUNCTION = "maas_ray.serving.grpc.add_inference_servicer"
+PROTOCOL = "grpc"
+
+
+def _pb():
+    """tritonclient's generated messages, importable by the names pickle records for them.
+
+    Serve's proxy pickles each request message to the replica. tritonclient generates its
+    messages with the proto file's module names (``ModelInferRequest.__module__`` is
+    ``grpc_service_pb2``, not ``tritonclient.grpc.service_pb2``), which no process can
+    import, so pickling fails (UNKNOWN: "Can't pickle ... import of module
+    'grpc_service_pb2' failed"). Registering the modules under those names fixes both ends:
+    the proxy imports this module through :func:`add_inference_servicer`, the replica
+    through :class:`~maas_ray.serving.ingress.Ingress`.
+    """
+    from tritonclient.grpc import model_config_pb2, service_pb2
+
+    for module in (service_pb2, model_config_pb2):
+        sys.modules.setdefault(module.DESCRIPTOR.name.replace("/", ".").removesuffix(".proto") + "_pb2", module)
+    return service_pb2
+
+
+def add_inference_servicer(servicer: Any, server: Any) -> None:
+    """The servicer function for ``grpc_options.grpc_servicer_functions``: registers
+    ``inference.GRPCInferenceService`` (tritonclient's, the service stock Triton and KServe
+    clients call) after making its messages picklable (see :func:`_pb`)."""
+    from tritonclient.grpc import service_pb2_grpc
+
+    _pb()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+
+
+_pb()  # at import: the replica unpickles request messages before any RPC method runs
+
+
+def _status(exc: BaseException) -> tuple[Any, int, str, str]:
+    """(grpc.StatusCode, equivalent HTTP status, message, error class name) for an exception,
+    with the same mapping and message as the HTTP error bodies."""
+    import grpc
+
+    from maas_ray.serving.http import _from_serve, error_body
+
+    inner = unwrap_remote(exc)
+    mapped = inner if isinstance(inner, MaasError) else (_from_serve(inner) or inner)
+    status, body, _ = error_body(exc)
+    code = grpc.StatusCode[mapped.grpc_code] if isinstance(mapped, MaasError) else grpc.StatusCode.INTERNAL
+    return code, status, body["error"], type(inner).__name__
+
+
+def _metadata(grpc_context: Any) -> dict[str, str]:
+    if grpc_context is None:
+        return {}
+    return {k.lower(): v for k, v in grpc_context.invocation_metadata() if isinstance(v, str)}
+
+
+def _peer(grpc_context: Any) -> str:
+    """The client's address for per-client rate limits: ``ipv4:1.2.3.4:5678`` -> ``1.2.3.4``."""
+    peer = grpc_context.peer() if grpc_context is not None else ""
+    if not peer:
+        return "-"
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer
+
+
+class GrpcInferenceMixin:
+    """The ``inference.GRPCInferenceService`` RPCs, as methods of :class:`Ingress`."""
+
+    def _grpc_fail(self: "Ingress", grpc_context: Any, exc: BaseException) -> tuple[int, str]:
+        """Set the code and details on the call; returns (HTTP-equivalent status, error name).
+
+        The RPC method then returns an empty message: with a non-OK code set, the proxy sends
+        the status and no message, and Serve logs no traceback for an expected client error.
+        """
+        code, status, message, error = _status(exc)
+        if grpc_context is not None:
+            grpc_context.set_code(code)
+            grpc_context.set_details(message)
+        return status, error
+
+    def _grpc_admit(self: "Ingress", grpc_context: Any, model: Optional[str], admin: bool = False) -> dict[str, str]:
+        meta = _metadata(grpc_context)
+        self.admit(extract_key(meta), _peer(grpc_context), model, admin=admin)
+        return meta
+
+    # ---- health and metadata ----------------------------------------------------------
+    async def ServerLive(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - RPC name
+        return _pb().ServerLiveResponse(live=True)
+
+    async def ServerReady(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return _pb().ServerReadyResponse(ready=await self.server_ready())
+
+    async def ServerMetadata(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        from maas_ray import __version__
+
+        pb = _pb()
+        try:
+            self._grpc_admit(grpc_context, None)
+        except Exception as exc:
+            self._grpc_fail(grpc_context, exc)
+            return pb.ServerMetadataResponse()
+        return pb.ServerMetadataResponse(
+            name="maas-ray", version=__version__, extensions=["binary_tensor_data", "model_repository"]
+        )
+
+    async def ModelReady(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        pb = _pb()
+        try:
+            self._grpc_admit(grpc_context, request.name)
+            body = await self.model_ready(request.name, request.version or None)
+        except Exception as exc:
+            self._grpc_fail(grpc_context, exc)
+            return pb.ModelReadyResponse()
+        return pb.ModelReadyResponse(ready=body["ready"])
+
+    async def ModelMetadata(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        pb = _pb()
+        try:
+            self._grpc_admit(grpc_context, request.name)
+            body = await self.metadata(request.name, request.version or None)
+        except Exception as exc:
+            self._grpc_fail(grpc_context, exc)
+            return pb.ModelMetadataResponse()
+
+        def tensors(items: list[dict[str, Any]]) -> list[Any]:
+            return [
+                pb.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+                for t in items
+            ]
+
+        return pb.ModelMetadataResponse(
+            name=body["name"], versions=body["versions"], platform=body["platform"],
+            inputs=tensors(body["inputs"]), outputs=tensors(body["outputs"]),
+        )
+
+    # ---- inference --------------------------------------------------------------------
+    async def ModelInfer(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        import asyncio
+
+        pb = _pb()
+        start = time.perf_counter()
+        model = request.model_name
+        self.metrics.request_started(model)
+        number, stages = None, None
+        try:
+            meta = self._grpc_admit(grpc_context, model)
+            key = meta.get(self.key_header)
+            if key is None and self.key_header in request.parameters:
+                param = request.parameters[self.key_header]
+                which = param.WhichOneof("parameter_choice")
+                key = None if which is None else str(getattr(param, which))
+            try:
+                result, decoded = await asyncio.wait_for(
+                    self.infer(
+                        model, request.model_version or None, key,
+                        lambda schema: protocol.decode_grpc(request, schema, self.limits), True,
+                    ),
+                    self.limits.request_timeout_s,
+                )
+            except asyncio.TimeoutError as exc:
+                raise RequestTimeoutError(
+                    f"request not answered within limits.request_timeout_s={self.limits.request_timeout_s}"
+                ) from exc
+            number, stages = result.version, result.stages
+            t0 = time.perf_counter()
+            response = pb.ModelInferResponse(model_name=model, model_version=str(number))
+            if decoded.id is not None:
+                response.id = decoded.id
+            for name, datatype, shape, raw in protocol.encode_grpc_outputs(result.outputs, decoded):
+                response.outputs.add(name=name, datatype=datatype, shape=shape)
+                response.raw_output_contents.append(raw)
+            stages["encode"] = stages.get("encode", 0.0) + time.perf_counter() - t0
+        except Exception as exc:
+            status, error = self._grpc_fail(grpc_context, exc)
+            self.metrics.request_finished(model, number, PROTOCOL, status, error, time.perf_counter() - start)
+            return pb.ModelInferResponse()
+        self.metrics.request_finished(model, number, PROTOCOL, 200, None, time.perf_counter() - start, stages)
+        return response
