@@ -187,18 +187,20 @@ class GrpcInferenceMixin:
                 param = request.parameters[self.key_header]
                 which = param.WhichOneof("parameter_choice")
                 key = None if which is None else str(getattr(param, which))
+            task = self.deadlines.enter()  # one watchdog per replica, as on HTTP
             try:
-                result, decoded = await asyncio.wait_for(
-                    self.infer(
-                        model, request.model_version or None, key,
-                        lambda schema: protocol.decode_grpc(request, schema, self.limits), True,
-                    ),
-                    self.limits.request_timeout_s,
+                result, decoded = await self.infer(
+                    model, request.model_version or None, key,
+                    lambda schema: protocol.decode_grpc(request, schema, self.limits), True,
                 )
-            except asyncio.TimeoutError as exc:
+            except asyncio.CancelledError as exc:
+                if not self.deadlines.exit(task):
+                    raise
                 raise RequestTimeoutError(
                     f"request not answered within limits.request_timeout_s={self.limits.request_timeout_s}"
                 ) from exc
+            finally:
+                self.deadlines.exit(task)  # idempotent
             number, stages = result.version, result.stages
             t0 = time.perf_counter()
             response = pb.ModelInferResponse(model_name=model, model_version=str(number))
@@ -213,4 +215,6 @@ class GrpcInferenceMixin:
             self.metrics.request_finished(model, number, PROTOCOL, status, error, time.perf_counter() - start)
             return pb.ModelInferResponse()
         self.metrics.request_finished(model, number, PROTOCOL, 200, None, time.perf_counter() - start, stages)
+        if result.after_response is not None:  # shadow: starts as the response is returned
+            result.after_response()
         return response
