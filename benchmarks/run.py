@@ -150,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
             entry = results["workloads"][wname] = {"description": w.description, "limit": limit, "systems": {}}
             for i, sname in enumerate(a.systems):
                 system = SYSTEMS[sname]
-<<<<<<< HEAD
                 registry = f"{tmp}/registry"
                 if system.src:  # an older tree reads only the manifests it wrote: publish with it
                     registry = f"{tmp}/registry-{sname}"
@@ -158,15 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                                     "Registry(sys.argv[1]).publish(sys.argv[2], open(sys.argv[3], 'rb').read())",
                                     registry, wname, str(model_path)],
                                    env={**os.environ, "PYTHONPATH": system.src}, cwd=system.src, check=True)
-                ctx = Ctx(wname, str(model_path), registry, a.base_port + i, a.cores,
-                          w.max_batch_size, a.kserve_python, a.maas_src)
-=======
                 # The baseline's maas_ray predates gRPC: HTTP only.
                 grpc_port = a.base_port + i + 1000 if a.grpc and sname.startswith("maas-") and \
                     sname != "maas-baseline" else None
-                ctx = Ctx(wname, str(model_path), f"{tmp}/registry", a.base_port + i, a.cores,
+                ctx = Ctx(wname, str(model_path), registry, a.base_port + i, a.cores,
                           w.max_batch_size, a.kserve_python, a.maas_src, grpc_port)
->>>>>>> grpc
                 skip = system.available(ctx)
                 if skip:
                     logger.warning("%s: skipped: %s", sname, skip)
