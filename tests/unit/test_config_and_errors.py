@@ -12,7 +12,7 @@ pytestmark = pytest.mark.unit
 
 
 def test_public_api_is_exactly_all():
-    modules = {"errors", "registry", "runtime", "import_module", "Any", "train", "serving", "cli"}
+    modules = {"errors", "registry", "runtime", "import_module", "Any", "train", "serving", "cli", "optimize"}
     public = sorted(n for n in dir(maas_ray) if not n.startswith("_") and n not in modules)
     assert sorted(maas_ray.__all__, key=str.lower) == sorted(public, key=str.lower)
     for name in maas_ray.__all__:

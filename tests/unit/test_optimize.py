@@ -132,3 +132,30 @@ def test_version_without_training_data_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="records no training data"):
         optimize_and_publish("bare", 1, OptimizeConfig(method="graph", **FAST), reg)
     assert reg.list_versions("bare") == [1]
+
+
+def test_cli_prints_one_summary_line(parent_registry, capsys):
+    from maas_ray.cli import main
+
+    assert main(["optimize", "digits:1", "--graph", "--registry", parent_registry.root]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    v = parent_registry.list_versions("digits")[-1]
+    assert len(out) == 1 and out[0].startswith(f"published digits:{v} (graph of digits:1)  accuracy ")
+    assert "speedup b1 " in out[0] and "size " in out[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["optimize", "digits", "--int8"], "error: expected MODEL:VERSION (e.g. digits:1 or digits:production), got 'digits'"),
+    (["optimize", "digits:1"], "error: pick exactly one of --int8, --fp16, --graph (got none)"),
+    (["optimize", "digits:1", "--int8", "--fp16"], "error: pick exactly one of --int8, --fp16, --graph (got ['int8', 'fp16'])"),
+    (["optimize", "digits:1", "--fp16", "--static"], "error: optimize: <root>: Value error, static applies to int8 only"),
+    (["optimize", "nope:1", "--int8"], "error: model 'nope' does not exist"),
+])
+def test_cli_bad_refs_and_flags_fail_in_one_line(parent_registry, capsys, argv, message):
+    from maas_ray.cli import main
+
+    before = parent_registry.list_versions("digits")
+    assert main([*argv, "--registry", parent_registry.root]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and len(err.splitlines()) == 1
+    assert parent_registry.list_versions("digits") == before
