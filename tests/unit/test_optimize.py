@@ -104,7 +104,13 @@ def test_optimized_version_serves(parent_registry):
     m = optimize_and_publish("digits", 1, OptimizeConfig(method="int8", static=True, **FAST), reg).manifest
     splits = load_splits("digits", val_fraction=0.1, test_fraction=0.2, seed=0)
     pipeline = LocalPipeline(reg.root, ModelConfig.model_validate({"name": "digits", "versions": [{"version": m.version}]}), m.version)
-    labels = asyncio.run(pipeline.infer({"input": splits.x_test[:50]}, True))[0]["label"]
+    try:
+        labels = asyncio.run(pipeline.infer({"input": splits.x_test[:50]}, True))[0]["label"]
+    finally:
+        import ray
+
+        # The batched runner starts a local Ray; later unit tests assert that none is running.
+        ray.shutdown()
     assert np.mean(labels == np.array([str(v) for v in splits.y_test[:50]])) >= 0.85
 
 
