@@ -119,6 +119,37 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from maas_ray.errors import ConfigError, format_validation_error
+    from maas_ray.optimize import OptimizeConfig, optimize_and_publish
+
+    model, sep, ref = args.ref.partition(":")
+    if not sep or not model or not ref:
+        raise ConfigError(f"expected MODEL:VERSION (e.g. digits:1 or digits:production), got {args.ref!r}")
+    chosen = [m for m, on in (("int8", args.int8), ("fp16", args.fp16), ("graph", args.graph)) if on]
+    if len(chosen) != 1:
+        raise ConfigError(f"pick exactly one of --int8, --fp16, --graph (got {chosen or 'none'})")
+    settings: dict[str, Any] = {"method": chosen[0], "static": args.static}
+    for name in ("max_accuracy_drop", "threads", "calibration_size"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    try:
+        cfg = OptimizeConfig(**settings)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "optimize")) from exc
+    r = optimize_and_publish(model, ref, cfg, _registry(args))
+    m = r.manifest
+    print(
+        f"published {m.model}:{m.version} ({m.description})  "
+        f"accuracy {r.parent.accuracy:.4f} -> {r.child.accuracy:.4f} ({r.accuracy_delta:+.4f})  "
+        f"speedup b1 {r.speedup_b1:.2f}x  best batch {r.speedup_best:.2f}x (b{r.child.best_batch})  "
+        f"size {r.size_ratio:.2f}x ({m.size_bytes} bytes)"
+    )
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from maas_ray.cli.quickstart import run_quickstart
 
@@ -170,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     from maas_ray.cli.rollout import add_rollout_parser
 
     add_rollout_parser(sub, common)
+
+    p = sub.add_parser("optimize", parents=[common], help="Publish an INT8 / FP16 / graph-optimized version of a version.")
+    p.add_argument("ref", help="MODEL:VERSION (a number or an alias), e.g. digits:1.")
+    p.add_argument("--int8", action="store_true", help="INT8 quantization (dynamic unless --static).")
+    p.add_argument("--static", action="store_true", help="With --int8: static, calibrated on the validation split.")
+    p.add_argument("--fp16", action="store_true", help="Float16 weights and compute, FP32 inputs/outputs.")
+    p.add_argument("--graph", action="store_true", help="onnxruntime offline graph optimization.")
+    p.add_argument("--max-accuracy-drop", type=float, default=None, help="Refuse to publish above this drop (default 0.01).")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads for the timings (default 1).")
+    p.add_argument("--calibration-size", type=int, default=None, help="--static: validation rows (default 200).")
+    p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("quickstart", parents=[common], help="Train, publish, serve and query digits end to end.")
     p.add_argument("--model", choices=["digits", "cnn", "text"], default="digits",

@@ -1,0 +1,7 @@
+"""Optimized versions of published models: INT8 (dynamic/static), FP16, graph optimization,
+measured against the parent on its held-out data before publishing."""
+
+from maas_ray.optimize.config import OptimizeConfig
+from maas_ray.optimize.pipeline import OptimizeReport, optimize_and_publish
+
+__all__ = ["OptimizeConfig", "OptimizeReport", "optimize_and_publish"]
