@@ -57,18 +57,33 @@ def fails_on_batches_onnx(in_features: int = 4, out_features: int = 3, seed: int
                          in_features, out_features, seed, x="row")
 
 
-def slow_onnx(in_features: int = 4, out_features: int = 3, seed: int = 0, width: int = 1024, depth: int = 4) -> bytes:
-    """linear_onnx's answers, after ``depth`` (width x width) matmuls whose result is added
-    times zero: the same outputs, several milliseconds slower per item."""
-    from onnx import helper, numpy_helper
+def slow_onnx(in_features: int = 4, out_features: int = 3, seed: int = 0, width: int = 512, steps: int = 300) -> bytes:
+    """linear_onnx's answers after a Loop of ``steps`` (width x width) matmuls whose result is
+    added times zero: the same outputs, tens of milliseconds slower per request (small file)."""
+    from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(1)
-    inits = [numpy_helper.from_array(rng.normal(size=(in_features, width)).astype(np.float32) * 0.01, "up")]
-    nodes = [helper.make_node("MatMul", ["input", "up"], ["h0"])]
-    for i in range(depth):
-        inits.append(numpy_helper.from_array(rng.normal(size=(width, width)).astype(np.float32) * 0.01, f"m{i}"))
-        nodes.append(helper.make_node("MatMul", [f"h{i}", f"m{i}"], [f"h{i + 1}"]))
-    inits.append(numpy_helper.from_array(np.zeros((width, in_features), np.float32), "down"))
-    nodes += [helper.make_node("MatMul", [f"h{depth}", "down"], ["zero"]),
-              helper.make_node("Add", ["input", "zero"], ["same"])]
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(in_features, width)).astype(np.float32) * 0.01, "up"),
+        numpy_helper.from_array(np.array(steps, np.int64), "trips"),
+        numpy_helper.from_array(np.array(True), "go"),
+        numpy_helper.from_array(np.zeros((width, in_features), np.float32), "down"),
+    ]
+    square = numpy_helper.from_array(rng.normal(size=(width, width)).astype(np.float32) * 0.01, "square")
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", ["h_in", "square"], ["hw"]),
+         helper.make_node("Tanh", ["hw"], ["h_out"])],
+        "slow_body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", width])],
+        initializer=[square],
+    )
+    nodes = [helper.make_node("MatMul", ["input", "up"], ["h0"]),
+             helper.make_node("Loop", ["trips", "go", "h0"], ["h_last"], body=body),
+             helper.make_node("MatMul", ["h_last", "down"], ["zero"]),
+             helper.make_node("Add", ["input", "zero"], ["same"])]
     return _linear_graph(nodes, inits, in_features, out_features, seed, x="same")

@@ -72,9 +72,9 @@ def hardened(trained, registry_root, tmp_path_factory):
             {"name": "guarded", "placement": "fused",
              "versions": [{"version": 1, "weight": 50}, {"version": broken, "weight": 50}],
              "inference": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}},
-            # every request waits out a 1 s batch window, so 6 at once overflow 2 running + 2 queued
+            # every request waits out a 2 s batch window, so 16 at once overflow 2 running + 2 queued
             {"name": "slowpoke", "placement": "fused", "versions": [{"version": 1}],
-             "batching": {"max_batch_size": 64, "batch_wait_timeout_s": 1.0, "enabled": True},
+             "batching": {"max_batch_size": 64, "batch_wait_timeout_s": 2.0, "enabled": True},
              "inference": {"max_ongoing_requests": 2, "max_queued_requests": 2,
                            "ray_actor_options": {"num_cpus": 0.1}}},
         ],
@@ -269,9 +269,9 @@ def test_rate_limit_429_with_retry_after(hardened):
 def test_full_queue_is_503_json_with_retry_after(hardened):
     client, _, _, _ = hardened
     body = v2(np.zeros((1, 4)))
-    with ThreadPoolExecutor(6) as pool:
+    with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda _: httpx.post(f"{URL}/v2/models/slowpoke/infer", json=body, timeout=30,
-                                                       headers=dict(client.headers)), range(6)))
+                                                       headers=dict(client.headers)), range(16)))
     codes = sorted(r.status_code for r in responses)
     overloaded = [r for r in responses if r.status_code == 503]
     assert codes.count(200) >= 1 and overloaded, codes
