@@ -132,7 +132,11 @@ class RolloutController:
                     after.minus(before), cfg.candidate, self.state["baseline"],
                     max_error_rate=cfg.max_error_rate, max_p99_ratio=cfg.max_p99_ratio,
                     min_agreement=cfg.min_agreement, min_requests=cfg.min_requests,
-                    baseline_p99_fallback=baseline_p99,
+                    # At 100 % the baseline has no live traffic in this window: a p99 from an
+                    # earlier window (another load) is no fair comparison, so that step judges
+                    # errors only (the steps before it judged latency), as Flagger stops
+                    # analysing at full weight.
+                    baseline_p99_fallback=None,
                 )
                 if evidence.failed or evidence.enough or extensions >= MAX_EXTENSIONS:
                     break
