@@ -31,6 +31,13 @@ NUMPY_TO_OIP: dict[np.dtype, str] = {v: k for k, v in OIP_TO_NUMPY.items()}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
+def check_sha256(value: str) -> str:
+    """Checksums in manifests are lowercase hex sha256 digests."""
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError(f"sha256 must be 64 lowercase hex digits, got {value!r}")
+    return value
+
+
 def check_name(kind: str, value: str) -> str:
     """Model and alias names become path segments and URL parts: keep them plain."""
     if not _NAME_RE.match(value):
@@ -102,9 +109,7 @@ class FileEntry(BaseModel):
     @field_validator("sha256")
     @classmethod
     def _hex_digest(cls, v: str) -> str:
-        if not re.fullmatch(r"[0-9a-f]{64}", v):
-            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {v!r}")
-        return v
+        return check_sha256(v)
 
 
 _FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -163,9 +168,7 @@ class Manifest(BaseModel):
     @field_validator("sha256")
     @classmethod
     def _hex_digest(cls, v: str) -> str:
-        if not re.fullmatch(r"[0-9a-f]{64}", v):
-            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {v!r}")
-        return v
+        return check_sha256(v)
 
     @field_validator("files")
     @classmethod

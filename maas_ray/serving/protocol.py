@@ -333,6 +333,17 @@ def _header_length(value: str, body_len: int) -> int:
 
 
 # ---- v2 ---------------------------------------------------------------------------------
+def _check_all_inputs(total: int, seen: Any, schema: RequestSchema, limits: "Limits") -> None:
+    """Across a request's inputs (every protocol): the element limit, and no input missing."""
+    if total > limits.max_tensor_elements:
+        raise PayloadTooLargeError(
+            f"inputs: {total} elements in all, over the limit of {limits.max_tensor_elements} (max_tensor_elements)"
+        )
+    if len(seen) != len(schema.inputs):
+        missing = [n for n in schema.inputs if n not in seen]
+        raise InvalidInputError(f"inputs: missing input(s) {missing}; this model takes {list(schema.inputs)}")
+
+
 def decode_v2(body: bytes, header_length: Optional[str], schema: RequestSchema, limits: "Limits") -> InferRequest:
     """Validate and decode an OIP v2 infer request (JSON, or JSON header + binary tensors).
 
@@ -404,13 +415,7 @@ def decode_v2(body: bytes, header_length: Optional[str], schema: RequestSchema, 
         if bin_size is None and "data" not in item:
             raise InvalidInputError(f"{where}: missing data (or parameters.binary_data_size)")
         headers.append((where, name, datatype, shape, size, bin_size))
-    if total > limits.max_tensor_elements:
-        raise PayloadTooLargeError(
-            f"inputs: {total} elements in all, over the limit of {limits.max_tensor_elements} (max_tensor_elements)"
-        )
-    if len(seen) != len(schema.inputs):
-        missing = [n for n in schema.inputs if n not in seen]
-        raise InvalidInputError(f"inputs: missing input(s) {missing}; this model takes {list(schema.inputs)}")
+    _check_all_inputs(total, seen, schema, limits)
     if binary_total != len(binary):
         raise InvalidInputError(
             f"binary data: the inputs' binary_data_size add up to {binary_total} bytes, but "
@@ -618,13 +623,7 @@ def decode_grpc(req: Any, schema: RequestSchema, limits: "Limits") -> InferReque
             if filled and filled != [wanted]:
                 raise InvalidInputError(f"{where}.contents: expected {wanted} for {datatype}, got {filled}")
         headers.append((where, name, datatype, shape, size))
-    if total > limits.max_tensor_elements:
-        raise PayloadTooLargeError(
-            f"inputs: {total} elements in all, over the limit of {limits.max_tensor_elements} (max_tensor_elements)"
-        )
-    if len(seen) != len(schema.inputs):
-        missing = [n for n in schema.inputs if n not in seen]
-        raise InvalidInputError(f"inputs: missing input(s) {missing}; this model takes {list(schema.inputs)}")
+    _check_all_inputs(total, seen, schema, limits)
     wanted_outputs = [
         {"name": o.name, **({"parameters": grpc_parameters(o.parameters, f"outputs[{j}].parameters")}
                             if o.parameters else {})}
