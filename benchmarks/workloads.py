@@ -62,6 +62,19 @@ def _mlp_input(batch: int, rng: np.random.Generator) -> np.ndarray:
     return rng.standard_normal((batch, 64), dtype=np.float32)  # (B, 64)
 
 
+# ---- wide MLP: batching pays ------------------------------------------------------------
+def _wide_mlp():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
+
+
+def _wide_input(batch: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal((batch, 784), dtype=np.float32)  # (B, 784)
+
+
 # ---- transformer text classifier: compute-bound ------------------------------------------
 VOCAB, SEQ, D_MODEL, HEADS, LAYERS, CLASSES = 8000, 128, 256, 4, 4, 4
 
@@ -95,6 +108,8 @@ WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
         Workload("mlp", "tiny MLP 64->128->10, FP32 (overhead-bound)", _mlp, _mlp_input, max_batch_size=64),
+        Workload("wide", "wide MLP 784->2048->2048->10, FP32 (~6 M weights: batching pays)", _wide_mlp,
+                 _wide_input, max_batch_size=64),
         Workload(
             "transformer",
             f"text classifier: {LAYERS} encoder layers, d_model {D_MODEL}, {HEADS} heads, seq {SEQ}, "
