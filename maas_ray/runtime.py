@@ -65,6 +65,7 @@ def create_session(
     *,
     device: str = "auto",
     intra_op_threads: Optional[int] = None,
+    spinning: bool = False,
 ):
     """Create an InferenceSession, CUDA when requested/available, else CPU.
 
@@ -72,6 +73,11 @@ def create_session(
         device: ``"auto"`` (CUDA if this process sees a GPU and the GPU build is
             installed), ``"cuda"`` (fail if CUDA does not run) or ``"cpu"``.
         intra_op_threads: onnxruntime intra-op threads; size it to the replica's CPUs.
+        spinning: let the intra-op threads spin-wait for work between runs (onnxruntime's
+            default). Off here: a spinning pool keeps its cores busy between batches, CPU that
+            the ingress and the proxy on the same node need (fused placement, wide MLP, 2
+            cores: 347 -> 530 items/s with spinning off before the hop was coalesced, 1,205 ->
+            1,241 after; benchmarks/README.md).
     """
     check_onnxruntime_install()
     import onnxruntime as ort
@@ -85,6 +91,9 @@ def create_session(
     if intra_op_threads:
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(model_bytes, sess_options=opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -52,6 +54,19 @@ class DeploymentOptions(BaseModel):
             )
         return self
 
+    def calls_in_flight(self, per_replica: int) -> int:
+        """How many concurrent handle calls this deployment is sized for: ``per_replica`` per
+        fixed replica; under autoscaling, enough for its target at max_replicas (Serve scales on
+        ongoing calls, so callers must let that many be ongoing for it to ever scale up)."""
+        if self.autoscaling_config is not None or self.num_replicas == "auto":
+            from ray.serve.config import AutoscalingConfig
+
+            cfg = AutoscalingConfig.default() if self.num_replicas == "auto" else AutoscalingConfig()
+            merged = {**cfg.model_dump(exclude_unset=True), **(self.autoscaling_config or {})}
+            auto = AutoscalingConfig(**merged)
+            return max(1, math.ceil(auto.target_ongoing_requests * auto.max_replicas))
+        return per_replica * (self.num_replicas or 1)
+
     def serve_options(self, defaults: dict[str, Any]) -> dict[str, Any]:
         opts = dict(defaults)
         opts.update(self.model_dump(exclude_none=True, exclude={"ray_actor_options"}))
@@ -72,6 +87,16 @@ class BatchingConfig(BaseModel):
         ge=0.0,
         description="How long a batch waits to fill. 0: run what is queued at once; requests that "
         "arrive while a batch runs form the next one (adaptive batching, no idle wait).",
+    )
+    max_calls_in_flight: Optional[int] = Field(
+        default=None,
+        ge=1,
+        description="fused and split placements: most handle calls one ingress replica keeps in flight "
+        "to this version's inference deployment. Requests that arrive meanwhile travel together in the "
+        "next call (up to max_batch_size items), so the hop's cost is paid per batch, not per request. "
+        "Default: 2 per inference replica (one call running while the next is on its way; wide MLP on "
+        "2 cores, 1 replica: 1 -> 1,317, 2 -> 1,559, 4 -> 1,154 items/s); under autoscaling, "
+        "target_ongoing_requests x max_replicas, so that Serve sees the load it scales on.",
     )
     enabled: Optional[bool] = Field(
         default=None,
@@ -113,6 +138,12 @@ class ModelConfig(BaseModel):
     postprocessor: Optional[ProcessorSpec] = Field(default=None, description="Override the manifest's.")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="onnxruntime provider choice.")
     intra_op_threads: Optional[int] = Field(default=None, ge=1, description="Default: the replica's num_cpus.")
+    intra_op_spinning: bool = Field(
+        default=False,
+        description="Let onnxruntime's intra-op threads spin-wait between runs (its own default): a "
+        "little less latency on cores the replica has to itself, but the spinning threads take CPU "
+        "from co-located replicas (ingress, proxy). Off by default.",
+    )
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     shadow: Optional[ShadowConfig] = Field(
         default=None, description="Mirror traffic to a candidate (changes live through the Ingress user_config)."

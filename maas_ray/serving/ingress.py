@@ -32,8 +32,15 @@ from maas_ray.errors import (
 )
 from maas_ray.registry import Manifest, Registry
 from maas_ray.serving import protocol
-from maas_ray.serving.config import AppArgs
-from maas_ray.serving.deployments import LocalPipeline, Timings, app_name, use_serve_logging
+from maas_ray.serving.coalesce import Coalescer
+from maas_ray.serving.config import AppArgs, ModelConfig
+from maas_ray.serving.deployments import (
+    LocalPipeline,
+    Timings,
+    app_name,
+    freeze_startup_objects,
+    use_serve_logging,
+)
 from maas_ray.serving.grpc import GrpcInferenceMixin
 from maas_ray.serving.http import HttpApp, build_api
 from maas_ray.serving.keys import ANONYMOUS, KeyStore, Principal, resolve_auth
@@ -83,33 +90,59 @@ def _decode_handle(inputs: dict[str, Any], schema: protocol.RequestSchema, limit
 
 
 class _Route:
-    """How the ingress reaches one version: in process, one deployment, or three."""
+    """How the ingress reaches one version: in process, or over handle calls to one
+    deployment (fused) or three (split).
 
-    def __init__(self, local: Optional[LocalPipeline] = None, handles: Optional[dict[str, Any]] = None):
+    Remote calls are coalesced: at most ``batching.max_calls_in_flight`` handle calls at a
+    time, and the requests that arrive meanwhile travel together in the next one. A handle
+    call costs the ingress ~1.3 ms of CPU on 2 cores (routing, gRPC, pickling: py-spy,
+    benchmarks/README.md), more than a wide model's batch-1 run; coalesced, that cost is paid
+    per batch, and the replica gets whole batches to run.
+    """
+
+    def __init__(self, local: Optional[LocalPipeline] = None, handles: Optional[dict[str, Any]] = None,
+                 model: Optional[ModelConfig] = None, max_queued: Optional[int] = None):
+        """Either ``local``, or ``handles`` with the version's ``model`` config. ``max_queued``:
+        requests that may wait for a call slot; beyond it, 503 with Retry-After (calls carry
+        batches, so the bound on waiting requests is kept here, not in Serve's queue)."""
         self.local, self.handles = local, handles or {}
+        self.calls: Optional[Coalescer[tuple[Tensors, bool], tuple[Tensors, Timings]]] = None
+        if model is not None:
+            batching = model.batching
+            self.calls = Coalescer(
+                self._remote, max_items=batching.max_batch_size,
+                concurrency=batching.max_calls_in_flight or model.inference.calls_in_flight(per_replica=2),
+                size=lambda item: next(iter(item[0].values())).shape[0] if item[0] else 1,
+                max_queued=max_queued,
+                overflow=lambda: ModelNotReadyError(f"overloaded: more than {max_queued} requests queued", 1.0),
+            )
 
     async def infer(self, tensors: Tensors, strict: bool) -> tuple[Tensors, Timings]:
-        if self.local is not None:
+        if self.calls is None:
             return await self.local.infer(tensors, strict)
+        return await self.calls.submit((tensors, strict))
+
+    async def _remote(self, items: list[tuple[Tensors, bool]]) -> list:
         try:
-            return await self._remote(tensors, strict)
+            return await self._call(items)
         except Exception as exc:
             if not _replica_gone(exc):
                 raise
             logger.warning("a replica died mid-request (%s); retrying once on another", type(exc).__name__)
         try:  # the router has dropped the dead replica by now
-            return await self._remote(tensors, strict)
+            return await self._call(items)
         except Exception as exc:
             if _replica_gone(exc):
                 raise ModelNotReadyError("the replica serving this request died; retry", 1.0) from exc
             raise
 
-    async def _remote(self, tensors: Tensors, strict: bool) -> tuple[Tensors, Timings]:
+    async def _call(self, items: list[tuple[Tensors, bool]]) -> list:
         if "pre" in self.handles:  # split: chained responses pass through the object store
-            feeds = self.handles["pre"].remote(tensors, strict)
-            outputs = self.handles["infer"].run.remote(feeds)
-            return await self.handles["post"].remote(outputs), {}
-        return await self.handles["infer"].infer.remote(tensors, strict)
+            feeds = self.handles["pre"].many.remote(items)
+            outputs = self.handles["infer"].run_many.remote(feeds)
+            answers = await self.handles["post"].many.remote(outputs)
+            return [a if isinstance(a, BaseException) else (a, {}) for a in answers]
+        return await self.handles["infer"].infer_many.remote(items)
 
     async def describe(self) -> dict[str, Any]:
         if self.local is not None:
@@ -192,7 +225,8 @@ class Ingress(GrpcInferenceMixin):  # the OIP v2 gRPC RPCs: maas_ray.serving.grp
                         slot.route = _Route(local=pipeline)
                         self._settle(m.name, slot, pipeline.describe())
                     else:
-                        slot.route = _Route(handles=handles)
+                        bound = m.inference.max_queued_requests or self.limits.max_queued_requests
+                        slot.route = _Route(handles=handles, model=m, max_queued=bound)
                 except Exception as exc:  # one bad version must not take the others down
                     self._fail(m.name, slot, exc)
             self.refs[m.name] = {str(v.version): v.weight for v in m.versions}
@@ -202,6 +236,7 @@ class Ingress(GrpcInferenceMixin):  # the OIP v2 gRPC RPCs: maas_ray.serving.grp
         self.batching: dict[str, Any] = {}  # model -> the user_config batching entry last applied
         self.key_header = self.args.request_key_header.lower()
         self._background: list[asyncio.Task] = []
+        freeze_startup_objects()
 
     # ---- version states -------------------------------------------------------------
     def _settle(self, model: str, slot: VersionSlot, info: dict[str, Any]) -> None:

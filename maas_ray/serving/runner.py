@@ -13,11 +13,11 @@ from collections import defaultdict
 from typing import Callable, Optional
 
 import numpy as np
-from ray import serve
 
 from maas_ray.errors import InferenceError, MaasError
 from maas_ray.registry.manifest import Manifest
 from maas_ray.runtime import CPU, create_session
+from maas_ray.serving.coalesce import Coalescer
 from maas_ray.serving.config import BatchingConfig
 
 logger = logging.getLogger(__name__)
@@ -34,10 +34,12 @@ class OnnxRunner:
         *,
         device: str = "auto",
         intra_op_threads: Optional[int] = None,
+        spinning: bool = False,
         session_factory: Callable = create_session,
     ) -> None:
         self.manifest = manifest
-        self.session = session_factory(model_bytes, device=device, intra_op_threads=intra_op_threads)
+        self.session = session_factory(model_bytes, device=device, intra_op_threads=intra_op_threads,
+                                       spinning=spinning)
         self.provider = self.session.get_providers()[0]
         self.intra_op_threads = intra_op_threads  # None: onnxruntime's default (all cores)
         self.output_names = [o.name for o in manifest.outputs]
@@ -105,8 +107,8 @@ def run_batch(runner: OnnxRunner, requests: list[Tensors]) -> list[Tensors | Maa
 # hop only adds latency (+8 % items/s inline on the transformer, benchmarks/README.md).
 # Other models (multi-thread sessions, GPUs) run in a worker thread.
 INLINE_BELOW_S = 0.0005
-# Below this one a request also skips the batch queue: @serve.batch costs ~50 us per
-# request (queueing, signature binding, metrics; py-spy, benchmarks/README.md), more than
+# Below this one a request also skips the batch queue: the queue (then @serve.batch) cost ~50 us
+# per request (queueing, signature binding, metrics; py-spy, benchmarks/README.md), more than
 # batching saves on a model whose whole batch-1 run is shorter than that.
 UNBATCHED_BELOW_S = 0.00005
 
@@ -116,8 +118,14 @@ def runs_inline(runner: OnnxRunner) -> bool:
     return runner.batch1_seconds < INLINE_BELOW_S or (runner.provider == CPU and runner.intra_op_threads == 1)
 
 
+def _items(feeds: Tensors) -> int:
+    """Rows in a request (its batch dimension)."""
+    return next(iter(feeds.values())).shape[0]
+
+
 class BatchedRunner:
-    """Dynamic batching with ``@serve.batch``; the knobs change live via :meth:`set_batching`.
+    """Dynamic batching (:class:`~maas_ray.serving.coalesce.Coalescer`); the knobs change live
+    via :meth:`set_batching`.
 
     ``on_batch(items)`` is told the size of every onnxruntime call (the batch-size metric).
     """
@@ -132,6 +140,9 @@ class BatchedRunner:
         self.runner = runner
         self.inline = runs_inline(runner)
         self.on_batch = on_batch
+        # One batch at a time: a second concurrent run would only share the session's threads
+        # (or the GPU stream); what arrives meanwhile forms the next batch.
+        self.queue: Coalescer[Tensors, tuple] = Coalescer(self._run, max_items=1, size=_items)
         self.set_batching(batching or BatchingConfig())
 
     def set_batching(self, batching: BatchingConfig) -> None:
@@ -140,8 +151,7 @@ class BatchedRunner:
         if enabled is None:
             enabled = self.runner.batch1_seconds >= UNBATCHED_BELOW_S
         self.batching_on = enabled and batching.max_batch_size > 1
-        self._infer_batch.set_max_batch_size(batching.max_batch_size)
-        self._infer_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.queue.configure(max_items=batching.max_batch_size, wait_s=batching.batch_wait_timeout_s)
         logger.info("%s:%d: batching %s (max %d items, wait %.4f s), batch-1 run %.1f us, %s",
                     self.runner.manifest.model, self.runner.manifest.version, "on" if self.batching_on else "off",
                     batching.max_batch_size, batching.batch_wait_timeout_s, self.runner.batch1_seconds * 1e6,
@@ -149,7 +159,7 @@ class BatchedRunner:
 
     async def infer(self, feeds: Tensors) -> tuple[Tensors, float]:
         """(outputs, seconds the onnxruntime call of this request's batch took)."""
-        items = next(iter(feeds.values())).shape[0]
+        items = _items(feeds)
         if self.inline and not self.batching_on:
             # The tiny-model hot path: one direct run on the event loop, no batch bookkeeping
             # (run_batch's grouping and splitting cost ~5 us per request; in-process benchmark).
@@ -162,7 +172,7 @@ class BatchedRunner:
         if not self.batching_on or items > self.max_batch_size:
             result, run_s = (await self._run([feeds]))[0]  # unbatched, or already a full batch on its own
         else:
-            result, run_s = await self._infer_batch(feeds)
+            result, run_s = await self.queue.submit(feeds)
         if isinstance(result, MaasError):
             raise result
         return result, run_s
@@ -172,17 +182,13 @@ class BatchedRunner:
         results = run_batch(self.runner, requests)
         run_s = time.perf_counter() - start
         if self.on_batch is not None:
-            self.on_batch(sum(next(iter(r.values())).shape[0] for r in requests))
+            self.on_batch(sum(map(_items, requests)))
         return [(r, run_s) for r in results]
 
     async def _run(self, requests: list[Tensors]) -> list[tuple]:
+        """[(outputs or the item's MaasError, seconds of the batch's run)], one per request."""
         if self.inline:
             return self._timed_batch(requests)
         # onnxruntime releases the GIL: run it off the event loop so requests keep flowing.
         return await asyncio.get_running_loop().run_in_executor(None, self._timed_batch, requests)
 
-    # batch_size_fn: max_batch_size counts items, not requests (a request may hold many).
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, batch_size_fn=lambda reqs: sum(
-        next(iter(r.values())).shape[0] for r in reqs))
-    async def _infer_batch(self, requests: list[Tensors]) -> list:
-        return await self._run(requests)

@@ -147,7 +147,8 @@ def test_errors_map_to_status_codes_with_http_messages(served):
     import tritonclient.grpc as tg
     from tritonclient.utils import InferenceServerException
 
-    client, headers, keys, _ = served
+    client, headers, keys, versions = served
+    v = str(versions[0])  # the shared registry may hold versions other modules published
 
     def status_of(call):
         with pytest.raises(InferenceServerException) as info:
@@ -155,8 +156,8 @@ def test_errors_map_to_status_codes_with_http_messages(served):
         return info.value.status(), info.value.message()
 
     bad_shape = np.zeros((1, 5), dtype=np.float32)
-    code, message = status_of(lambda: client.infer("tiny", [_input(bad_shape)], model_version="1", headers=headers))
-    http = _http_error("/v2/models/tiny/versions/1/infer", {"inputs": [
+    code, message = status_of(lambda: client.infer("tiny", [_input(bad_shape)], model_version=v, headers=headers))
+    http = _http_error(f"/v2/models/tiny/versions/{v}/infer", {"inputs": [
         {"name": "input", "datatype": "FP32", "shape": [1, 5], "data": [0.0] * 5}]}, keys["all"])
     assert code == str(grpc.StatusCode.INVALID_ARGUMENT) and http[0] == 400
     assert http[1] in message  # tritonclient prefixes nothing else but may add context

@@ -81,3 +81,15 @@ def test_default_placement_is_ingress_on_cpu_and_fused_on_gpu():
     gpu = ModelConfig(name="m", versions=[{"version": 1}], inference={"ray_actor_options": {"num_gpus": 0.5}})
     assert gpu.placement == "fused"
     assert ModelConfig(name="m", versions=[{"version": 1}], device="cuda").placement == "fused"
+
+
+def test_calls_in_flight_follow_the_inference_deployments_size():
+    from maas_ray.serving.config import DeploymentOptions
+
+    assert DeploymentOptions().calls_in_flight(per_replica=2) == 2
+    assert DeploymentOptions(num_replicas=3).calls_in_flight(per_replica=2) == 6
+    # autoscaling: Serve scales on ongoing calls, so enough may be ongoing to reach max_replicas
+    scaled = DeploymentOptions(autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3})
+    assert scaled.calls_in_flight(per_replica=2) == 12
+    assert DeploymentOptions(autoscaling_config={"max_replicas": 5}).calls_in_flight(per_replica=2) == 10  # target 2
+    assert DeploymentOptions(num_replicas="auto").calls_in_flight(per_replica=2) >= 100
