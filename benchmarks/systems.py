@@ -53,6 +53,7 @@ class Ctx:
     kserve_python: str
     maas_src: Optional[str] = None  # a patched copy of maas_ray to import first (experiments)
     grpc_port: Optional[int] = None  # maas systems: also serve OIP v2 over gRPC here (run.py --grpc)
+    raw: Optional[str] = None  # raw workloads: the processing spec the baselines follow (Published.raw)
 
 
 @dataclass
@@ -69,13 +70,18 @@ def _ray(*args: str) -> Callable[[Ctx], list[str]]:
     return lambda c: [sys.executable, "-m", "benchmarks.servers.ray_server", *args, "--port", str(c.port),
                       "--num-cpus", str(c.cores), "--threads", str(c.cores), "--model-path", c.model_path,
                       "--registry", c.registry, "--model", c.workload, "--max-batch-size", str(c.max_batch_size),
-                      *(["--grpc-port", str(c.grpc_port)] if c.grpc_port else [])]
+                      *(["--grpc-port", str(c.grpc_port)] if c.grpc_port else []),
+                      # maas serves raw inputs with the manifest's processors: only the baselines need it
+                      *(["--raw", c.raw] if c.raw and args[0] != "maas" else [])]
 
 
 def _kserve_missing(c: Ctx) -> Optional[str]:
     if not Path(c.kserve_python).exists():
         return (f"no python at {c.kserve_python}: create it with `python3 -m venv /tmp/kserve-venv && "
-                "/tmp/kserve-venv/bin/pip install kserve onnxruntime` (or pass --kserve-python)")
+                "/tmp/kserve-venv/bin/pip install kserve onnxruntime pillow tokenizers` (or pass --kserve-python)")
+    if c.raw and subprocess.run([c.kserve_python, "-c", "import PIL, tokenizers"], capture_output=True).returncode:
+        return (f"raw workloads need pillow and tokenizers in the KServe venv: "
+                f"{c.kserve_python} -m pip install pillow tokenizers")
     return None
 
 
@@ -105,7 +111,8 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
     System("kserve", "KServe ModelServer (own venv), onnxruntime Model.predict, defaults (1 worker, gRPC off)",
            lambda c: [c.kserve_python, str(ROOT / "benchmarks/servers/kserve_server.py"),
                       "--model_path", c.model_path, "--model_name", c.workload, "--http_port", str(c.port),
-                      "--grpc_port", str(c.port + 1000), "--enable_grpc", "false", "--threads", str(c.cores)],
+                      "--grpc_port", str(c.port + 1000), "--enable_grpc", "false", "--threads", str(c.cores),
+                      *(["--raw", c.raw] if c.raw else [])],
            available=_kserve_missing),
     System("ray-plain", "Ray Serve as in the docs: FastAPI ingress, one deployment, defaults",
            _ray("ray-plain")),
@@ -126,14 +133,19 @@ class Server:
         # on the path of the server and of its Ray workers, so the server runs from there.
         src = system.src or ctx.maas_src
         path = [src] if src else []
-        env.update(system.env, BENCH_MODEL_PATH=ctx.model_path, PYTHONPATH=os.pathsep.join([*path, str(ROOT)]),
-                   RAY_USAGE_STATS_ENABLED="0")
+        env.update(system.env, BENCH_MODEL_PATH=ctx.model_path, BENCH_RAW=ctx.raw or "",
+                   PYTHONPATH=os.pathsep.join([*path, str(ROOT)]), RAY_USAGE_STATS_ENABLED="0")
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(system.command(ctx), cwd=src or ROOT, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_ready(self, url: str, body: bytes, timeout_s: float = 240.0) -> dict:
-        """Poll with the benchmark request until a 200; returns the response JSON."""
+    def wait_ready(self, url: str, body: bytes, check: Optional[Callable[[dict], object]] = None,
+                   timeout_s: float = 240.0) -> dict:
+        """Poll with the benchmark request until a 200; returns the response JSON.
+
+        ``check(reply)`` raises ValueError if the answer is not of the workload's kind (a
+        label, for raw workloads): a system that answers 200 without doing the work fails.
+        """
         deadline = time.monotonic() + timeout_s
         last = "no answer"
         while time.monotonic() < deadline:
@@ -142,7 +154,13 @@ class Server:
             try:
                 r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=10)
                 if r.status_code == 200:
-                    return r.json()
+                    reply = r.json()
+                    if check is not None:
+                        try:
+                            check(reply)
+                        except ValueError as exc:
+                            raise RuntimeError(f"{self.system.name} answers the wrong thing: {exc}") from exc
+                    return reply
                 if r.status_code in (400, 405, 422):  # a wrong request, not a server still starting
                     raise RuntimeError(f"{self.system.name} rejects the benchmark request: {r.status_code} {r.text[:300]}")
                 last = f"{r.status_code} {r.text[:200]}"
