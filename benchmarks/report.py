@@ -108,11 +108,15 @@ def markdown(results: dict) -> str:
                              f"p99 {_ms(q['p99_ms'])})" if q else "none within")
             out.append(f"| {s} | " + " | ".join(cells) + " |")
         out += ["", "<details><summary>every point</summary>", "",
-                "| system | c | items/s | p50 ms | p90 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
+                "Mean batch: items per onnxruntime call that maas-ray's batcher formed during the point and its "
+                "settle run (outside --quick), from its batch-size metric; baselines report none.", "",
+                "| system | c | items/s | p50 ms | p90 ms | p99 ms | errors | mean batch |",
+                "|---|---|---|---|---|---|---|---|"]
         for s, r in w["systems"].items():
             for q in r.get("points", []):
                 out.append(f"| {s} | {q['concurrency']} | {q['rps']:,.0f} | {_ms(q['p50_ms'])} | "
-                           f"{_ms(q['p90_ms'])} | {_ms(q['p99_ms'])} | {q['errors']} |")
+                           f"{_ms(q['p90_ms'])} | {_ms(q['p99_ms'])} | {q['errors']} | "
+                           f"{q['mean_batch'] if q.get('mean_batch') else '-'} |")
         notes = [f"- {s}: {r['note']}" for s, r in w["systems"].items() if r.get("note")]
         out += ["", "</details>", ""] + (["Notes:", *notes, ""] if notes else [])
     return "\n".join(out)

@@ -3,7 +3,8 @@
 For each workload (``benchmarks/workloads.py``): export to ONNX, publish to a temp
 maas_ray registry, measure the limit (raw onnxruntime; for raw workloads also the
 pre/postprocessing cost), then start each system (``benchmarks/systems.py``) in its own
-process, warm it up, and sweep concurrency with wrk. Writes ``results.json``,
+process, warm it up, and sweep concurrency with wrk; for maas systems, the mean batch
+size of each point from maas_ray's batch-size metric. Writes ``results.json``,
 ``results.md`` and ``results.png`` under --out.
 
     python -m benchmarks.run --out benchmarks/results                 # full run, ~11 min per workload
@@ -38,6 +39,9 @@ from benchmarks.loadgen import run_wrk, wrk_path
 from benchmarks.systems import SYSTEMS, Ctx, Server, baseline_system
 from benchmarks.workloads import MODEL_PATH, WORKLOADS
 
+# Ports of system i: HTTP base+i, Ray's metrics export base+METRICS_OFFSET+i (maas systems),
+# gRPC base+1000+i (--grpc).
+METRICS_OFFSET = 50
 # An older maas_ray tree (--baseline-src) publishes the same model with its own Registry:
 # tensor workloads bare, raw workloads with the manifest's processor specs and files.
 _PUBLISH_WITH_TREE = """
@@ -88,20 +92,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             a.systems.append("maas-baseline")
     elif "maas-baseline" in a.systems:
         p.error("maas-baseline needs --baseline-src")
+    if len(a.systems) > METRICS_OFFSET:
+        p.error(f"at most {METRICS_OFFSET} systems: the metrics ports follow the HTTP ports")
     a.concurrency = a.concurrency or ([32] if a.quick else [1, 8, 32, 128])
     a.duration = a.duration or (3.0 if a.quick else 6.0)
     return a
 
 
 def bench_system(server: Server, url: str, body: bytes, a: argparse.Namespace) -> list[dict]:
+    """The concurrency sweep. maas systems: each point's mean batch size, from the batch-size
+    histogram read after the point (Server.batch_totals); a point's batches include those of
+    its settle run, at the same concurrency."""
     run_wrk(url, body, 8, 2 if a.quick else 4)  # warm-up, not measured
+    before = server.batch_totals()
     points = []
     for c in a.concurrency:
         if not a.quick:
             run_wrk(url, body, c, 1)  # settle at this concurrency
         p = run_wrk(url, body, c, a.duration).as_dict()
-        logger.info("  %-18s c=%-4d %8.0f items/s  p50 %7.1f ms  p99 %7.1f ms  errors %d",
-                    server.system.name, c, p["rps"], p["p50_ms"], p["p99_ms"], p["errors"])
+        after = server.batch_totals() if before else None
+        if after:
+            items, batches = after[0] - before[0], after[1] - before[1]
+            p.update(batches=int(batches), mean_batch=round(items / batches, 2) if batches else None)
+        before = after
+        logger.info("  %-18s c=%-4d %8.0f items/s  p50 %7.1f ms  p99 %7.1f ms  errors %d%s",
+                    server.system.name, c, p["rps"], p["p50_ms"], p["p99_ms"], p["errors"],
+                    f"  mean batch {p['mean_batch']}" if p.get("mean_batch") else "")
         points.append(p)
     return points
 
@@ -170,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
                     subprocess.run([sys.executable, "-c", _PUBLISH_WITH_TREE, registry, wname, published.model_path,
                                     published.raw or ""],
                                    env={**os.environ, "PYTHONPATH": system.src}, cwd=system.src, check=True)
-                # The baseline's tree (its ray_server and maas_ray) predates gRPC: HTTP only.
+                # The baseline's tree (its ray_server and maas_ray) predates gRPC and the metrics port.
                 maas = sname.startswith("maas-") and not system.src
                 grpc_port = a.base_port + i + 1000 if a.grpc and maas else None
                 ctx = Ctx(wname, published.model_path, registry, a.base_port + i, a.cores, w.max_batch_size,
-                          a.kserve_python, a.maas_src, grpc_port, raw=published.raw)
+                          a.kserve_python, a.maas_src, grpc_port, raw=published.raw,
+                          metrics_port=a.base_port + METRICS_OFFSET + i if maas else None)
                 skip = system.available(ctx)
                 if skip:
                     logger.warning("%s: skipped: %s", sname, skip)

@@ -37,7 +37,14 @@ def read_profile(path: Path = PROFILE_ENV) -> dict[str, str]:
 
 
 THROUGHPUT_PROFILE = read_profile()
-_SERVE_FLAGS = (*RAY_TUNED_FLAGS, *THROUGHPUT_PROFILE, "RAY_ADDRESS")
+# Ray exports what processes record every 10 s by default; maas systems export every second,
+# so the batch-size histogram can be read right after each measured point (Server.batch_totals).
+METRICS_ENV = {"RAY_metrics_report_interval_ms": "1000"}
+# The worst case between a batch and its appearance on /metrics: maas_ray flushes its
+# aggregates every second, and Ray exports them every second (METRICS_ENV).
+METRICS_LAG_S = 2.5
+BATCH_SIZE_METRIC = "ray_maas_batch_size"  # maas_ray/serving/metrics.py: BATCH_SIZE, exported as gauges
+_SERVE_FLAGS = (*RAY_TUNED_FLAGS, *THROUGHPUT_PROFILE, *METRICS_ENV, "RAY_ADDRESS")
 
 
 @dataclass
@@ -54,6 +61,7 @@ class Ctx:
     maas_src: Optional[str] = None  # a patched copy of maas_ray to import first (experiments)
     grpc_port: Optional[int] = None  # maas systems: also serve OIP v2 over gRPC here (run.py --grpc)
     raw: Optional[str] = None  # raw workloads: the processing spec the baselines follow (Published.raw)
+    metrics_port: Optional[int] = None  # maas systems: Ray's metrics export port (the batch sizes)
 
 
 @dataclass
@@ -71,6 +79,7 @@ def _ray(*args: str) -> Callable[[Ctx], list[str]]:
                       "--num-cpus", str(c.cores), "--threads", str(c.cores), "--model-path", c.model_path,
                       "--registry", c.registry, "--model", c.workload, "--max-batch-size", str(c.max_batch_size),
                       *(["--grpc-port", str(c.grpc_port)] if c.grpc_port else []),
+                      *(["--metrics-port", str(c.metrics_port)] if c.metrics_port else []),
                       # maas serves raw inputs with the manifest's processors: only the baselines need it
                       *(["--raw", c.raw] if c.raw and args[0] != "maas" else [])]
 
@@ -93,7 +102,7 @@ def _maas(placement: str, profile: bool, replicas: int = 1) -> System:
         + (f"the throughput profile ({PROFILE_ENV.name}, access log off)" if profile else "Serve defaults")
         + (f", {replicas} ingress replicas with 1 onnxruntime thread each" if replicas > 1 else ""),
         _ray("maas", "--placement", placement, "--replicas", str(replicas), *(["--no-access-log"] if profile else [])),
-        THROUGHPUT_PROFILE if profile else {})
+        {**(THROUGHPUT_PROFILE if profile else {}), **METRICS_ENV})
 
 
 def baseline_system(src: str) -> System:
@@ -168,6 +177,29 @@ class Server:
                 last = repr(exc)
             time.sleep(1.0)
         raise TimeoutError(f"{self.system.name} not ready after {timeout_s}s: {last}; see {self.log_path}")
+
+    def batch_totals(self) -> Optional[tuple[float, float]]:
+        """(items, batches) the system's model replicas have run so far, from maas_ray's
+        batch-size histogram on Ray's metrics endpoint; None if the system exports none.
+
+        Waits METRICS_LAG_S first, so that every batch run before the call is counted:
+        call it when the load has stopped.
+        """
+        if not self.ctx.metrics_port:
+            return None
+        from prometheus_client.parser import text_string_to_metric_families
+
+        time.sleep(METRICS_LAG_S)
+        text = httpx.get(f"http://127.0.0.1:{self.ctx.metrics_port}/metrics", timeout=10).text
+        names = (f"{BATCH_SIZE_METRIC}_sum", f"{BATCH_SIZE_METRIC}_count")
+        totals = dict.fromkeys(names, 0.0)
+        found = False
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in totals and sample.labels.get("model") == self.ctx.workload:
+                    totals[sample.name] += sample.value  # one series per replica process: summed
+                    found = True
+        return (totals[names[0]], totals[names[1]]) if found else None
 
     def stop(self, timeout_s: float = 90.0) -> None:
         """SIGTERM the server (Ray servers shut Serve and Ray down), then clear its own process group.

@@ -156,6 +156,7 @@ def main(argv=None) -> None:
     p.add_argument("--placement", choices=["split", "fused", "ingress"], default="fused")
     p.add_argument("--no-access-log", action="store_true", help="drop Serve's per-request access log (maas)")
     p.add_argument("--grpc-port", type=int, default=0, help="also serve OIP v2 over gRPC on this port (maas)")
+    p.add_argument("--metrics-port", type=int, help="Ray's Prometheus metrics export port (default: Ray picks one)")
     p.add_argument("--raw", help="a raw workload's processing spec, JSON (ray-plain, ray-tuned)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -167,7 +168,7 @@ def main(argv=None) -> None:
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False)
+    ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False, _metrics_export_port=a.metrics_port)
     try:
         if a.system == "maas":
             import maas_ray
