@@ -13,6 +13,7 @@ wrk does; its own ceiling is a few thousand requests per second (see benchmarks/
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 
 import numpy as np
@@ -23,12 +24,17 @@ METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def infer_request(model: str, name: str, x: np.ndarray, datatype: str) -> bytes:
-    """A serialized ``ModelInferRequest`` carrying ``x`` as raw_input_contents (tritonclient's form)."""
+    """A serialized ``ModelInferRequest`` carrying ``x`` as raw_input_contents (tritonclient's form;
+    BYTES: an object array of bytes, each element a 4-byte little-endian length and the bytes)."""
     from tritonclient.grpc import service_pb2
 
     req = service_pb2.ModelInferRequest(model_name=model)
     req.inputs.add(name=name, datatype=datatype, shape=list(x.shape))
-    req.raw_input_contents.append(np.ascontiguousarray(x, x.dtype.newbyteorder("<")).tobytes())
+    if datatype == "BYTES":
+        raw = b"".join(struct.pack("<I", len(b)) + b for b in x.reshape(-1))
+    else:
+        raw = np.ascontiguousarray(x, x.dtype.newbyteorder("<")).tobytes()
+    req.raw_input_contents.append(raw)
     return req.SerializeToString()
 
 

@@ -88,17 +88,13 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     w = WORKLOADS[a.workload]
     with tempfile.TemporaryDirectory(prefix="maas-prof-") as tmp:
-        model = w.onnx_bytes()
-        Path(tmp, "m.onnx").write_bytes(model)
-        from maas_ray.registry import Registry
-
-        Registry(f"{tmp}/registry").publish(a.workload, model)
-        ctx = Ctx(a.workload, f"{tmp}/m.onnx", f"{tmp}/registry", a.port, 2, w.max_batch_size,
-                  "/tmp/kserve-venv/bin/python", a.maas_src)
+        published = w.publish(Path(tmp))
+        ctx = Ctx(a.workload, published.model_path, published.registry, a.port, 2, w.max_batch_size,
+                  "/tmp/kserve-venv/bin/python", a.maas_src, raw=published.raw)
         url = f"http://127.0.0.1:{a.port}{MODEL_PATH.format(model=a.workload)}"
         server = Server(SYSTEMS[a.system], ctx, a.out / f"{a.system}-{a.workload}.log")
         try:
-            server.wait_ready(url, w.request_body())
+            server.wait_ready(url, w.request_body(), w.sample)
             run_wrk(url, w.request_body(), 8, 3)
             if a.cpu:
                 print(f"{a.system} {a.workload}", "\n".join(cpu_per_request(server.proc.pid, url, w.request_body(),

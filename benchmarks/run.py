@@ -1,11 +1,13 @@
 """One command, every system side by side: ``python -m benchmarks.run --out benchmarks/results``.
 
 For each workload (``benchmarks/workloads.py``): export to ONNX, publish to a temp
-maas_ray registry, measure the limit (raw onnxruntime), then start each system
-(``benchmarks/systems.py``) in its own process, warm it up, and sweep concurrency
-with wrk. Writes ``results.json``, ``results.md`` and ``results.png`` under --out.
+maas_ray registry, measure the limit (raw onnxruntime; for raw workloads also the
+pre/postprocessing cost), then start each system (``benchmarks/systems.py``) in its own
+process, warm it up, and sweep concurrency with wrk; for maas systems, the mean batch
+size of each point from maas_ray's batch-size metric. Writes ``results.json``,
+``results.md`` and ``results.png`` under --out.
 
-    python -m benchmarks.run --out benchmarks/results                 # full run, ~20 min on 2 cores
+    python -m benchmarks.run --out benchmarks/results                 # full run, ~11 min per workload
     python -m benchmarks.run --quick --systems flask,maas-fused-tp    # c=32 only, short points
     python -m benchmarks.run --grpc --workloads mlp --systems maas-ingress-tp-x2   # + OIP v2 over gRPC
 
@@ -30,14 +32,29 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks import report
-from benchmarks.grpc_loadgen import infer_request, run_grpc
-from benchmarks.limit import measure_limit
+from benchmarks.grpc_loadgen import run_grpc
+from benchmarks.limit import measure_limit, prepost_ceiling
 from benchmarks.loadgen import run_wrk, wrk_path
 from benchmarks.systems import SYSTEMS, Ctx, Server, baseline_system
-from benchmarks.workloads import INPUT_NAME, MODEL_PATH, WORKLOADS
+from benchmarks.workloads import MODEL_PATH, WORKLOADS
+
+# Ports of system i: HTTP base+i, Ray's metrics export base+METRICS_OFFSET+i (maas systems),
+# gRPC base+1000+i (--grpc).
+METRICS_OFFSET = 50
+# An older maas_ray tree (--baseline-src) publishes the same model with its own Registry:
+# tensor workloads bare, raw workloads with the manifest's processor specs and files.
+_PUBLISH_WITH_TREE = """
+import json, sys
+from maas_ray.registry import ProcessorSpec, Registry
+root, name, onnx, raw = sys.argv[1:]
+kw = {}
+if raw:
+    spec = json.load(open(raw))
+    kw = dict(preprocessor=ProcessorSpec(**spec["preprocessor"]), postprocessor=ProcessorSpec(**spec["postprocessor"]),
+              files={n: open(path, "rb").read() for n, path in spec["files"].items()})
+Registry(root).publish(name, open(onnx, "rb").read(), **kw)
+"""
 
 logger = logging.getLogger("benchmarks")
 
@@ -75,20 +92,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             a.systems.append("maas-baseline")
     elif "maas-baseline" in a.systems:
         p.error("maas-baseline needs --baseline-src")
+    if len(a.systems) > METRICS_OFFSET:
+        p.error(f"at most {METRICS_OFFSET} systems: the metrics ports follow the HTTP ports")
     a.concurrency = a.concurrency or ([32] if a.quick else [1, 8, 32, 128])
     a.duration = a.duration or (3.0 if a.quick else 6.0)
     return a
 
 
 def bench_system(server: Server, url: str, body: bytes, a: argparse.Namespace) -> list[dict]:
+    """The concurrency sweep. maas systems: each point's mean batch size, from the batch-size
+    histogram read after the point (Server.batch_totals); a point's batches include those of
+    its settle run, at the same concurrency."""
     run_wrk(url, body, 8, 2 if a.quick else 4)  # warm-up, not measured
+    before = server.batch_totals()
     points = []
     for c in a.concurrency:
         if not a.quick:
             run_wrk(url, body, c, 1)  # settle at this concurrency
         p = run_wrk(url, body, c, a.duration).as_dict()
-        logger.info("  %-18s c=%-4d %8.0f items/s  p50 %7.1f ms  p99 %7.1f ms  errors %d",
-                    server.system.name, c, p["rps"], p["p50_ms"], p["p99_ms"], p["errors"])
+        after = server.batch_totals() if before else None
+        if after:
+            items, batches = after[0] - before[0], after[1] - before[1]
+            p.update(batches=int(batches), mean_batch=round(items / batches, 2) if batches else None)
+        before = after
+        logger.info("  %-18s c=%-4d %8.0f items/s  p50 %7.1f ms  p99 %7.1f ms  errors %d%s",
+                    server.system.name, c, p["rps"], p["p50_ms"], p["p99_ms"], p["errors"],
+                    f"  mean batch {p['mean_batch']}" if p.get("mean_batch") else "")
         points.append(p)
     return points
 
@@ -131,37 +160,38 @@ def main(argv: list[str] | None = None) -> int:
         (a.out / "results.json").write_text(json.dumps(results, indent=1))
         (a.out / "results.md").write_text(report.markdown(results))
 
-    from maas_ray.registry import Registry
-
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp:
         for wname in a.workloads:
             w = WORKLOADS[wname]
-            model_bytes = w.onnx_bytes()
-            model_path = Path(tmp) / f"{wname}.onnx"
-            model_path.write_bytes(model_bytes)
-            Registry(f"{tmp}/registry").publish(wname, model_bytes)
+            published = w.publish(Path(tmp))
+            model_bytes = Path(published.model_path).read_bytes()
             body = w.request_body()
             logger.info("%s: limit (raw onnxruntime, %d threads)", wname, a.cores)
             limit = measure_limit(w, model_bytes, [1, 8, 32, 128] if a.quick else [1, 8, 32, 128, 512],
                                   a.cores, 1.0 if a.quick else 2.0)
             logger.info("  batch 1: %.0f items/s, best (b%d): %.0f items/s", limit["batch1_items_per_s"],
                         limit["best_batch"], limit["best_items_per_s"])
+            if published.raw:
+                limit.update(prepost_ceiling(w, published, limit, a.cores, 1.0 if a.quick else 2.0))
+                logger.info("  pre+post per item: maas %.0f us, baselines %.0f us; ceiling b1 %.0f items/s, "
+                            "best %.0f items/s", limit["prepost_us"]["maas"], limit["prepost_us"]["baselines"],
+                            limit["ceiling_batch1_items_per_s"], limit["ceiling_best_items_per_s"])
             entry = results["workloads"][wname] = {"description": w.description, "limit": limit, "systems": {}}
             for i, sname in enumerate(a.systems):
                 system = SYSTEMS[sname]
-                registry = f"{tmp}/registry"
+                registry = published.registry
                 if system.src:  # an older tree reads only the manifests it wrote: publish with it
                     registry = f"{tmp}/registry-{sname}"
-                    subprocess.run([sys.executable, "-c", "import sys; from maas_ray.registry import Registry; "
-                                    "Registry(sys.argv[1]).publish(sys.argv[2], open(sys.argv[3], 'rb').read())",
-                                    registry, wname, str(model_path)],
+                    subprocess.run([sys.executable, "-c", _PUBLISH_WITH_TREE, registry, wname, published.model_path,
+                                    published.raw or ""],
                                    env={**os.environ, "PYTHONPATH": system.src}, cwd=system.src, check=True)
-                # The baseline's maas_ray predates gRPC: HTTP only.
-                grpc_port = a.base_port + i + 1000 if a.grpc and sname.startswith("maas-") and \
-                    sname != "maas-baseline" else None
-                ctx = Ctx(wname, str(model_path), registry, a.base_port + i, a.cores,
-                          w.max_batch_size, a.kserve_python, a.maas_src, grpc_port)
+                # The baseline's tree (its ray_server and maas_ray) predates gRPC and the metrics port.
+                maas = sname.startswith("maas-") and not system.src
+                grpc_port = a.base_port + i + 1000 if a.grpc and maas else None
+                ctx = Ctx(wname, published.model_path, registry, a.base_port + i, a.cores, w.max_batch_size,
+                          a.kserve_python, a.maas_src, grpc_port, raw=published.raw,
+                          metrics_port=a.base_port + METRICS_OFFSET + i if maas else None)
                 skip = system.available(ctx)
                 if skip:
                     logger.warning("%s: skipped: %s", sname, skip)
@@ -173,14 +203,12 @@ def main(argv: list[str] | None = None) -> int:
                 server = Server(system, ctx, logs / f"{wname}-{sname}.log")
                 rec = entry["systems"][sname] = {"description": system.description, "points": []}
                 try:
-                    reply = server.wait_ready(url, body)
+                    reply = server.wait_ready(url, body, w.sample)
                     rec["startup_s"] = round(time.monotonic() - started, 1)
-                    rec["sample_output_shape"] = reply["outputs"][0]["shape"]
+                    rec.update(w.sample(reply))
                     rec["points"] = bench_system(server, url, body, a)
                     if grpc_port:
-                        x = w.example(1, np.random.default_rng(0))
-                        request = infer_request(wname, INPUT_NAME, x, "FP32" if x.dtype.kind == "f" else "INT64")
-                        rec["grpc_points"] = bench_grpc(server, f"127.0.0.1:{grpc_port}", request, a)
+                        rec["grpc_points"] = bench_grpc(server, f"127.0.0.1:{grpc_port}", w.grpc_request(), a)
                 except Exception as exc:  # record and go on with the next system
                     logger.error("%s / %s failed: %s", wname, sname, exc)
                     rec["note"] = f"failed: {exc}"

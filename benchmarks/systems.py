@@ -37,7 +37,14 @@ def read_profile(path: Path = PROFILE_ENV) -> dict[str, str]:
 
 
 THROUGHPUT_PROFILE = read_profile()
-_SERVE_FLAGS = (*RAY_TUNED_FLAGS, *THROUGHPUT_PROFILE, "RAY_ADDRESS")
+# Ray exports what processes record every 10 s by default; maas systems export every second,
+# so the batch-size histogram can be read right after each measured point (Server.batch_totals).
+METRICS_ENV = {"RAY_metrics_report_interval_ms": "1000"}
+# The worst case between a batch and its appearance on /metrics: maas_ray flushes its
+# aggregates every second, and Ray exports them every second (METRICS_ENV).
+METRICS_LAG_S = 2.5
+BATCH_SIZE_METRIC = "ray_maas_batch_size"  # maas_ray/serving/metrics.py: BATCH_SIZE, exported as gauges
+_SERVE_FLAGS = (*RAY_TUNED_FLAGS, *THROUGHPUT_PROFILE, *METRICS_ENV, "RAY_ADDRESS")
 
 
 @dataclass
@@ -53,6 +60,8 @@ class Ctx:
     kserve_python: str
     maas_src: Optional[str] = None  # a patched copy of maas_ray to import first (experiments)
     grpc_port: Optional[int] = None  # maas systems: also serve OIP v2 over gRPC here (run.py --grpc)
+    raw: Optional[str] = None  # raw workloads: the processing spec the baselines follow (Published.raw)
+    metrics_port: Optional[int] = None  # maas systems: Ray's metrics export port (the batch sizes)
 
 
 @dataclass
@@ -69,13 +78,19 @@ def _ray(*args: str) -> Callable[[Ctx], list[str]]:
     return lambda c: [sys.executable, "-m", "benchmarks.servers.ray_server", *args, "--port", str(c.port),
                       "--num-cpus", str(c.cores), "--threads", str(c.cores), "--model-path", c.model_path,
                       "--registry", c.registry, "--model", c.workload, "--max-batch-size", str(c.max_batch_size),
-                      *(["--grpc-port", str(c.grpc_port)] if c.grpc_port else [])]
+                      *(["--grpc-port", str(c.grpc_port)] if c.grpc_port else []),
+                      *(["--metrics-port", str(c.metrics_port)] if c.metrics_port else []),
+                      # maas serves raw inputs with the manifest's processors: only the baselines need it
+                      *(["--raw", c.raw] if c.raw and args[0] != "maas" else [])]
 
 
 def _kserve_missing(c: Ctx) -> Optional[str]:
     if not Path(c.kserve_python).exists():
         return (f"no python at {c.kserve_python}: create it with `python3 -m venv /tmp/kserve-venv && "
-                "/tmp/kserve-venv/bin/pip install kserve onnxruntime` (or pass --kserve-python)")
+                "/tmp/kserve-venv/bin/pip install kserve onnxruntime pillow tokenizers` (or pass --kserve-python)")
+    if c.raw and subprocess.run([c.kserve_python, "-c", "import PIL, tokenizers"], capture_output=True).returncode:
+        return (f"raw workloads need pillow and tokenizers in the KServe venv: "
+                f"{c.kserve_python} -m pip install pillow tokenizers")
     return None
 
 
@@ -87,7 +102,7 @@ def _maas(placement: str, profile: bool, replicas: int = 1) -> System:
         + (f"the throughput profile ({PROFILE_ENV.name}, access log off)" if profile else "Serve defaults")
         + (f", {replicas} ingress replicas with 1 onnxruntime thread each" if replicas > 1 else ""),
         _ray("maas", "--placement", placement, "--replicas", str(replicas), *(["--no-access-log"] if profile else [])),
-        THROUGHPUT_PROFILE if profile else {})
+        {**(THROUGHPUT_PROFILE if profile else {}), **METRICS_ENV})
 
 
 def baseline_system(src: str) -> System:
@@ -105,7 +120,8 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
     System("kserve", "KServe ModelServer (own venv), onnxruntime Model.predict, defaults (1 worker, gRPC off)",
            lambda c: [c.kserve_python, str(ROOT / "benchmarks/servers/kserve_server.py"),
                       "--model_path", c.model_path, "--model_name", c.workload, "--http_port", str(c.port),
-                      "--grpc_port", str(c.port + 1000), "--enable_grpc", "false", "--threads", str(c.cores)],
+                      "--grpc_port", str(c.port + 1000), "--enable_grpc", "false", "--threads", str(c.cores),
+                      *(["--raw", c.raw] if c.raw else [])],
            available=_kserve_missing),
     System("ray-plain", "Ray Serve as in the docs: FastAPI ingress, one deployment, defaults",
            _ray("ray-plain")),
@@ -126,14 +142,19 @@ class Server:
         # on the path of the server and of its Ray workers, so the server runs from there.
         src = system.src or ctx.maas_src
         path = [src] if src else []
-        env.update(system.env, BENCH_MODEL_PATH=ctx.model_path, PYTHONPATH=os.pathsep.join([*path, str(ROOT)]),
-                   RAY_USAGE_STATS_ENABLED="0")
+        env.update(system.env, BENCH_MODEL_PATH=ctx.model_path, BENCH_RAW=ctx.raw or "",
+                   PYTHONPATH=os.pathsep.join([*path, str(ROOT)]), RAY_USAGE_STATS_ENABLED="0")
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(system.command(ctx), cwd=src or ROOT, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_ready(self, url: str, body: bytes, timeout_s: float = 240.0) -> dict:
-        """Poll with the benchmark request until a 200; returns the response JSON."""
+    def wait_ready(self, url: str, body: bytes, check: Optional[Callable[[dict], object]] = None,
+                   timeout_s: float = 240.0) -> dict:
+        """Poll with the benchmark request until a 200; returns the response JSON.
+
+        ``check(reply)`` raises ValueError if the answer is not of the workload's kind (a
+        label, for raw workloads): a system that answers 200 without doing the work fails.
+        """
         deadline = time.monotonic() + timeout_s
         last = "no answer"
         while time.monotonic() < deadline:
@@ -142,7 +163,13 @@ class Server:
             try:
                 r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=10)
                 if r.status_code == 200:
-                    return r.json()
+                    reply = r.json()
+                    if check is not None:
+                        try:
+                            check(reply)
+                        except ValueError as exc:
+                            raise RuntimeError(f"{self.system.name} answers the wrong thing: {exc}") from exc
+                    return reply
                 if r.status_code in (400, 405, 422):  # a wrong request, not a server still starting
                     raise RuntimeError(f"{self.system.name} rejects the benchmark request: {r.status_code} {r.text[:300]}")
                 last = f"{r.status_code} {r.text[:200]}"
@@ -150,6 +177,29 @@ class Server:
                 last = repr(exc)
             time.sleep(1.0)
         raise TimeoutError(f"{self.system.name} not ready after {timeout_s}s: {last}; see {self.log_path}")
+
+    def batch_totals(self) -> Optional[tuple[float, float]]:
+        """(items, batches) the system's model replicas have run so far, from maas_ray's
+        batch-size histogram on Ray's metrics endpoint; None if the system exports none.
+
+        Waits METRICS_LAG_S first, so that every batch run before the call is counted:
+        call it when the load has stopped.
+        """
+        if not self.ctx.metrics_port:
+            return None
+        from prometheus_client.parser import text_string_to_metric_families
+
+        time.sleep(METRICS_LAG_S)
+        text = httpx.get(f"http://127.0.0.1:{self.ctx.metrics_port}/metrics", timeout=10).text
+        names = (f"{BATCH_SIZE_METRIC}_sum", f"{BATCH_SIZE_METRIC}_count")
+        totals = dict.fromkeys(names, 0.0)
+        found = False
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in totals and sample.labels.get("model") == self.ctx.workload:
+                    totals[sample.name] += sample.value  # one series per replica process: summed
+                    found = True
+        return (totals[names[0]], totals[names[1]]) if found else None
 
     def stop(self, timeout_s: float = 90.0) -> None:
         """SIGTERM the server (Ray servers shut Serve and Ray down), then clear its own process group.

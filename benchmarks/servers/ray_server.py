@@ -6,16 +6,21 @@
     python -m benchmarks.servers.ray_server maas --port 8105 --registry /tmp/reg --model mlp --placement fused
 
 It starts its own Ray instance (``address="local"``), serves until SIGTERM/SIGINT,
-then shuts Serve and Ray down (which also stops HAProxy).
+then shuts Serve and Ray down (which also stops HAProxy). ``--raw spec.json`` (raw
+workloads): ray-plain and ray-tuned decode, run and label raw inputs
+(benchmarks/servers/raw.py); maas uses the manifest's processors.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` class.
 import argparse
 import asyncio
 import logging
+import json
 import signal
 import sys
 import time
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -34,44 +39,55 @@ def _encode(model: str, names: list[str], outputs: list[np.ndarray]) -> dict:
         for n, a in zip(names, outputs)]}
 
 
-def plain_app(model_path: str):
+def plain_app(model_path: str, raw: Optional[dict] = None):
     """What a newcomer writes from the Serve docs: FastAPI ingress, defaults everywhere."""
     import onnxruntime as ort
     from ray import serve
+
+    from benchmarks.servers.raw import RawCodec, label_response
 
     api = FastAPI()
 
     @serve.deployment
     @serve.ingress(api)
     class OnnxModel:
-        def __init__(self, path: str) -> None:
+        def __init__(self, path: str, raw: Optional[dict]) -> None:
             self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             self.names = [o.name for o in self.session.get_outputs()]
+            self.input = self.session.get_inputs()[0].name
+            self.codec = RawCodec(raw) if raw else None
 
         @api.post("/v2/models/{model}/infer")
         async def infer(self, model: str, request: Request) -> dict:
-            feeds = _decode(await request.json())
-            return _encode(model, self.names, self.session.run(self.names, feeds))
+            body = await request.json()
+            if self.codec is not None:
+                x = self.codec.preprocess(body["inputs"][0]["data"])
+                return label_response(model, self.codec.postprocess(self.session.run(None, {self.input: x})[0]))
+            return _encode(model, self.names, self.session.run(self.names, _decode(body)))
 
-    return OnnxModel.bind(model_path)
+    return OnnxModel.bind(model_path, raw)
 
 
-def tuned_app(model_path: str, max_batch_size: int, threads: int):
-    """The same deployment with ``@serve.batch`` and a high ``max_ongoing_requests``."""
+def tuned_app(model_path: str, max_batch_size: int, threads: int, raw: Optional[dict] = None):
+    """The same deployment with ``@serve.batch`` and a high ``max_ongoing_requests``; raw inputs
+    are decoded per request and the decoded tensors batched."""
     import onnxruntime as ort
     from ray import serve
+
+    from benchmarks.servers.raw import RawCodec, label_response
 
     api = FastAPI()
 
     @serve.deployment(max_ongoing_requests=1024)
     @serve.ingress(api)
     class OnnxModel:
-        def __init__(self, path: str) -> None:
+        def __init__(self, path: str, raw: Optional[dict]) -> None:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
             self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
             self.names = [o.name for o in self.session.get_outputs()]
             self.input = self.session.get_inputs()[0].name
+            self.codec = RawCodec(raw) if raw else None
 
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=0.002)
         async def run(self, xs: list[np.ndarray]) -> list[list[np.ndarray]]:
@@ -82,10 +98,13 @@ def tuned_app(model_path: str, max_batch_size: int, threads: int):
 
         @api.post("/v2/models/{model}/infer")
         async def infer(self, model: str, request: Request) -> dict:
-            feeds = _decode(await request.json())
-            return _encode(model, self.names, await self.run(feeds[self.input]))
+            body = await request.json()
+            if self.codec is not None:
+                outs = await self.run(self.codec.preprocess(body["inputs"][0]["data"]))
+                return label_response(model, self.codec.postprocess(outs[0]))
+            return _encode(model, self.names, await self.run(_decode(body)[self.input]))
 
-    return OnnxModel.bind(model_path)
+    return OnnxModel.bind(model_path, raw)
 
 
 def maas_config(port: int, registry: str, model: str, placement: str, max_batch_size: int, threads: int,
@@ -137,6 +156,8 @@ def main(argv=None) -> None:
     p.add_argument("--placement", choices=["split", "fused", "ingress"], default="fused")
     p.add_argument("--no-access-log", action="store_true", help="drop Serve's per-request access log (maas)")
     p.add_argument("--grpc-port", type=int, default=0, help="also serve OIP v2 over gRPC on this port (maas)")
+    p.add_argument("--metrics-port", type=int, help="Ray's Prometheus metrics export port (default: Ray picks one)")
+    p.add_argument("--raw", help="a raw workload's processing spec, JSON (ray-plain, ray-tuned)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -147,7 +168,7 @@ def main(argv=None) -> None:
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False)
+    ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False, _metrics_export_port=a.metrics_port)
     try:
         if a.system == "maas":
             import maas_ray
@@ -159,8 +180,9 @@ def main(argv=None) -> None:
                                access_log=not a.no_access_log, grpc_port=a.grpc_port))
         else:
             serve.start(http_options={"host": "127.0.0.1", "port": a.port})
-            app = plain_app(a.model_path) if a.system == "ray-plain" else tuned_app(
-                a.model_path, a.max_batch_size, a.threads)
+            raw = json.loads(Path(a.raw).read_text()) if a.raw else None
+            app = plain_app(a.model_path, raw) if a.system == "ray-plain" else tuned_app(
+                a.model_path, a.max_batch_size, a.threads, raw)
             serve.run(app, name="bench", route_prefix="/")
         print(f"READY {a.system} on port {a.port}", flush=True)
         while True:
