@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kserve-python", default=os.environ.get("KSERVE_PYTHON", "/tmp/kserve-venv/bin/python"))
     p.add_argument("--grpc", action="store_true",
                    help="maas systems: also measure OIP v2 over gRPC (port base-port + i + 1000)")
+    p.add_argument("--batch-sizes", action="store_true",
+                   help="maas systems: report each point's mean batch size (Ray exports metrics every second "
+                   "instead of every 10 s, and each point waits 2.5 s for them: background CPU, off by default)")
     p.add_argument("--maas-src", help="directory holding a patched maas_ray package to benchmark instead")
     p.add_argument("--baseline-src", help="a checkout of an earlier commit (git worktree add DIR REV): adds "
                    "'maas-baseline', the shipped profile from that tree, to compare a change in one run")
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 grpc_port = a.base_port + i + 1000 if a.grpc and maas else None
                 ctx = Ctx(wname, published.model_path, registry, a.base_port + i, a.cores, w.max_batch_size,
                           a.kserve_python, a.maas_src, grpc_port, raw=published.raw,
-                          metrics_port=a.base_port + METRICS_OFFSET + i if maas else None)
+                          metrics_port=a.base_port + METRICS_OFFSET + i if maas and a.batch_sizes else None)
                 skip = system.available(ctx)
                 if skip:
                     logger.warning("%s: skipped: %s", sname, skip)

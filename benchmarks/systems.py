@@ -37,8 +37,10 @@ def read_profile(path: Path = PROFILE_ENV) -> dict[str, str]:
 
 
 THROUGHPUT_PROFILE = read_profile()
-# Ray exports what processes record every 10 s by default; maas systems export every second,
-# so the batch-size histogram can be read right after each measured point (Server.batch_totals).
+# Ray exports what processes record every 10 s by default; with --batch-sizes, maas systems export
+# every second, so the batch-size histogram can be read right after each measured point
+# (Server.batch_totals). Off by default: the extra exports are background CPU that shows in the
+# p99 on 2 cores.
 METRICS_ENV = {"RAY_metrics_report_interval_ms": "1000"}
 # The worst case between a batch and its appearance on /metrics: maas_ray flushes its
 # aggregates every second, and Ray exports them every second (METRICS_ENV).
@@ -102,7 +104,7 @@ def _maas(placement: str, profile: bool, replicas: int = 1) -> System:
         + (f"the throughput profile ({PROFILE_ENV.name}, access log off)" if profile else "Serve defaults")
         + (f", {replicas} ingress replicas with 1 onnxruntime thread each" if replicas > 1 else ""),
         _ray("maas", "--placement", placement, "--replicas", str(replicas), *(["--no-access-log"] if profile else [])),
-        {**(THROUGHPUT_PROFILE if profile else {}), **METRICS_ENV})
+        THROUGHPUT_PROFILE if profile else {})
 
 
 def baseline_system(src: str) -> System:
@@ -142,7 +144,7 @@ class Server:
         # on the path of the server and of its Ray workers, so the server runs from there.
         src = system.src or ctx.maas_src
         path = [src] if src else []
-        env.update(system.env, BENCH_MODEL_PATH=ctx.model_path, BENCH_RAW=ctx.raw or "",
+        env.update(system.env, **(METRICS_ENV if ctx.metrics_port else {}), BENCH_MODEL_PATH=ctx.model_path, BENCH_RAW=ctx.raw or "",
                    PYTHONPATH=os.pathsep.join([*path, str(ROOT)]), RAY_USAGE_STATS_ENABLED="0")
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(system.command(ctx), cwd=src or ROOT, env=env, stdout=self.log,
