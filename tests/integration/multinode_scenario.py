@@ -113,16 +113,17 @@ def actors(class_name: str, state: str | None = None) -> list[Any]:
 
 
 def replica_calls(work: Path, deployment: str) -> dict[str, int]:
-    """Requests each replica of ``deployment`` has answered, by replica id: its Serve access
-    log lines (``CALL infer OK``) in the session's log dir (one dir: every node runs here).
-    Shows that the removed replica really took traffic and the replacement takes it over."""
+    """Calls each replica of ``deployment`` has answered, by replica id: its Serve access log
+    lines (``CALL infer_many OK``; the ingress sends requests in these coalesced calls) in the
+    session's log dir (one dir: every node runs here). Shows that the removed replica really
+    took traffic and the replacement takes it over."""
     counts = {}
     # session_latest is a symlink to the one session dir: count each file once.
     paths = {p.resolve() for p in work.glob(f"ray/session_*/logs/serve/replica_{APP}_{deployment}_*.log")}
     for path in sorted(paths):
         replica_id = path.stem.rsplit("_", 1)[-1]
         with path.open(errors="replace") as f:
-            counts[replica_id] = sum(1 for line in f if " CALL infer OK " in line)
+            counts[replica_id] = sum(1 for line in f if " CALL infer_many OK " in line)
     return counts
 
 

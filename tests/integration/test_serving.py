@@ -181,6 +181,32 @@ def test_split_and_ingress_placements_concatenate_and_split_batches(app):
             np.testing.assert_allclose(output(r.json(), "logits"), lin_reference(inputs[i]), rtol=1e-5, atol=1e-5)
 
 
+def test_a_bad_image_fails_alone_inside_a_coalesced_call(app, digits):
+    """fused: the ingress sends concurrent requests to the inference replica together; a PNG that
+    only the replica's preprocessor can reject is a 400 for its own request, the rest answer."""
+    x, y = digits
+    good = {i: digit_png(x[i], size=8) for i in range(24)}
+    import base64
+
+    # truncated: valid base64 and a PNG header, so only Pillow's decode in the replica rejects it
+    broken = base64.b64encode(base64.b64decode(good[0])[:-40]).decode()
+
+    def call(i):
+        image = broken if i % 5 == 2 else good[i]
+        body = {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1], "data": [image]}]}
+        return i, app.post("/v2/models/digits/versions/1/infer", json=body)
+
+    with ThreadPoolExecutor(12) as pool:
+        results = dict(pool.map(call, range(24)))
+    for i, r in results.items():
+        if i % 5 == 2:
+            assert r.status_code == 400 and r.json()["error"].startswith("image 0: "), r.text
+        else:
+            assert r.status_code == 200, r.text
+            assert output(r.json(), "label").tolist() == output(
+                app.post("/v2/models/digits/versions/1/infer", json=v2_body(x[i:i + 1])).json(), "label").tolist()
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "error"),
     [
