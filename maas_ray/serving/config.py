@@ -61,9 +61,9 @@ class DeploymentOptions(BaseModel):
         if self.autoscaling_config is not None or self.num_replicas == "auto":
             from ray.serve.config import AutoscalingConfig
 
-            cfg = AutoscalingConfig.default() if self.num_replicas == "auto" else AutoscalingConfig()
-            merged = {**cfg.model_dump(exclude_unset=True), **(self.autoscaling_config or {})}
-            auto = AutoscalingConfig(**merged)
+            # "auto": Serve's defaults for it under the user's fields (serve's handle_num_replicas_auto)
+            base = AutoscalingConfig.default().model_dump(exclude_unset=True) if self.num_replicas == "auto" else {}
+            auto = AutoscalingConfig(**{**base, **(self.autoscaling_config or {})})
             return max(1, math.ceil(auto.target_ongoing_requests * auto.max_replicas))
         return per_replica * (self.num_replicas or 1)
 
