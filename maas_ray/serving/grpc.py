@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
 from maas_ray.errors import MaasError, RequestTimeoutError, unwrap_remote
 from maas_ray.serving import protocol
@@ -121,6 +121,31 @@ class GrpcInferenceMixin:
         self.admit(extract_key(meta), _peer(grpc_context), model, admin=admin)
         return meta
 
+    async def _grpc_answer(
+        self: "Ingress",
+        grpc_context: Any,
+        model: Optional[str],
+        empty: Callable[[], Any],
+        answer: Callable[[Any], Any],
+        call: Optional[Callable[[dict[str, str]], Awaitable[Any]]] = None,
+        failed: Optional[Callable[[int, str], None]] = None,
+    ) -> Any:
+        """One RPC: admission, ``call(request metadata)``, then ``answer(its result)``.
+
+        An exception from admission or ``call`` sets the code and details (:meth:`_grpc_fail`),
+        goes to ``failed(HTTP-equivalent status, error name)`` and the RPC returns ``empty()``.
+        ``answer`` runs outside the try: only admission and the call map to a status.
+        """
+        try:
+            meta = self._grpc_admit(grpc_context, model)
+            result = None if call is None else await call(meta)
+        except Exception as exc:
+            status, error = self._grpc_fail(grpc_context, exc)
+            if failed is not None:
+                failed(status, error)
+            return empty()
+        return answer(result)
+
     # ---- health and metadata ----------------------------------------------------------
     async def ServerLive(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - RPC name
         return _pb().ServerLiveResponse(live=True)
@@ -132,33 +157,23 @@ class GrpcInferenceMixin:
         from maas_ray import __version__
 
         pb = _pb()
-        try:
-            self._grpc_admit(grpc_context, None)
-        except Exception as exc:
-            self._grpc_fail(grpc_context, exc)
-            return pb.ServerMetadataResponse()
-        return pb.ServerMetadataResponse(
-            name="maas-ray", version=__version__, extensions=["binary_tensor_data", "model_repository"]
+        return await self._grpc_answer(
+            grpc_context, None, pb.ServerMetadataResponse,
+            lambda _: pb.ServerMetadataResponse(
+                name="maas-ray", version=__version__, extensions=["binary_tensor_data", "model_repository"]
+            ),
         )
 
     async def ModelReady(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         pb = _pb()
-        try:
-            self._grpc_admit(grpc_context, request.name)
-            body = await self.model_ready(request.name, request.version or None)
-        except Exception as exc:
-            self._grpc_fail(grpc_context, exc)
-            return pb.ModelReadyResponse()
-        return pb.ModelReadyResponse(ready=body["ready"])
+        return await self._grpc_answer(
+            grpc_context, request.name, pb.ModelReadyResponse,
+            lambda body: pb.ModelReadyResponse(ready=body["ready"]),
+            lambda _: self.model_ready(request.name, request.version or None),
+        )
 
     async def ModelMetadata(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         pb = _pb()
-        try:
-            self._grpc_admit(grpc_context, request.name)
-            body = await self.metadata(request.name, request.version or None)
-        except Exception as exc:
-            self._grpc_fail(grpc_context, exc)
-            return pb.ModelMetadataResponse()
 
         def tensors(items: list[dict[str, Any]]) -> list[Any]:
             return [
@@ -166,9 +181,15 @@ class GrpcInferenceMixin:
                 for t in items
             ]
 
-        return pb.ModelMetadataResponse(
-            name=body["name"], versions=body["versions"], platform=body["platform"],
-            inputs=tensors(body["inputs"]), outputs=tensors(body["outputs"]),
+        def answer(body: dict[str, Any]) -> Any:
+            return pb.ModelMetadataResponse(
+                name=body["name"], versions=body["versions"], platform=body["platform"],
+                inputs=tensors(body["inputs"]), outputs=tensors(body["outputs"]),
+            )
+
+        return await self._grpc_answer(
+            grpc_context, request.name, pb.ModelMetadataResponse, answer,
+            lambda _: self.metadata(request.name, request.version or None),
         )
 
     # ---- inference --------------------------------------------------------------------
@@ -179,9 +200,10 @@ class GrpcInferenceMixin:
         start = time.perf_counter()
         model = request.model_name
         self.metrics.request_started(model)
-        number, stages = None, None
-        try:
-            meta = self._grpc_admit(grpc_context, model)
+        number: Optional[int] = None  # set once a version answered: a failed encode is counted on it
+
+        async def infer(meta: dict[str, str]) -> tuple[Any, Any]:
+            nonlocal number
             key = meta.get(self.key_header)
             if key is None and self.key_header in request.parameters:
                 param = request.parameters[self.key_header]
@@ -201,7 +223,7 @@ class GrpcInferenceMixin:
                 ) from exc
             finally:
                 self.deadlines.exit(task)  # idempotent
-            number, stages = result.version, result.stages
+            number = result.version
             t0 = time.perf_counter()
             response = pb.ModelInferResponse(model_name=model, model_version=str(number))
             if decoded.id is not None:
@@ -209,12 +231,19 @@ class GrpcInferenceMixin:
             for name, datatype, shape, raw in protocol.encode_grpc_outputs(result.outputs, decoded):
                 response.outputs.add(name=name, datatype=datatype, shape=shape)
                 response.raw_output_contents.append(raw)
-            stages["encode"] = stages.get("encode", 0.0) + time.perf_counter() - t0
-        except Exception as exc:
-            status, error = self._grpc_fail(grpc_context, exc)
+            result.stages["encode"] = result.stages.get("encode", 0.0) + time.perf_counter() - t0
+            return result, response
+
+        def failed(status: int, error: str) -> None:
             self.metrics.request_finished(model, number, PROTOCOL, status, error, time.perf_counter() - start)
-            return pb.ModelInferResponse()
-        self.metrics.request_finished(model, number, PROTOCOL, 200, None, time.perf_counter() - start, stages)
-        if result.after_response is not None:  # shadow: starts as the response is returned
-            result.after_response()
-        return response
+
+        def answer(done: tuple[Any, Any]) -> Any:
+            result, response = done
+            self.metrics.request_finished(
+                model, result.version, PROTOCOL, 200, None, time.perf_counter() - start, result.stages
+            )
+            if result.after_response is not None:  # shadow: starts as the response is returned
+                result.after_response()
+            return response
+
+        return await self._grpc_answer(grpc_context, model, pb.ModelInferResponse, answer, infer, failed)
