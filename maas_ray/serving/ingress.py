@@ -47,6 +47,7 @@ from maas_ray.serving.keys import ANONYMOUS, KeyStore, Principal, resolve_auth
 from maas_ray.serving.limits import RateLimiter, RequestDeadlines
 from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.router import TrafficRouter
+from maas_ray.serving.runner import rows
 from maas_ray.serving.shadow import ShadowMirror, parse_shadow
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class _Route:
             self.calls = Coalescer(
                 self._remote, max_items=batching.max_batch_size,
                 concurrency=batching.max_calls_in_flight or model.inference.calls_in_flight(per_replica=2),
-                size=lambda item: next(iter(item[0].values())).shape[0] if item[0] else 1,
+                size=lambda item: rows(item[0]),
                 max_queued=max_queued,
                 overflow=lambda: ModelNotReadyError(f"overloaded: more than {max_queued} requests queued", 1.0),
             )

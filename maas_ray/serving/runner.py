@@ -69,6 +69,11 @@ class OnnxRunner:
         return self.batch1_seconds
 
 
+def rows(tensors: Tensors) -> int:
+    """Rows in a request (its batch dimension); a request with no tensors counts as one."""
+    return next(iter(tensors.values())).shape[0] if tensors else 1
+
+
 def run_batch(runner: OnnxRunner, requests: list[Tensors]) -> list[Tensors | MaasError]:
     """Concatenate requests along the batch axis, run once per shape group, split back.
 
@@ -81,7 +86,7 @@ def run_batch(runner: OnnxRunner, requests: list[Tensors]) -> list[Tensors | Maa
         groups[tuple((n, a.shape[1:]) for n, a in sorted(feeds.items()))].append(i)
     results: list = [None] * len(requests)
     for idx in groups.values():
-        sizes = [next(iter(requests[i].values())).shape[0] for i in idx]
+        sizes = [rows(requests[i]) for i in idx]
         if len(idx) == 1:
             feeds = requests[idx[0]]
         else:
@@ -118,11 +123,6 @@ def runs_inline(runner: OnnxRunner) -> bool:
     return runner.batch1_seconds < INLINE_BELOW_S or (runner.provider == CPU and runner.intra_op_threads == 1)
 
 
-def _items(feeds: Tensors) -> int:
-    """Rows in a request (its batch dimension)."""
-    return next(iter(feeds.values())).shape[0]
-
-
 class BatchedRunner:
     """Dynamic batching (:class:`~maas_ray.serving.coalesce.Coalescer`); the knobs change live
     via :meth:`set_batching`.
@@ -142,7 +142,7 @@ class BatchedRunner:
         self.on_batch = on_batch
         # One batch at a time: a second concurrent run would only share the session's threads
         # (or the GPU stream); what arrives meanwhile forms the next batch.
-        self.queue: Coalescer[Tensors, tuple] = Coalescer(self._run, max_items=1, size=_items)
+        self.queue: Coalescer[Tensors, tuple] = Coalescer(self._run, max_items=1, size=rows)
         self.set_batching(batching or BatchingConfig())
 
     def set_batching(self, batching: BatchingConfig) -> None:
@@ -159,7 +159,7 @@ class BatchedRunner:
 
     async def infer(self, feeds: Tensors) -> tuple[Tensors, float]:
         """(outputs, seconds the onnxruntime call of this request's batch took)."""
-        items = _items(feeds)
+        items = rows(feeds)
         if self.inline and not self.batching_on:
             # The tiny-model hot path: one direct run on the event loop, no batch bookkeeping
             # (run_batch's grouping and splitting cost ~5 us per request; in-process benchmark).
@@ -182,7 +182,7 @@ class BatchedRunner:
         results = run_batch(self.runner, requests)
         run_s = time.perf_counter() - start
         if self.on_batch is not None:
-            self.on_batch(sum(map(_items, requests)))
+            self.on_batch(sum(map(rows, requests)))
         return [(r, run_s) for r in results]
 
     async def _run(self, requests: list[Tensors]) -> list[tuple]:
