@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Iterable, Optional
 
 import numpy as np
 from ray import serve
@@ -259,45 +259,43 @@ class Ingress(GrpcInferenceMixin):  # the OIP v2 gRPC RPCs: maas_ray.serving.grp
         self.routers[model] = TrafficRouter(ready) if live else None
         self.loading[model] = any(s.state == "loading" for s in self.slots[model].values())
 
+    async def _ask_remote(self, model: str, slots: Iterable[VersionSlot], timeout_s: Optional[float] = None) -> bool:
+        """Ask these slots' fused/split versions for their state (they load in their own
+        replicas), settle the ones that changed and rebuild the router if any did.
+
+        Returns whether every one answered and none is still loading.
+        """
+        changed, settled = False, True
+        for slot in slots:
+            if slot.route is None or slot.route.local is not None:
+                continue
+            try:
+                info = await asyncio.wait_for(slot.route.describe(), timeout_s)
+            except Exception as exc:  # replica starting, restarting or gone: stays as it is, ask again
+                logger.debug("describe %s:%d: %r", model, slot.number, exc)
+                settled = False
+                continue
+            # A replica answers ready or failed, never loading: a loading slot always settles.
+            if info.get("state") != slot.state or info.get("reason") != slot.reason:
+                self._settle(model, slot, info)
+                changed = True
+            settled = settled and slot.state != "loading"
+        if changed:
+            self._rebuild_router(model)
+        return settled
+
     async def _poll_remote_versions(self) -> None:
-        """Ask fused/split versions whether they are up (they load in their own replicas)."""
+        """Ask fused/split versions whether they are up, forever."""
         while True:
             settled = True
             for model, slots in self.slots.items():
-                changed = False
-                for slot in slots.values():
-                    if slot.route is None or slot.route.local is not None:
-                        continue
-                    try:
-                        info = await slot.route.describe()
-                    except Exception as exc:  # replica starting, restarting or gone: ask again
-                        logger.debug("describe %s:%d: %r", model, slot.number, exc)
-                        settled = False
-                        continue
-                    if info.get("state") != slot.state or info.get("reason") != slot.reason:
-                        self._settle(model, slot, info)
-                        changed = True
-                    settled = settled and slot.state != "loading"
-                if changed:
-                    self._rebuild_router(model)
+                settled = await self._ask_remote(model, slots.values()) and settled
             await asyncio.sleep(POLL_SETTLED_S if settled else POLL_LOADING_S)
 
     async def _refresh_loading(self, model: str) -> None:
         """Ask this model's still-loading remote versions now (the first requests after a
         deploy must not wait for the background poll)."""
-        changed = False
-        for slot in self._slots(model).values():
-            if slot.state != "loading" or slot.route is None or slot.route.local is not None:
-                continue
-            try:
-                info = await asyncio.wait_for(slot.route.describe(), timeout=10)
-            except Exception as exc:  # still starting: stays loading
-                logger.debug("describe %s:%d: %r", model, slot.number, exc)
-                continue
-            self._settle(model, slot, info)
-            changed = True
-        if changed:
-            self._rebuild_router(model)
+        await self._ask_remote(model, (s for s in self._slots(model).values() if s.state == "loading"), timeout_s=10)
 
     def _weights_from_refs(self, model: str) -> dict[int, float]:
         """Weights per version number from the weights per configured reference (two aliases on
