@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 def load_config(config: Union[str, Path, dict[str, Any]]):
+    """A Serve config (YAML file or dict) as Serve's ``ServeDeploySchema``; ConfigError if invalid."""
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
@@ -67,7 +68,6 @@ def update_ingress_user_config(app: str, user_config: dict[str, Any]) -> None:
     (``serve run``/``serve deploy``/:func:`deploy`), as the deployed config is what is edited.
     """
     from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
 
     client = _get_global_client()
     details = client.get_serve_details()
@@ -88,7 +88,7 @@ def update_ingress_user_config(app: str, user_config: dict[str, Any]) -> None:
         apps.append(config)
     if app not in details.get("applications", {}):
         raise ConfigError(f"no app {app!r} is running; apps: {sorted(details.get('applications', {}))}")
-    schema = ServeDeploySchema.model_validate({
+    schema = load_config({
         "proxy_location": details.get("proxy_location") or "EveryNode",
         "http_options": details.get("http_options") or {},
         **({"grpc_options": details["grpc_options"]} if details.get("grpc_options") else {}),
