@@ -102,7 +102,8 @@ def _maas(placement: str, profile: bool, replicas: int = 1) -> System:
         f"maas-{placement}{suffix}",
         f"maas_ray build_app, placement {placement}, "
         + (f"the throughput profile ({PROFILE_ENV.name}, access log off)" if profile else "Serve defaults")
-        + (f", {replicas} ingress replicas with 1 onnxruntime thread each" if replicas > 1 else ""),
+        + (f", {replicas} ingress replicas" + (" with 1 onnxruntime thread each" if placement == "ingress" else "")
+           if replicas > 1 else ""),
         _ray("maas", "--placement", placement, "--replicas", str(replicas), *(["--no-access-log"] if profile else [])),
         THROUGHPUT_PROFILE if profile else {})
 
@@ -131,6 +132,7 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
            _ray("ray-tuned"), RAY_TUNED_FLAGS),
     *[_maas(p, tp) for tp in (False, True) for p in ("split", "fused", "ingress")],
     _maas("ingress", True, replicas=2),  # replicas = cores; 3 and 4 measured slower on 2 cores
+    _maas("fused", True, replicas=2),  # the HTTP and JSON work of a fused app spread over the cores
 ]}
 
 

@@ -111,21 +111,23 @@ def maas_config(port: int, registry: str, model: str, placement: str, max_batch_
                 replicas: int = 1, access_log: bool = True, grpc_port: int = 0) -> dict:
     """A Serve config for maas_ray's real app (``build_app``), sized for 2 cores.
 
-    ``replicas`` > 1 (ingress placement): that many ingress replicas share the cores, each
-    with ``threads // replicas`` onnxruntime threads, as gunicorn runs one worker per core.
+    ``replicas`` > 1: that many ingress replicas. In ingress placement they share the cores,
+    each with ``threads // replicas`` onnxruntime threads, as gunicorn runs one worker per
+    core; in fused and split placement they share the HTTP and processing work in front of
+    one inference replica with ``threads`` threads.
     ``access_log=False``: no per-request access log line (the throughput profile).
     ``grpc_port``: also serve OIP v2 over gRPC there (0: HTTP only).
     """
     m = {
         "name": model, "placement": placement, "versions": [{"version": 1}],
-        "intra_op_threads": max(1, threads // replicas),
+        "intra_op_threads": max(1, threads // replicas) if placement == "ingress" else threads,
         "batching": {"max_batch_size": max_batch_size},  # the default wait: 0 (adaptive batching)
     }
     if placement != "ingress":  # in ingress placement the ingress replica runs the model
         m["inference"] = {"ray_actor_options": {"num_cpus": 1.5}}
     if placement == "split":
         m["preprocess"] = m["postprocess"] = {"ray_actor_options": {"num_cpus": 0.1}}
-    ingress_cpus = round(1.5 / replicas, 2) if placement == "ingress" else 0.25
+    ingress_cpus = round((1.5 if placement == "ingress" else 0.25) / replicas, 3)
     from maas_ray.serving.grpc import SERVICER_FUNCTION
 
     grpc = {"grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}} if grpc_port else {}

@@ -32,7 +32,8 @@ class Coalescer(Generic[T, R]):
 
     ``run`` gets a list of items and returns one result (or exception instance) per item, in
     order; if ``run`` itself raises, every item of that batch gets the exception.
-    ``size(item)``: how many items an entry counts for (a request may hold several rows).
+    ``size(item)``: how many items an entry counts for (a request may hold several rows); read
+    once, in ``submit``, so an item whose size cannot be read fails alone, in its caller.
     ``wait_s``: how long a batch that is not full waits for more items before it runs (0:
     never wait; what arrives while a batch runs forms the next one).
     ``max_queued``: most entries waiting for a run slot; ``submit`` raises ``overflow()`` beyond
@@ -55,7 +56,7 @@ class Coalescer(Generic[T, R]):
         self.run, self.size = run, size
         self.max_items, self.concurrency, self.wait_s = max_items, concurrency, wait_s
         self.max_queued, self.overflow = max_queued, overflow
-        self._queue: collections.deque[tuple[T, asyncio.Future]] = collections.deque()
+        self._queue: collections.deque[tuple[T, int, asyncio.Future]] = collections.deque()
         self._running = 0
 
     def configure(self, *, max_items: int, wait_s: float) -> None:
@@ -64,8 +65,9 @@ class Coalescer(Generic[T, R]):
     async def submit(self, item: T) -> R:
         if self.max_queued is not None and len(self._queue) >= self.max_queued:
             raise self.overflow()
+        n = self.size(item)
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        self._queue.append((item, n, future))
         if self._running < self.concurrency:
             self._running += 1
             asyncio.get_running_loop().create_task(self._drain())
@@ -75,19 +77,19 @@ class Coalescer(Generic[T, R]):
         """The next batch: queued entries in order, up to max_items (always at least one)."""
         batch, items = [], 0
         while self._queue:
-            n = self.size(self._queue[0][0])
+            n = self._queue[0][1]
             if batch and items + n > self.max_items:
                 break
-            entry = self._queue.popleft()
-            if not entry[1].done():  # the caller went away (cancelled): drop its item
-                batch.append(entry)
+            item, _, future = self._queue.popleft()
+            if not future.done():  # the caller went away (cancelled): drop its item
+                batch.append((item, future))
                 items += n
         return batch
 
     async def _drain(self) -> None:
         try:
             while self._queue:
-                if self.wait_s > 0 and sum(self.size(i) for i, _ in self._queue) < self.max_items:
+                if self.wait_s > 0 and sum(n for _, n, _ in self._queue) < self.max_items:
                     await asyncio.sleep(self.wait_s)
                 batch = self._take()
                 if not batch:

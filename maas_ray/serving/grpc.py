@@ -216,7 +216,8 @@ class GrpcInferenceMixin:
                     lambda schema: protocol.decode_grpc(request, schema, self.limits), True,
                 )
             except asyncio.CancelledError as exc:
-                if not self.deadlines.exit(task):
+                if not self.deadlines.exit(task):  # the client cancelled, or the replica is stopping
+                    failed(499, "ClientDisconnected")
                     raise
                 raise RequestTimeoutError(
                     f"request not answered within limits.request_timeout_s={self.limits.request_timeout_s}"

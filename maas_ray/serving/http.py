@@ -290,8 +290,10 @@ class HttpApp:
         try:
             answer = await self._answer(route, model, version, scope, headers, receive)
         except asyncio.CancelledError:
-            if not ingress.deadlines.exit(task):
-                raise  # the client went away or the replica is shutting down
+            if not ingress.deadlines.exit(task):  # the client went away or the replica is stopping
+                ingress.metrics.request_finished(model, None, route, 499, "ClientDisconnected",
+                                                 time.perf_counter() - start)
+                raise
             timeout = RequestTimeoutError(
                 f"request not answered within limits.request_timeout_s={self.limits.request_timeout_s}")
             await self._error(timeout, model, None, route, start, extra, send, request_id)

@@ -70,8 +70,10 @@ class OnnxRunner:
 
 
 def rows(tensors: Tensors) -> int:
-    """Rows in a request (its batch dimension); a request with no tensors counts as one."""
-    return next(iter(tensors.values())).shape[0] if tensors else 1
+    """Rows in a request (its batch dimension). A request with no tensors, or whose first
+    tensor has no dimensions, counts as one: the preprocessor refuses it, not the queue."""
+    shape = next(iter(tensors.values())).shape if tensors else ()
+    return shape[0] if shape else 1
 
 
 def run_batch(runner: OnnxRunner, requests: list[Tensors]) -> list[Tensors | MaasError]:

@@ -101,6 +101,29 @@ def test_a_cancelled_caller_is_dropped_and_the_queue_keeps_going():
     assert batches == [[1], [3]]
 
 
+def test_an_item_whose_size_cannot_be_read_fails_alone_and_the_queue_keeps_going():
+    def size(item):
+        if item == "scalar":
+            raise IndexError("tuple index out of range")  # a 0-d array's shape[0]
+        return 1
+
+    async def go():
+        run = Recorder()
+        c = Coalescer(run, max_items=8, size=size)
+        first = asyncio.ensure_future(c.submit(1))
+        await asyncio.sleep(0.001)  # 1 runs; the next three queue behind it
+        others = [asyncio.ensure_future(c.submit(i)) for i in (2, "scalar", 3)]
+        results = await asyncio.gather(first, *others, return_exceptions=True)
+        later = await c.submit(4)  # the queue still drains afterwards
+        return results, later, run.batches
+
+    results, later, batches = asyncio.run(go())
+    assert results[:2] == [10, 20] and results[3] == 30
+    assert isinstance(results[2], IndexError)
+    assert later == 40
+    assert batches == [[1], [2, 3], [4]]
+
+
 def test_wait_s_lets_a_batch_fill():
     async def go(wait_s: float):
         run = Recorder(delay_s=0.0)

@@ -56,6 +56,8 @@ class FakeIngress:
             raise ModelNotFoundError(f"model {model!r} is not served here")
         if model == "bug":
             raise RuntimeError("boom")
+        if model == "hang":
+            await asyncio.sleep(5)
         if model == "slow":
             watchdog = asyncio.get_running_loop().create_task(self.deadlines.watch_forever())
             try:
@@ -209,3 +211,26 @@ def test_openapi_documents_the_whole_surface_including_infer_routes(app):
     assert {"400", "401", "413", "429", "503", "504"} <= set(infer["responses"])
     model = next(p for p in infer["parameters"] if p["name"] == "model")
     assert model["schema"]["enum"] == ["m", "slow"]  # the served models
+
+
+def test_a_request_cancelled_mid_inference_is_counted_as_499(app):
+    """The client went away: the in-flight gauge must come down, with the request as 499."""
+    async def go():
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/hang/infer", "root_path": "",
+                 "headers": [(b"content-type", b"application/json")], "query_string": b""}
+        body = iter([{"type": "http.request", "body": V2, "more_body": False}])
+
+        async def receive():
+            return next(body, {"type": "http.disconnect"})
+
+        async def send(message):
+            pass
+
+        task = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    assert app.ingress.metrics.finished == [("hang", None, "http_v2", 499, "ClientDisconnected")]

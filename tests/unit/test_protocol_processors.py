@@ -12,7 +12,7 @@ from maas_ray.serving import protocol
 from maas_ray.serving.config import Limits
 from maas_ray.serving.processors import make_postprocessor, make_preprocessor
 from maas_ray.serving.router import TrafficRouter
-from maas_ray.serving.runner import OnnxRunner, run_batch
+from maas_ray.serving.runner import OnnxRunner, rows, run_batch
 
 pytestmark = pytest.mark.unit
 
@@ -212,3 +212,9 @@ def test_which_models_run_on_the_event_loop(provider, threads, batch1_s, inline)
     runner = OnnxRunner(manifest(), b"", intra_op_threads=threads, session_factory=lambda *a, **k: session)
     runner.batch1_seconds = batch1_s
     assert runs_inline(runner) is inline
+
+
+def test_rows_counts_the_batch_dimension_and_never_raises():
+    assert rows({"x": np.zeros((3, 4), np.float32)}) == 3
+    assert rows({}) == 1
+    assert rows({"x": np.asarray(5.0)}) == 1  # a scalar: the preprocessor refuses it, not the queue
