@@ -11,7 +11,6 @@ These are plain classes; :mod:`maas_ray.serving.app` turns them into deployments
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import gc
 import logging
@@ -106,15 +105,16 @@ def load_batched_runner(
         # Weights in ONNX external data (> 2 GB): onnxruntime opens the graph from a path,
         # reading the data file beside it while the session is created.
         source = loaded.write_to(tmp) if loaded.file_for(ONNX_EXTERNAL_DATA) else loaded.model_bytes
+        cores = replica_cpus()
         runner = OnnxRunner(
             loaded.manifest,
             source,
             device=model.device,
-            intra_op_threads=model.intra_op_threads or replica_cpus(),
+            intra_op_threads=model.intra_op_threads or cores,
             spinning=model.intra_op_spinning,
         )
     runner.warm_up()
-    return BatchedRunner(runner, model.batching, on_batch=on_batch)
+    return BatchedRunner(runner, model.batching, on_batch=on_batch, cores=cores)
 
 
 def _processor_files(loaded: LoadedModel) -> dict[str, bytes]:
@@ -199,6 +199,45 @@ class LocalPipeline:
         t3 = time.perf_counter()
         return result, {"decode": t1 - t0, "queue": max(0.0, t2 - t1 - run_s), "inference": run_s, "encode": t3 - t2}
 
+    async def infer_many(self, items: list[tuple[Tensors, bool]]) -> list:
+        """The requests of one coalesced handle call: each preprocessed, all run as one entry of the
+        batch queue, each postprocessed. One (outputs, timings) or exception per request: an
+        item's error stays that item's."""
+        out: list = [None] * len(items)
+        feeds, where, pre_s = [], [], []
+        for i, (tensors, strict) in enumerate(items):
+            t0 = time.perf_counter()
+            try:
+                feeds.append(self.pre(tensors, strict_dtypes=strict))
+            except Exception as exc:  # noqa: BLE001 - one request's failure is its own answer
+                out[i] = exc
+                continue
+            where.append(i)
+            pre_s.append(time.perf_counter() - t0)
+        if not feeds:
+            return out
+        t1 = time.perf_counter()
+        try:
+            ran = await self.batched.infer_many(feeds)
+        except Exception as exc:  # noqa: BLE001 - the whole batch failed: each of its requests says so
+            for i in where:
+                out[i] = exc
+            return out
+        waited = time.perf_counter() - t1
+        for i, decode_s, (outputs, run_s) in zip(where, pre_s, ran):
+            if isinstance(outputs, BaseException):
+                out[i] = outputs
+                continue
+            t2 = time.perf_counter()
+            try:
+                result = self.post(outputs)
+            except Exception as exc:  # noqa: BLE001
+                out[i] = exc
+                continue
+            out[i] = (result, {"decode": decode_s, "queue": max(0.0, waited - run_s), "inference": run_s,
+                               "encode": time.perf_counter() - t2})
+        return out
+
 
 class ModelServer:
     """Deployment for ``fused`` placement (pre+infer+post) and ``split`` inference (infer only).
@@ -241,17 +280,21 @@ class ModelServer:
     async def infer_many(self, items: list[tuple[Tensors, bool]]) -> list:
         """Requests the ingress coalesced into one handle call: they join this replica's batch
         queue together. One result per request: (outputs, timings), or its error."""
-        pipeline = self._ready()
-        return _per_item(await asyncio.gather(*(pipeline.infer(t, s) for t, s in items), return_exceptions=True))
+        return _per_item(await self._ready().infer_many(items))
 
     async def run_many(self, feeds: list) -> list:
         """``split``: the inference stage of coalesced requests (an item may be an upstream error)."""
         batched = self._ready().batched
-
-        async def one(f: Any) -> Any:
-            return f if isinstance(f, BaseException) else (await batched.infer(f))[0]
-
-        return _per_item(await asyncio.gather(*map(one, feeds), return_exceptions=True))
+        out = list(feeds)
+        where = [i for i, f in enumerate(feeds) if not isinstance(f, BaseException)]
+        if where:
+            try:
+                ran = await batched.infer_many([feeds[i] for i in where])
+            except Exception as exc:  # noqa: BLE001 - the whole batch failed: each of its requests says so
+                ran = [(exc, 0.0)] * len(where)
+            for i, (outputs, _) in zip(where, ran):
+                out[i] = outputs
+        return _per_item(out)
 
     def describe(self) -> dict[str, Any]:
         if self.pipeline is None:

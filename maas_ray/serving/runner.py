@@ -109,10 +109,12 @@ def run_batch(runner: OnnxRunner, requests: list[Tensors]) -> list[Tensors | Maa
 
 
 # Below this batch-1 latency a model runs on the event loop: a thread hop costs more
-# than the inference itself (tiny models). A one-thread CPU session runs there too: its
-# compute has no spare core to overlap with (replicas are sized to their threads), so the
-# hop only adds latency (+8 % items/s inline on the transformer, benchmarks/README.md).
-# Other models (multi-thread sessions, GPUs) run in a worker thread.
+# than the inference itself (tiny models). A CPU session whose threads take all the cores
+# its replica was given runs there too: the worker thread would buy an overlap of the loop's
+# work with the run, and there is no spare core to overlap on, so the hop only costs CPU and
+# latency (one-thread sessions: +8 % items/s on the transformer; the fused wide MLP's
+# two-thread replica: +9 %; benchmarks/README.md). Other sessions (GPUs, CPU sessions with
+# cores to spare beside them) run in a worker thread.
 INLINE_BELOW_S = 0.0005
 # Below this one a request also skips the batch queue: the queue (then @serve.batch) cost ~50 us
 # per request (queueing, signature binding, metrics; py-spy, benchmarks/README.md), more than
@@ -120,16 +122,27 @@ INLINE_BELOW_S = 0.0005
 UNBATCHED_BELOW_S = 0.00005
 
 
-def runs_inline(runner: OnnxRunner) -> bool:
-    """Whether ``runner`` runs on the event loop rather than in a worker thread (see above)."""
-    return runner.batch1_seconds < INLINE_BELOW_S or (runner.provider == CPU and runner.intra_op_threads == 1)
+def runs_inline(runner: OnnxRunner, cores: int = 1) -> bool:
+    """Whether ``runner`` runs on the event loop rather than in a worker thread (see above).
+
+    ``cores``: CPUs the replica was given (rounded up). A session with onnxruntime's default
+    thread count (None: every core of the machine) keeps the worker thread.
+    """
+    if runner.batch1_seconds < INLINE_BELOW_S:
+        return True
+    threads = runner.intra_op_threads
+    return runner.provider == CPU and threads is not None and threads >= max(1, cores)
 
 
 class BatchedRunner:
     """Dynamic batching (:class:`~maas_ray.serving.coalesce.Coalescer`); the knobs change live
     via :meth:`set_batching`.
 
+    The queue's entries are groups of requests: one request (:meth:`infer`), or the requests of
+    one coalesced handle call (:meth:`infer_many`), which join the queue together and so run in
+    the same batch, without a task and a future per request.
     ``on_batch(items)`` is told the size of every onnxruntime call (the batch-size metric).
+    ``cores``: CPUs the replica was given, for :func:`runs_inline`.
     """
 
     def __init__(
@@ -138,13 +151,15 @@ class BatchedRunner:
         batching: Optional[BatchingConfig] = None,
         *,
         on_batch: Optional[Callable[[int], None]] = None,
+        cores: int = 1,
     ) -> None:
         self.runner = runner
-        self.inline = runs_inline(runner)
+        self.inline = runs_inline(runner, cores)
         self.on_batch = on_batch
         # One batch at a time: a second concurrent run would only share the session's threads
         # (or the GPU stream); what arrives meanwhile forms the next batch.
-        self.queue: Coalescer[Tensors, tuple] = Coalescer(self._run, max_items=1, size=rows)
+        self.queue: Coalescer[list[Tensors], list[tuple]] = Coalescer(
+            self._run_groups, max_items=1, size=lambda group: sum(map(rows, group)))
         self.set_batching(batching or BatchingConfig())
 
     def set_batching(self, batching: BatchingConfig) -> None:
@@ -161,7 +176,6 @@ class BatchedRunner:
 
     async def infer(self, feeds: Tensors) -> tuple[Tensors, float]:
         """(outputs, seconds the onnxruntime call of this request's batch took)."""
-        items = rows(feeds)
         if self.inline and not self.batching_on:
             # The tiny-model hot path: one direct run on the event loop, no batch bookkeeping
             # (run_batch's grouping and splitting cost ~5 us per request; in-process benchmark).
@@ -169,15 +183,34 @@ class BatchedRunner:
             result = self.runner.run(feeds)
             run_s = time.perf_counter() - start
             if self.on_batch is not None:
-                self.on_batch(items)
+                self.on_batch(rows(feeds))
             return result, run_s
-        if not self.batching_on or items > self.max_batch_size:
-            result, run_s = (await self._run([feeds]))[0]  # unbatched, or already a full batch on its own
-        else:
-            result, run_s = await self.queue.submit(feeds)
+        result, run_s = (await self.infer_many([feeds]))[0]
         if isinstance(result, MaasError):
             raise result
         return result, run_s
+
+    async def infer_many(self, requests: list[Tensors]) -> list[tuple]:
+        """Several requests at once: [(outputs or that request's MaasError, seconds of its batch's
+        run)], one per request, in order. They run in one batch when batching is on and they fit
+        in max_batch_size; one at a time when batching is off."""
+        if not self.batching_on:
+            return [(await self._run([feeds]))[0] for feeds in requests]
+        if sum(map(rows, requests)) <= self.max_batch_size:
+            return await self.queue.submit(requests)
+        if len(requests) == 1:  # already a full batch on its own
+            return await self._run(requests)
+        # More than one batch (max_batch_size changed since the caller grouped them): one entry each.
+        return [r for group in await asyncio.gather(*(self.infer_many([f]) for f in requests)) for r in group]
+
+    async def _run_groups(self, groups: list[list[Tensors]]) -> list[list[tuple]]:
+        """One batch of every request of these groups, split back per group."""
+        results = await self._run([feeds for group in groups for feeds in group])
+        out, start = [], 0
+        for group in groups:
+            out.append(results[start:start + len(group)])
+            start += len(group)
+        return out
 
     def _timed_batch(self, requests: list[Tensors]) -> list[tuple]:
         start = time.perf_counter()
@@ -193,4 +226,3 @@ class BatchedRunner:
             return self._timed_batch(requests)
         # onnxruntime releases the GIL: run it off the event loop so requests keep flowing.
         return await asyncio.get_running_loop().run_in_executor(None, self._timed_batch, requests)
-

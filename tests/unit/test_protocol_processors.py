@@ -1,3 +1,4 @@
+import asyncio
 import base64
 import io
 import json
@@ -195,23 +196,72 @@ def test_run_batch_concatenates_splits_and_isolates_failures():
 
 
 @pytest.mark.parametrize(
-    ("provider", "threads", "batch1_s", "inline"),
+    ("provider", "threads", "cores", "batch1_s", "inline"),
     [
-        ("CPUExecutionProvider", 2, 10e-6, True),  # tiny model: the thread hop costs more than the run
-        ("CPUExecutionProvider", 1, 20e-3, True),  # one-thread session: no spare core to overlap with
-        ("CPUExecutionProvider", 2, 20e-3, False),
-        ("CPUExecutionProvider", None, 20e-3, False),  # onnxruntime's default: all cores
-        ("CUDAExecutionProvider", 1, 20e-3, False),  # the loop keeps feeding the GPU
+        ("CPUExecutionProvider", 2, 4, 10e-6, True),  # tiny model: the thread hop costs more than the run
+        ("CPUExecutionProvider", 1, 1, 20e-3, True),  # one-thread session: no spare core to overlap with
+        ("CPUExecutionProvider", 2, 2, 20e-3, True),  # the session's threads take the replica's cores
+        ("CPUExecutionProvider", 2, 4, 20e-3, False),  # two cores to spare: the loop works beside the run
+        ("CPUExecutionProvider", None, 2, 20e-3, False),  # onnxruntime's default: all of the machine's cores
+        ("CUDAExecutionProvider", 1, 1, 20e-3, False),  # the loop keeps feeding the GPU
     ],
 )
-def test_which_models_run_on_the_event_loop(provider, threads, batch1_s, inline):
+def test_which_models_run_on_the_event_loop(provider, threads, cores, batch1_s, inline):
     from maas_ray.serving.runner import runs_inline
 
     session = FakeSession()
     session.get_providers = lambda: [provider]
     runner = OnnxRunner(manifest(), b"", intra_op_threads=threads, session_factory=lambda *a, **k: session)
     runner.batch1_seconds = batch1_s
-    assert runs_inline(runner) is inline
+    assert runs_inline(runner, cores) is inline
+
+
+@pytest.mark.parametrize("cores", [1, 8])  # on the event loop, and in a worker thread
+def test_infer_many_runs_a_coalesced_call_as_one_batch_with_what_is_queued(cores):
+    """The requests of one handle call enter the queue as one entry: a call of 3 requests and a
+    lone request that queued behind the running batch form one onnxruntime call together."""
+    from maas_ray.serving.config import BatchingConfig
+    from maas_ray.serving.runner import BatchedRunner
+
+    session = FakeSession()
+    runner = OnnxRunner(manifest(), b"", intra_op_threads=2, session_factory=lambda *a, **k: session)
+    runner.batch1_seconds = 1e-3
+    batched = BatchedRunner(runner, BatchingConfig(max_batch_size=8), cores=cores)
+    assert batched.inline is (cores == 1)
+    x = [np.full((n, 4), i, np.float32) for i, n in enumerate((1, 2, 1, 3, 1))]
+
+    async def go():
+        first = asyncio.ensure_future(batched.infer({"input": x[0]}))
+        await asyncio.sleep(0)  # x[0] runs alone; what follows queues behind it
+        call = asyncio.ensure_future(batched.infer_many([{"input": x[1]}, {"input": x[2]}, {"input": x[3]}]))
+        lone = asyncio.ensure_future(batched.infer({"input": x[4]}))
+        return await first, await call, await lone
+
+    first, call, lone = asyncio.run(go())
+    assert session.batches == [1, 7]
+    np.testing.assert_array_equal(first[0]["logits"], x[0][:, :3] + 1)
+    for (out, run_s), xi in zip(call, x[1:4]):
+        np.testing.assert_array_equal(out["logits"], xi[:, :3] + 1)
+        assert run_s >= 0
+    np.testing.assert_array_equal(lone[0]["logits"], x[4][:, :3] + 1)
+
+
+def test_infer_many_honours_batching_off_and_max_batch_size():
+    from maas_ray.serving.config import BatchingConfig
+    from maas_ray.serving.runner import BatchedRunner
+
+    session = FakeSession()
+    runner = OnnxRunner(manifest(), b"", intra_op_threads=1, session_factory=lambda *a, **k: session)
+    runner.batch1_seconds = 1e-3
+    batched = BatchedRunner(runner, BatchingConfig(max_batch_size=4, enabled=False))
+    feeds = [{"input": np.ones((n, 4), np.float32)} for n in (2, 3, 1)]
+    assert len(asyncio.run(batched.infer_many(feeds))) == 3
+    assert session.batches == [2, 3, 1]  # batching off: one run per request
+    session.batches.clear()
+    batched.set_batching(BatchingConfig(max_batch_size=4))
+    results = asyncio.run(batched.infer_many(feeds))  # 6 rows > 4: no single batch holds them
+    assert [out["logits"].shape[0] for out, _ in results] == [2, 3, 1]
+    assert session.batches == [2, 4]  # one entry per request: the first runs, the other two fill a batch
 
 
 def test_rows_counts_the_batch_dimension_and_never_raises():
