@@ -40,8 +40,18 @@ from benchmarks.systems import SYSTEMS, Ctx, Server, baseline_system
 from benchmarks.workloads import MODEL_PATH, WORKLOADS
 
 # Ports of system i: HTTP base+i, Ray's metrics export base+METRICS_OFFSET+i (maas systems),
-# gRPC base+1000+i (--grpc).
+# gRPC base+GRPC_OFFSET+i (--grpc), never a port Serve's HAProxy binds for itself (stats 8404,
+# Prometheus 9101: with the default base 8100, system 1's gRPC port would be 9101).
 METRICS_OFFSET = 50
+GRPC_OFFSET = 1000
+HAPROXY_OWN_PORTS = (8404, 9101)
+
+
+def grpc_port_of(base_port: int, i: int) -> int:
+    port = base_port + GRPC_OFFSET + i
+    while port in HAPROXY_OWN_PORTS:
+        port += 100
+    return port
 # An older maas_ray tree (--baseline-src) publishes the same model with its own Registry:
 # tensor workloads bare, raw workloads with the manifest's processor specs and files.
 _PUBLISH_WITH_TREE = """
@@ -191,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                                    env={**os.environ, "PYTHONPATH": system.src}, cwd=system.src, check=True)
                 # The baseline's tree (its ray_server and maas_ray) predates gRPC and the metrics port.
                 maas = sname.startswith("maas-") and not system.src
-                grpc_port = a.base_port + i + 1000 if a.grpc and maas else None
+                grpc_port = grpc_port_of(a.base_port, i) if a.grpc and maas else None
                 ctx = Ctx(wname, published.model_path, registry, a.base_port + i, a.cores, w.max_batch_size,
                           a.kserve_python, a.maas_src, grpc_port, raw=published.raw,
                           metrics_port=a.base_port + METRICS_OFFSET + i if maas and a.batch_sizes else None)

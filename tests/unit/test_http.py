@@ -234,3 +234,49 @@ def test_a_request_cancelled_mid_inference_is_counted_as_499(app):
 
     asyncio.run(go())
     assert app.ingress.metrics.finished == [("hang", None, "http_v2", 499, "ClientDisconnected")]
+
+
+def test_a_grpc_infer_cancelled_or_timed_out_is_counted_like_http():
+    """The same ingress behind gRPC: a cancelled RPC is 499, one past the timeout is 504."""
+    from tritonclient.grpc import service_pb2
+
+    from maas_ray.serving.grpc import GrpcInferenceMixin
+
+    class GrpcFake(GrpcInferenceMixin, FakeIngress):
+        pass
+
+    class Context:
+        code = details = None
+
+        def invocation_metadata(self):
+            return ()
+
+        def peer(self):
+            return "ipv4:127.0.0.1:5000"
+
+        def set_code(self, code):
+            self.code = code
+
+        def set_details(self, details):
+            self.details = details
+
+    def rpc(model):
+        req = service_pb2.ModelInferRequest(model_name=model)
+        req.inputs.add(name="input", datatype="FP32", shape=[1, 2]).contents.fp32_contents.extend([1, 2])
+        return req
+
+    ingress = GrpcFake()
+
+    async def cancelled():
+        task = asyncio.ensure_future(ingress.ModelInfer(rpc("hang"), Context()))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    context = Context()
+    asyncio.run(ingress.ModelInfer(rpc("slow"), context))
+    assert context.code.name == "DEADLINE_EXCEEDED" and "request_timeout_s=0.5" in context.details
+    assert ingress.metrics.finished == [("hang", None, "grpc", 499, "ClientDisconnected"),
+                                        ("slow", None, "grpc", 504, "RequestTimeoutError")]
