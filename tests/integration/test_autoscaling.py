@@ -34,7 +34,8 @@ def test_inference_scales_up_under_load_and_back_down_when_idle(ray_cluster, reg
             "placement": "fused",
             "versions": [{"version": 1}],
             # a long batch wait keeps requests in flight, so load shows up as ongoing requests
-            "batching": {"max_batch_size": 64, "batch_wait_timeout_s": 0.05},
+            # (forced on: a model this small skips the batch queue, and with it the wait)
+            "batching": {"max_batch_size": 64, "batch_wait_timeout_s": 0.05, "enabled": True},
             "inference": {
                 "ray_actor_options": {"num_cpus": 0.25},
                 "autoscaling_config": {
