@@ -54,10 +54,25 @@ class DeploymentOptions(BaseModel):
             )
         return self
 
-    def calls_in_flight(self, per_replica: int) -> int:
-        """How many concurrent handle calls this deployment is sized for: ``per_replica`` per
-        fixed replica; under autoscaling, enough for its target at max_replicas (Serve scales on
-        ongoing calls, so callers must let that many be ongoing for it to ever scale up)."""
+    def min_replicas(self) -> int:
+        """The fewest replicas this deployment runs: the fixed count, or autoscaling's floor."""
+        if isinstance(self.num_replicas, int):
+            return max(1, self.num_replicas)
+        if self.autoscaling_config is not None or self.num_replicas == "auto":
+            return max(1, int((self.autoscaling_config or {}).get("min_replicas", 1)))
+        return 1
+
+    def calls_in_flight(self, per_replica: int, callers: int = 1) -> int:
+        """How many concurrent handle calls each of ``callers`` (ingress replicas) may keep
+        in flight to this deployment: its budget shared among them, at least one each.
+
+        The budget is ``per_replica`` per fixed replica; under autoscaling, enough for its
+        target at max_replicas (Serve scales on ongoing calls, so callers must let that many
+        be ongoing for it to ever scale up). Shared, the replicas see the same total load
+        however many ingress replicas send it: more calls per replica only queue there."""
+        return max(1, math.ceil(self._calls_sized_for(per_replica) / max(1, callers)))
+
+    def _calls_sized_for(self, per_replica: int) -> int:
         if self.autoscaling_config is not None or self.num_replicas == "auto":
             from ray.serve.config import AutoscalingConfig
 
@@ -96,7 +111,9 @@ class BatchingConfig(BaseModel):
         "next call (up to max_batch_size items), so the hop's cost is paid per batch, not per request. "
         "Default: 2 per inference replica (one call running while the next is on its way; wide MLP on "
         "2 cores, 1 replica: 1 -> 1,317, 2 -> 1,559, 4 -> 1,154 items/s); under autoscaling, "
-        "target_ongoing_requests x max_replicas, so that Serve sees the load it scales on.",
+        "target_ongoing_requests x max_replicas, so that Serve sees the load it scales on. Several "
+        "ingress replicas share that default (at least 1 each), so the inference replicas see the "
+        "same number of calls however many ingress replicas send them.",
     )
     enabled: Optional[bool] = Field(
         default=None,

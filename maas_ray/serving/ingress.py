@@ -102,17 +102,19 @@ class _Route:
     """
 
     def __init__(self, local: Optional[LocalPipeline] = None, handles: Optional[dict[str, Any]] = None,
-                 model: Optional[ModelConfig] = None, max_queued: Optional[int] = None):
+                 model: Optional[ModelConfig] = None, max_queued: Optional[int] = None, callers: int = 1):
         """Either ``local``, or ``handles`` with the version's ``model`` config. ``max_queued``:
         requests that may wait for a call slot; beyond it, 503 with Retry-After (calls carry
-        batches, so the bound on waiting requests is kept here, not in Serve's queue)."""
+        batches, so the bound on waiting requests is kept here, not in Serve's queue).
+        ``callers``: the ingress replicas that share the inference deployment's call budget."""
         self.local, self.handles = local, handles or {}
         self.calls: Optional[Coalescer[tuple[Tensors, bool], tuple[Tensors, Timings]]] = None
         if model is not None:
             batching = model.batching
             self.calls = Coalescer(
                 self._remote, max_items=batching.max_batch_size,
-                concurrency=batching.max_calls_in_flight or model.inference.calls_in_flight(per_replica=2),
+                concurrency=batching.max_calls_in_flight
+                or model.inference.calls_in_flight(per_replica=2, callers=callers),
                 size=lambda item: rows(item[0]),
                 max_queued=max_queued,
                 overflow=lambda: ModelNotReadyError(f"overloaded: more than {max_queued} requests queued", 1.0),
@@ -227,7 +229,8 @@ class Ingress(GrpcInferenceMixin):  # the OIP v2 gRPC RPCs: maas_ray.serving.grp
                         self._settle(m.name, slot, pipeline.describe())
                     else:
                         bound = m.inference.max_queued_requests or self.limits.max_queued_requests
-                        slot.route = _Route(handles=handles, model=m, max_queued=bound)
+                        slot.route = _Route(handles=handles, model=m, max_queued=bound,
+                                            callers=self.args.ingress.min_replicas())
                 except Exception as exc:  # one bad version must not take the others down
                     self._fail(m.name, slot, exc)
             self.refs[m.name] = {str(v.version): v.weight for v in m.versions}

@@ -93,3 +93,20 @@ def test_calls_in_flight_follow_the_inference_deployments_size():
     assert scaled.calls_in_flight(per_replica=2) == 12
     assert DeploymentOptions(autoscaling_config={"max_replicas": 5}).calls_in_flight(per_replica=2) == 10  # target 2
     assert DeploymentOptions(num_replicas="auto").calls_in_flight(per_replica=2) >= 100
+    # several ingress replicas share the budget (at least one call each), so the replicas
+    # see the same load however many ingress replicas send it
+    assert DeploymentOptions(num_replicas=3).calls_in_flight(per_replica=2, callers=2) == 3
+    assert DeploymentOptions().calls_in_flight(per_replica=2, callers=2) == 1
+    assert DeploymentOptions().calls_in_flight(per_replica=2, callers=5) == 1
+    assert scaled.calls_in_flight(per_replica=2, callers=5) == 3  # ceil(12 / 5)
+
+
+def test_min_replicas_is_the_fixed_count_or_the_autoscaling_floor():
+    from maas_ray.serving.config import DeploymentOptions
+
+    assert DeploymentOptions().min_replicas() == 1
+    assert DeploymentOptions(num_replicas=2).min_replicas() == 2
+    assert DeploymentOptions(num_replicas=0).min_replicas() == 1
+    assert DeploymentOptions(autoscaling_config={"min_replicas": 3, "max_replicas": 5}).min_replicas() == 3
+    assert DeploymentOptions(autoscaling_config={"min_replicas": 0, "max_replicas": 5}).min_replicas() == 1
+    assert DeploymentOptions(num_replicas="auto").min_replicas() == 1
