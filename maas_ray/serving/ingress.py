@@ -381,7 +381,8 @@ class Ingress(GrpcInferenceMixin):  # the OIP v2 gRPC RPCs: maas_ray.serving.grp
 
     # ---- traffic --------------------------------------------------------------------
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """user_config: {"traffic": {model: {version: weight}}, "batching": {model: {...}}}."""
+        """user_config: {"traffic": {model: {version: weight}}, "shadow": {model: {version, share}},
+        "batching": {model: {...}}}."""
         for model, weights in (user_config.get("traffic") or {}).items():
             slots = self._slots(model)
             parsed: dict[int, float] = {}
@@ -402,14 +403,25 @@ class Ingress(GrpcInferenceMixin):  # the OIP v2 gRPC RPCs: maas_ray.serving.grp
             self.weights[model] = self._weights_from_refs(model)
             self._rebuild_router(model)
             logger.info("traffic for %s is now %s", model, parsed)
-        for model, target in (user_config.get("shadow") or {}).items():
+        # The shadow map is declarative, like the rest of user_config: a model it leaves out is
+        # not mirrored (a rollout's rollback restores the map it found, and that must stop the
+        # mirroring to the rolled-back candidate). No "shadow" key at all: the models' build-time
+        # `shadow:` settings.
+        shadow = user_config.get("shadow")
+        if shadow is None:
+            shadow = {m.name: {"version": str(m.shadow.version), "share": m.shadow.share}
+                      for m in self.args.models if m.shadow is not None}
+        if not isinstance(shadow, dict):
+            raise ConfigError(f"user_config.shadow: expected {{model: {{version, share}}}}, got {shadow!r}")
+        targets = {}
+        for model, target in shadow.items():
             slots = self._slots(model)
             parsed_target = parse_shadow(model, target, lambda ref: self._resolve(model, ref), set(slots))
-            if parsed_target is None:
-                self.shadow.targets.pop(model, None)
-            else:
-                self.shadow.targets[model] = parsed_target
-            logger.info("shadow for %s is now %s", model, parsed_target)
+            if parsed_target is not None:
+                targets[model] = parsed_target
+        if targets != self.shadow.targets:
+            logger.info("shadow targets are now %s", targets or "none")
+        self.shadow.targets = targets
         for model, batching in (user_config.get("batching") or {}).items():
             self.batching[model] = batching
             for slot in self._slots(model).values():

@@ -121,6 +121,7 @@ def test_bad_candidates_roll_back_before_half_naming_the_guard(canary, name, gua
     assert len(failures) <= 0.05 * len(load.seen)  # only live requests at <= 25 % can meet a bad candidate
     current = serve.get_app_handle(APP).current_config.remote().result()
     assert current["weights"]["canary"][str(versions["base"])] == 1  # the traffic before the rollout
+    assert current["user_config"]["shadow"] == {}  # and the rolled-back candidate is no longer mirrored
     assert reg.resolve("canary", "production") == versions["base"]
     assert reg.read_record("canary", "rollouts", state["id"])["decision"]["decision"] == "rolled_back"
 
@@ -150,5 +151,6 @@ def test_good_candidate_is_promoted_with_no_failed_request_even_if_the_controlle
     assert {v for _, v in load.seen[-10:]} == {str(versions["good"])}
     current = serve.get_app_handle(APP).current_config.remote().result()
     assert current["user_config"]["traffic"]["canary"]["production"] == 100
+    assert current["user_config"]["shadow"] == {}
     print(f"good: promoted; steps {[(r['phase'], r['weight'], r['verdict']) for r in state['history']]}; "
           f"caller-visible failures 0 of {len(load.seen)}")

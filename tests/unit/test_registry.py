@@ -1,4 +1,5 @@
 import multiprocessing as mp
+import traceback
 
 import pytest
 
@@ -101,8 +102,12 @@ def test_schema_from_onnx_marks_dynamic_dims():
 
 
 def _publish_many(root: str, n: int, seed: int, out) -> None:
-    reg = Registry(root)
-    out.put([reg.publish("race", linear_onnx(seed=seed + i)).version for i in range(n)])
+    try:
+        reg = Registry(root)
+        out.put([reg.publish("race", linear_onnx(seed=seed + i)).version for i in range(n)])
+    except BaseException:  # report it: a silent child would only show as the parent's timeout
+        out.put(traceback.format_exc())
+        raise
 
 
 def test_concurrent_publish_from_real_processes(tmp_path):
@@ -113,6 +118,8 @@ def test_concurrent_publish_from_real_processes(tmp_path):
     for p in procs:
         p.start()
     results = [out.get(timeout=120) for _ in procs]
+    failures = [r for r in results if isinstance(r, str)]
+    assert not failures, failures[0]
     for p in procs:
         p.join(timeout=30)
         assert p.exitcode == 0
