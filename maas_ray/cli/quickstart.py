@@ -73,7 +73,8 @@ def _query_digits(base: str) -> None:
     res, _ = _post(f"{base}/v1/models/digits:predict", {"instances": x[:2].tolist()})
     print(f"      POST /v1/models/digits:predict (2 pixel arrays) -> {[p['label'] for p in res['predictions']]}"
           f" (true {y[:2].tolist()})")
-    res = MaasClient("digits").infer("digits", {"input": x[:1].astype(np.float32)}, version="candidate")
+    with MaasClient("digits") as client:
+        res = client.infer("digits", {"input": x[:1].astype(np.float32)}, version="candidate")
     print(f"      Python handle, pinned to candidate -> label {MaasClient.output(res, 'label').tolist()} "
           f"from version {res['model_version']}")
 

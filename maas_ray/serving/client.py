@@ -15,16 +15,33 @@ class MaasClient:
     Example::
 
         ray.init(address="auto")
-        client = MaasClient(app_name="digits")
-        result = client.infer("digits", {"input": x})          # OIP v2 response dict
-        result = client.infer("digits", {"input": x}, version=2)
+        with MaasClient(app_name="digits") as client:
+            result = client.infer("digits", {"input": x})          # OIP v2 response dict
+            result = client.infer("digits", {"input": x}, version=2)
+        ray.shutdown()
+
+    Close the client (``with``, or :meth:`close`) before ``ray.shutdown()``: the Serve handle's
+    router keeps a background thread that probes replicas, and a probe that outlives the driver's
+    connection calls ``ray.init`` again from that thread (a fresh local Ray, then exit status 1).
     """
 
     def __init__(self, app_name: str = "default") -> None:
         from ray import serve
 
         self.app_name = app_name
-        self._handle = serve.get_app_handle(app_name)
+        self._handle: Optional[Any] = serve.get_app_handle(app_name)
+
+    def close(self) -> None:
+        """Stop the handle's router (its replica probes and long-poll); idempotent."""
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            handle.shutdown()
+
+    def __enter__(self) -> "MaasClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def infer(
         self,
@@ -48,6 +65,8 @@ class MaasClient:
             raise unwrap_remote(exc) from None
 
     def _call(self, model, inputs, version, key):
+        if self._handle is None:  # as httpx does: a programming error, not a serving one
+            raise RuntimeError("cannot send a request: this MaasClient has been closed")
         return self._handle.predict.remote(model, inputs, None if version is None else str(version), key)
 
     @staticmethod

@@ -267,14 +267,14 @@ def test_python_handle_from_a_separate_driver(app, ray_cluster, digits):
         from maas_ray.serving import MaasClient
         from maas_ray.errors import VersionNotFoundError
         ray.init(address="{ray_cluster}", logging_level="ERROR")
-        client = MaasClient(app_name="maas")
         x = np.asarray({x[:3].tolist()}, dtype=np.float32)
-        res = client.infer("digits", {{"input": x}}, version=2)
-        try:
-            client.infer("digits", {{"input": x}}, version=7)
-            err = None
-        except VersionNotFoundError as exc:
-            err = str(exc)
+        with MaasClient(app_name="maas") as client:
+            res = client.infer("digits", {{"input": x}}, version=2)
+            try:
+                client.infer("digits", {{"input": x}}, version=7)
+                err = None
+            except VersionNotFoundError as exc:
+                err = str(exc)
         print("RESULT", json.dumps({{"version": res["model_version"], "labels": MaasClient.output(res, "label").tolist(), "err": err}}))
         ray.shutdown()
     """)
