@@ -108,8 +108,7 @@ def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
         # references as configured (aliases stay aliases: the ingress follows them when they move)
         "traffic": {m.name: {str(v.version): v.weight for v in m.versions} for m in args.models},
         "batching": {m.name: m.batching.model_dump() for m in args.models if m.placement == "ingress"},
-        "shadow": {m.name: {"version": str(m.shadow.version), "share": m.shadow.share}
-                   for m in args.models if m.shadow is not None},
+        "shadow": args.shadow_targets(),
     }
     ingress_defaults = DEFAULTS["ingress"]
     if any(m.placement == "ingress" for m in args.models):  # the ingress runs the models too

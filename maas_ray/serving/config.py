@@ -58,9 +58,7 @@ class DeploymentOptions(BaseModel):
         """The fewest replicas this deployment runs: the fixed count, or autoscaling's floor."""
         if isinstance(self.num_replicas, int):
             return max(1, self.num_replicas)
-        if self.autoscaling_config is not None or self.num_replicas == "auto":
-            return max(1, int((self.autoscaling_config or {}).get("min_replicas", 1)))
-        return 1
+        return max(1, int((self.autoscaling_config or {}).get("min_replicas", 1)))
 
     def calls_in_flight(self, per_replica: int, callers: int = 1) -> int:
         """How many concurrent handle calls each of ``callers`` (ingress replicas) may keep
@@ -291,3 +289,8 @@ class AppArgs(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"models listed twice: {names}")
         return self
+
+    def shadow_targets(self) -> dict[str, dict[str, Any]]:
+        """The models' build-time ``shadow:`` settings, as the Ingress user_config writes them."""
+        return {m.name: {"version": str(m.shadow.version), "share": m.shadow.share}
+                for m in self.models if m.shadow is not None}

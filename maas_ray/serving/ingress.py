@@ -409,8 +409,7 @@ class Ingress(GrpcInferenceMixin):  # the OIP v2 gRPC RPCs: maas_ray.serving.grp
         # `shadow:` settings.
         shadow = user_config.get("shadow")
         if shadow is None:
-            shadow = {m.name: {"version": str(m.shadow.version), "share": m.shadow.share}
-                      for m in self.args.models if m.shadow is not None}
+            shadow = self.args.shadow_targets()
         if not isinstance(shadow, dict):
             raise ConfigError(f"user_config.shadow: expected {{model: {{version, share}}}}, got {shadow!r}")
         targets = {}
