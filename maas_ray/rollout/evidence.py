@@ -21,8 +21,12 @@ logger = logging.getLogger(__name__)
 LIVE_PROTOCOLS = ("http_v2", "http_v1", "grpc", "handle")
 _WANTED = {
     "ray_maas_requests_total", "ray_maas_request_latency_seconds_bucket",
-    "ray_maas_shadow_compared_items_total", "ray_maas_shadow_agreed_items_total",
+    "ray_maas_shadow_agreement_count", "ray_maas_shadow_agreement_bucket",
 }
+# maas_ray.serving.metrics.AGREEMENT_BOUNDS[0], the agreement histogram's first bucket: items
+# that disagreed. Written out because importing the serving package imports Ray and Serve; a
+# unit test keeps the two equal.
+DISAGREED_LE = 1e-6
 
 
 def metrics_urls() -> list[str]:
@@ -80,16 +84,18 @@ class Snapshot:
         return quantile(sorted(buckets.items()), 0.99)
 
     def agreement(self, version: int) -> tuple[float, float]:
-        """(items compared, items agreed) of a version's mirrored calls."""
-        compared = agreed = 0.0
-        for (name, v, *_), value in self.values.items():
+        """(items compared, items agreed) of a version's mirrored calls, from one histogram
+        whose count and buckets a single observation writes, so no scrape sees them apart."""
+        compared = disagreed = 0.0
+        for (name, v, _, _, le), value in self.values.items():
             if v != str(version):
                 continue
-            if name == "ray_maas_shadow_compared_items_total":
+            if name == "ray_maas_shadow_agreement_count":
                 compared += value
-            elif name == "ray_maas_shadow_agreed_items_total":
-                agreed += value
-        return compared, agreed
+            elif name == "ray_maas_shadow_agreement_bucket" and le not in (None, "+Inf") \
+                    and math.isclose(float(le), DISAGREED_LE):
+                disagreed += value
+        return compared, compared - disagreed
 
 
 def quantile(cumulative: list[tuple[float, float]], q: float) -> Optional[float]:

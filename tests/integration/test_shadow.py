@@ -38,8 +38,9 @@ def _config(registry_root, share):
 def _shadow_counts():
     tags = {"app": "shadowed", "model": "digits", "version": "2"}
     return (_scrape("ray_maas_requests_total", **tags, protocol="shadow", status="200"),
-            _scrape("ray_maas_shadow_compared_items_total", **tags),
-            _scrape("ray_maas_shadow_agreed_items_total", **tags))
+            _scrape("ray_maas_shadow_agreement_count", **tags),
+            _scrape("ray_maas_shadow_agreement_count", **tags)
+            - _scrape("ray_maas_shadow_agreement_bucket", **tags, le="1e-06"))  # compared minus disagreed
 
 
 def _wait_for(predicate, timeout_s=30.0):

@@ -50,10 +50,20 @@ class FakeGauge(FakeMetric):
         self.values[self._key(tags)] = value
 
 
+class FakeHistogram(FakeMetric):
+    def __init__(self, name, description="", boundaries=None, tag_keys=None):
+        super().__init__(name, description, tag_keys)
+        self.boundaries = boundaries
+
+    def observe(self, value, tags=None):
+        self.calls += 1
+        self.values.setdefault(self._key(tags), []).append(value)
+
+
 @pytest.fixture
 def fake():
     FakeMetric.registry = {}
-    return SimpleNamespace(Counter=FakeCounter, Gauge=FakeGauge)
+    return SimpleNamespace(Counter=FakeCounter, Gauge=FakeGauge, Histogram=FakeHistogram)
 
 
 def value(name, **tags):
@@ -68,7 +78,7 @@ def test_no_ray_calls_before_flush(fake):
     sm.flush()
     assert set(FakeMetric.registry) == {
         "maas_requests", "maas_errors", "maas_requests_in_flight", "maas_version_state",
-        "maas_shadow_compared_items", "maas_shadow_agreed_items", "maas_shadow_dropped",
+        "maas_shadow_agreement", "maas_shadow_dropped",
         *(f"{h}_{p}" for h in ("maas_request_latency_seconds", "maas_stage_latency_seconds", "maas_batch_size",
                                "maas_shadow_max_abs_diff") for p in ("bucket", "sum", "count")),
     }
@@ -258,8 +268,33 @@ def test_shadow_agreement_drops_and_differences(fake):
     sm.shadow_dropped("digits", 2)
     sm.flush()
     tags = {"app": "app", "model": "digits", "version": "2"}
-    assert value("maas_shadow_compared_items", **tags) == 5 and value("maas_shadow_agreed_items", **tags) == 4
+    assert sorted(value("maas_shadow_agreement", **tags)) == [0.0, 1.0, 1.0, 1.0, 1.0]  # 4 of 5 agreed
     assert value("maas_shadow_dropped", **tags) == 1
     assert value("maas_shadow_max_abs_diff_count", **tags) == 1
     assert value("maas_shadow_max_abs_diff_bucket", **tags, le="0.1") == 1
     assert value("maas_shadow_max_abs_diff_bucket", **tags, le="0.01") == 0
+
+
+def test_agreement_is_observed_per_item_once_and_spread_evenly(fake):
+    sm = ServingMetrics("app", models=["digits"], metrics_module=fake)
+    sm.shadow("digits", 2, compared=10, agreed=5, max_abs_diff=None)
+    sm.flush()
+    sm.flush()  # nothing new: nothing observed again
+    tags = {"app": "app", "model": "digits", "version": "2"}
+    assert value("maas_shadow_agreement", **tags) == [0.0, 1.0] * 5  # any prefix keeps the rate
+    sm.shadow("digits", 2, compared=3, agreed=3, max_abs_diff=None)
+    sm.flush()
+    assert value("maas_shadow_agreement", **tags)[10:] == [1.0, 1.0, 1.0]
+    # The bounds put 0 in the first bucket and 1 in +Inf, with Ray's midpoints 5e-7 and 1.0.
+    bounds = FakeMetric.registry["maas_shadow_agreement"].boundaries
+    assert bounds[0] == m.AGREEMENT_BOUNDS[0] and 0.0 <= bounds[0] < 1.0 and bounds[-1] * 2 == 1.0
+
+
+@pytest.mark.parametrize("compared,agreed", [(1, 0), (1, 1), (7, 3), (100, 97), (5000, 4999), (100_000, 12_345)])
+def test_agreement_observations_keep_the_rate_within_one_item(compared, agreed):
+    obs = m.agreement_observations(compared, agreed, limit=4096)
+    assert len(obs) == min(compared, 4096) and set(obs) <= {0.0, 1.0}
+    assert abs(sum(obs) - len(obs) * agreed / compared) <= 1
+    half = obs[: len(obs) // 2]  # an export that caught the flush half-way
+    if half:
+        assert abs(sum(half) - len(half) * agreed / compared) <= 1

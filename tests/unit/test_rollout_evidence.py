@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from maas_ray.cli.rollout import parse_duration
 from maas_ray.rollout.controller import RolloutConfig
-from maas_ray.rollout.evidence import Snapshot, judge, quantile
+from maas_ray.rollout.evidence import DISAGREED_LE, Snapshot, judge, quantile
 
 pytestmark = pytest.mark.unit
 
@@ -39,8 +39,10 @@ def test_judge_names_each_failed_guard_with_numbers():
         1: [("http_v2", 200, 100, 0.001)],
         2: [("http_v2", 200, 18, 0.1), ("shadow", 500, 2, 0.1)],
     })
-    window.values[("ray_maas_shadow_compared_items_total", "2", None, None, None)] = 10
-    window.values[("ray_maas_shadow_agreed_items_total", "2", None, None, None)] = 9
+    window.values[("ray_maas_shadow_agreement_count", "2", None, None, None)] = 10
+    window.values[("ray_maas_shadow_agreement_bucket", "2", None, None, "1e-06")] = 1  # disagreed
+    window.values[("ray_maas_shadow_agreement_bucket", "2", None, None, "0.5")] = 1  # cumulative
+    window.values[("ray_maas_shadow_agreement_bucket", "2", None, None, "+Inf")] = 10
     ev = judge(window, 2, 1, max_error_rate=0.05, max_p99_ratio=1.3, min_agreement=0.95, min_requests=5)
     assert ev.candidate_requests == 20 and ev.error_rate == pytest.approx(0.1) and ev.agreement == pytest.approx(0.9)
     assert [f.split()[0] for f in ev.failed] == ["error", "p99", "agreement"]
@@ -64,3 +66,16 @@ def test_rollout_config_and_durations_validate():
     assert parse_duration("10m") == 600 and parse_duration("500ms") == 0.5 and parse_duration("90") == 90
     with pytest.raises(Exception, match="expected a duration"):
         parse_duration("ten minutes")
+
+
+def test_agreement_reads_the_disagreement_bucket_however_le_is_written():
+    from maas_ray.serving.metrics import AGREEMENT_BOUNDS
+
+    assert DISAGREED_LE == AGREEMENT_BOUNDS[0]  # evidence.py writes the bound out (no serving import)
+    for le in ("1e-06", "1e-6", "0.000001"):
+        window = Snapshot({("ray_maas_shadow_agreement_count", "3", None, None, None): 40,
+                           ("ray_maas_shadow_agreement_bucket", "3", None, None, le): 4,
+                           ("ray_maas_shadow_agreement_bucket", "3", None, None, "0.5"): 4,
+                           ("ray_maas_shadow_agreement_bucket", "3", None, None, "+Inf"): 40,
+                           ("ray_maas_shadow_agreement_count", "2", None, None, None): 7})
+        assert window.agreement(3) == (40, 36)
