@@ -5,7 +5,8 @@ another when it closes; the difference is what happened in the window: requests 
 errors of the candidate (live and mirrored), its latency histogram against the baseline's,
 and how its mirrored answers agreed with the primary's. Counters and histogram buckets are
 cumulative, so a window's evidence is exact whatever the scrape timing, up to one flush
-(1 s) of lag at each end.
+(1 s) of lag at each end. The latency and agreement series it divides are native Ray
+histograms, which no scrape sees half-exported (see maas_ray.serving.metrics).
 """
 
 from __future__ import annotations

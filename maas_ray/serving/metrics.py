@@ -4,8 +4,9 @@ Requests record into plain dicts under a lock; a daemon thread flushes the aggre
 ``ray.util.metrics`` objects once per ``flush_interval_s``. Ray's metrics agent serves them
 on each node's metrics export port, with ``ray_`` prepended to every name
 (:data:`EXPORTED_NAMES`). Measured in a Ray actor (timeit, 2-core box):
-request_started + request_finished with four stages 2.5 us (1.1 us without stages),
-batch() 0.6 us; a flush of 14 histogram series (~300 gauge sets) 1.0 ms, once a second.
+request_started + request_finished with four stages 10.2 us, of which ~7.5 us is the native
+latency observation below (1.9-3.3 us without it, in the same run), batch() 0.6 us; a flush
+of 14 histogram series (~300 gauge sets) 1.0 ms, once a second.
 
 Why aggregate, measured in a Ray actor (Ray 2.60, 2-core box, 5 tags; Cython ``record``
 alone: 2.3 us with 1 tag, 3.8 with 3, 5.4 with 6):
@@ -17,25 +18,29 @@ in-flight gauge twice: ~28 us, 7.6 % of the ~370 us of CPU a tiny-model request 
 Deferring the same calls to a flush (as Serve's replica does with its latencies) moves
 that CPU, it does not remove it.
 
-Histograms are therefore exported as three gauges per series in Prometheus's classic
-layout (``<name>_bucket{le=...}`` cumulative, ``<name>_sum``, ``<name>_count``), set at
-each flush from the in-process bucket counts. ``histogram_quantile`` and ``rate`` work on
-them as on a native histogram; bucket counts, count and sum are exact (Ray's own
-``Histogram`` re-records each bucket at its midpoint in the metrics agent, so its
-``_sum`` is approximate). A flush costs O(series x buckets) gauge sets, independent of
-the request rate. The one difference: the exposition declares them ``gauge``, not
-``histogram``.
+Histograms that only dashboards read (per-stage latency, batch size, shadow differences) are
+therefore exported as three gauges per series in Prometheus's classic layout
+(``<name>_bucket{le=...}`` cumulative, ``<name>_sum``, ``<name>_count``), set at each flush
+from the in-process bucket counts. ``histogram_quantile`` and ``rate`` work on them as on a
+native histogram, and their counts and sums are exact. A flush costs O(series x buckets)
+gauge sets, independent of the request rate. The exposition declares them ``gauge``.
 
-The one exception is shadow agreement, which the rollout controller divides: a native Ray
-``Histogram`` with one observation per compared item (1 agreed, 0 not). Two counters (or two
-gauges) are exported and ingested one series at a time, so a scrape can see one a flush ahead
-of the other, and in a rollout window the missing flush read as disagreement (a candidate
-identical to its baseline measured 0.64). Measured with an actor mirroring 70 items a second,
-all agreeing, beside a busy thread, read with the controller's Snapshot at ~3 Hz for 5 min:
-the old pair of counters was torn in 4 of 894 scrapes, the histogram's agreement in none
-(9 scrapes caught a flush part-way, at its own rate: the observations are interleaved). An
-observation costs ~5 us on the flush thread, so at most :data:`AGREEMENT_MAX_PER_FLUSH` per
-series per flush are observed, an even sample of the flush's items beyond that.
+The two series the rollout controller divides are native Ray ``Histogram`` objects instead:
+end-to-end request latency (the p99 guard), observed once per request, and shadow agreement,
+one observation per compared item (1 agreed, 0 not). Ray exports and ingests series one at a
+time, so a scrape can see part of a flush: some gauges (or one of two counters) a flush ahead
+of the others, and such a torn state can last a whole export interval. In a rollout window
+that reads as a bad candidate. Measured with ``benchmarks/torn_reads.py`` (two versions
+with identical latencies, both layouts in one run, 134 windows of 3 s): the gauge-backed p99
+ratio went over the 1.3x guard in 2 windows (8.0x, 9.1x), the native one in none. Agreement
+(70 mirrored items a second, all agreeing, read with the controller's Snapshot): the old pair
+of counters was torn in 4 of 894 scrapes, the histogram in none (9 scrapes caught a flush
+part-way, at its own rate: the observations are interleaved). One native observation writes a
+series' count, sum and buckets together. Costs: the latency observation on the request path
+(above; benchmarks/README.md has the served A/B); agreement is observed on the flush thread, at most
+:data:`AGREEMENT_MAX_PER_FLUSH` per series per flush (an even sample of the flush's items
+beyond that). Ray's agent rebuilds a native histogram's ``_sum`` from bucket midpoints, so
+the request latency ``_sum`` is approximate; its buckets and count are exact.
 
 Ray's agent drops a gauge series that no emitter refreshed for two export intervals
 (``2 * max(RAY_metrics_report_interval_ms, 1000) ms``), so every flush re-sets every gauge
@@ -140,7 +145,7 @@ class _GaugeHistogram:
 
 
 class _RayMetrics:
-    """The ray.util.metrics objects, created at the first flush (never at import)."""
+    """The ray.util.metrics objects, created on first use (never at import)."""
 
     def __init__(self, module: Any) -> None:
         self.requests = module.Counter(
@@ -149,9 +154,9 @@ class _RayMetrics:
         self.errors = module.Counter(
             ERRORS, description="Failed requests (status >= 400) by exception class.",
             tag_keys=("app", "model", "version", "error"))
-        self.latency = _GaugeHistogram(
-            module, REQUEST_LATENCY, "End-to-end request latency in the replica, seconds",
-            ("app", "model", "version", "protocol", "status"), LATENCY_BUCKETS)
+        self.latency = module.Histogram(
+            REQUEST_LATENCY, description="End-to-end request latency in the replica, seconds.",
+            boundaries=list(LATENCY_BUCKETS), tag_keys=("app", "model", "version", "protocol", "status"))
         self.stage_latency = _GaugeHistogram(
             module, STAGE_LATENCY, "Per-stage latency (decode+preprocess, queue, inference, postprocess+encode), "
             "seconds", ("app", "model", "version", "stage"), LATENCY_BUCKETS)
@@ -203,7 +208,7 @@ class ServingMetrics:
         models: the served model names; requests naming any other model are labelled
             :data:`UNKNOWN_MODEL`. None labels every name as given (trusted callers only).
         metrics_module: where ``Counter`` and ``Gauge`` come from; ``ray.util.metrics``
-            by default (imported at the first flush). Unit tests pass fakes.
+            by default (imported on first use). Unit tests pass fakes.
     """
 
     def __init__(self, app: str, *, flush_interval_s: float = 1.0, models: Optional[Iterable[str]] = None,
@@ -217,11 +222,12 @@ class ServingMetrics:
         self._ray: Optional[_RayMetrics] = None
         self._lock = threading.Lock()  # guards the aggregates below; never held across a Ray call
         self._flush_lock = threading.Lock()  # one flush at a time (thread vs explicit flush())
+        self._init_lock = threading.Lock()  # creates the Ray metric objects once (a request or a flush)
         # Cumulative since start; keys hold raw values, labels are formatted at flush.
         self._in_flight: dict[str, int] = {}
         self._requests: dict[tuple, int] = {}  # (model, version, protocol, status) -> n
         self._errors: dict[tuple, int] = {}  # (model, version, error) -> n
-        self._latency: dict[tuple, _Hist] = {}  # (model, version, protocol, status)
+        self._latency_tags: dict[tuple, dict[str, str]] = {}  # (model, version, protocol, status) -> tags
         self._stages: dict[tuple, dict[str, _Hist]] = {}  # (model, version) -> stage -> histogram
         self._batches: dict[tuple, _Hist] = {}  # (model, version)
         self._states: dict[tuple, str] = {}  # (model, version) -> state
@@ -259,10 +265,6 @@ class ServingMetrics:
         with self._lock:
             self._in_flight[model] = self._in_flight.get(model, 0) - 1
             self._requests[key] = self._requests.get(key, 0) + 1
-            hist = self._latency.get(key)
-            if hist is None:
-                hist = self._latency[key] = _Hist(LATENCY_BUCKETS)
-            hist.observe(total_s)
             if status >= 400:
                 ekey = (model, version, error or "unknown")
                 self._errors[ekey] = self._errors.get(ekey, 0) + 1
@@ -276,6 +278,15 @@ class ServingMetrics:
                     if hist is None:
                         hist = per_stage[stage] = _Hist(LATENCY_BUCKETS)
                     hist.observe(seconds)
+        # The rollout's p99 guard divides this histogram's buckets: observed now, natively
+        # (see the module docstring), outside the lock.
+        tags = self._latency_tags.get(key)
+        if tags is None:
+            tags = self._latency_tags[key] = self._request_tags(key)
+        try:
+            self._metrics().latency.observe(total_s, tags)
+        except Exception:  # a metrics backend problem must never reach a request
+            self._log_failure("recording a request's latency")
 
     def batch(self, model: str, version: int, size: int) -> None:
         key = (model, version)
@@ -334,19 +345,29 @@ class ServingMetrics:
         try:
             self.flush()
         except Exception:  # a metrics backend problem must never reach a request
-            now = time.monotonic()
-            if now - self._last_error_log > 60:
-                self._last_error_log = now
-                logger.exception("flushing serving metrics failed (logged at most once a minute)")
+            self._log_failure("flushing serving metrics")
+
+    def _log_failure(self, what: str) -> None:
+        now = time.monotonic()
+        if now - self._last_error_log > 60:
+            self._last_error_log = now
+            logger.exception("%s failed (logged at most once a minute)", what)
+
+    def _metrics(self) -> _RayMetrics:
+        """The Ray metric objects, created on first use (a request or a flush)."""
+        if self._ray is None:
+            with self._init_lock:
+                if self._ray is None:
+                    if self._module is None:
+                        from ray.util import metrics as module
+                        self._module = module
+                    self._ray = _RayMetrics(self._module)
+        return self._ray
 
     def flush(self) -> None:
         """Push the aggregates to Ray now (the flush thread does this every interval)."""
         with self._flush_lock:
-            if self._ray is None:
-                if self._module is None:
-                    from ray.util import metrics as module
-                    self._module = module
-                self._ray = _RayMetrics(self._module)
+            self._metrics()
             # Copy under the lock (O(series)); every Ray call happens after releasing it.
             with self._lock:
                 in_flight = dict(self._in_flight)
@@ -356,7 +377,7 @@ class ServingMetrics:
                 shadow = {k: list(v) for k, v in self._shadow.items()}
                 # Snapshot every histogram (O(series x buckets) once a second): cheaper than
                 # marking the changed ones on every request.
-                for kind, source in (("latency", self._latency), ("batch", self._batches),
+                for kind, source in (("batch", self._batches),
                                      ("shadow_diff", self._shadow_diff)):
                     for key, hist in source.items():
                         self._snapshots[(kind, key)] = hist.snapshot()
@@ -375,9 +396,7 @@ class ServingMetrics:
             self._inc(r.errors, ("errors", key), total, self._error_tags, key)
         # Gauges are re-set at every flush: Ray's agent expires series nobody refreshes.
         for (kind, key), snapshot in self._snapshots.items():
-            if kind == "latency":
-                r.latency.set(self._tag(("latency", key), self._request_tags, key), snapshot)
-            elif kind == "stage":
+            if kind == "stage":
                 r.stage_latency.set(self._tag(("stage", key), self._stage_tags, key), snapshot)
             elif kind == "shadow_diff":
                 r.shadow_diff.set(self._tag(("shadow_diff", key), self._batch_tags, key), snapshot)

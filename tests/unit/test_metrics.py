@@ -70,18 +70,20 @@ def value(name, **tags):
     return FakeMetric.registry[name].values.get(tuple(sorted(tags.items())))
 
 
-def test_no_ray_calls_before_flush(fake):
+def test_no_ray_objects_before_first_use(fake):
     sm = ServingMetrics("app", metrics_module=fake)
     sm.request_started("digits")
-    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
-    assert FakeMetric.registry == {}
-    sm.flush()
+    assert FakeMetric.registry == {}  # constructing and counting in process touch no Ray object
+    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)  # latency is observed at once
     assert set(FakeMetric.registry) == {
         "maas_requests", "maas_errors", "maas_requests_in_flight", "maas_version_state",
-        "maas_shadow_agreement", "maas_shadow_dropped",
-        *(f"{h}_{p}" for h in ("maas_request_latency_seconds", "maas_stage_latency_seconds", "maas_batch_size",
-                               "maas_shadow_max_abs_diff") for p in ("bucket", "sum", "count")),
+        "maas_request_latency_seconds", "maas_shadow_agreement", "maas_shadow_dropped",
+        *(f"{h}_{p}" for h in ("maas_stage_latency_seconds", "maas_batch_size", "maas_shadow_max_abs_diff")
+          for p in ("bucket", "sum", "count")),
     }
+    assert FakeMetric.registry["maas_requests"].calls == 0  # counters wait for the flush
+    sm.flush()
+    assert FakeMetric.registry["maas_requests"].calls == 1
 
 
 def test_requests_errors_and_in_flight(fake):
@@ -122,14 +124,43 @@ def test_unknown_model_names_share_one_label(fake):
     assert value("maas_requests_in_flight", app="app", model=m.UNKNOWN_MODEL) == 0
 
 
-def test_latency_histogram_buckets_are_cumulative_and_exact(fake):
+def test_request_latency_is_one_native_observation_per_request(fake):
+    sm = ServingMetrics("app", models=["digits"], metrics_module=fake)
+    observations = [0.00005, 0.0001, 0.0003, 0.004, 1.0, 45.0]
+    for s in observations:
+        sm.request_finished("digits", 2, "http_v2", 200, None, s)
+    sm.request_finished("other", None, "http_v1", 404, "ModelNotFoundError", 0.0002)
+    tags = {"app": "app", "model": "digits", "version": "2", "protocol": "http_v2", "status": "200"}
+    assert value("maas_request_latency_seconds", **tags) == observations  # before any flush
+    assert value("maas_request_latency_seconds", app="app", model=m.UNKNOWN_MODEL, version="none",
+                 protocol="http_v1", status="404") == [0.0002]
+    assert FakeMetric.registry["maas_request_latency_seconds"].boundaries == list(LATENCY_BUCKETS)
+    sm.flush()
+    assert FakeMetric.registry["maas_request_latency_seconds"].calls == 7  # a flush re-records nothing
+
+
+def test_a_failing_latency_observation_never_reaches_the_request(fake, caplog):
+    class Broken(FakeHistogram):
+        def observe(self, value, tags=None):
+            raise RuntimeError("metrics agent gone")
+
+    sm = ServingMetrics("app", metrics_module=SimpleNamespace(Counter=FakeCounter, Gauge=FakeGauge, Histogram=Broken))
+    sm.request_started("digits")
+    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)  # does not raise
+    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
+    sm.flush()
+    assert value("maas_requests", app="app", model="digits", version="1", protocol="http_v2", status="200") == 2
+    assert caplog.text.count("recording a request's latency failed") == 1  # at most once a minute
+
+
+def test_stage_histogram_buckets_are_cumulative_and_exact(fake):
     sm = ServingMetrics("app", metrics_module=fake)
     observations = [0.00005, 0.0001, 0.0003, 0.004, 0.004, 1.0, 45.0]  # 0.0001 and 1.0 sit on a bound
     for s in observations:
-        sm.request_finished("digits", 2, "http_v2", 200, None, s)
+        sm.request_finished("digits", 2, "http_v2", 200, None, s, {"inference": s})
     sm.flush()
-    tags = {"app": "app", "model": "digits", "version": "2", "protocol": "http_v2", "status": "200"}
-    buckets = {le: value("maas_request_latency_seconds_bucket", **tags, le=le)
+    tags = {"app": "app", "model": "digits", "version": "2", "stage": "inference"}
+    buckets = {le: value("maas_stage_latency_seconds_bucket", **tags, le=le)
                for le in [repr(b) for b in LATENCY_BUCKETS] + ["+Inf"]}
     assert buckets["0.0001"] == 2  # le is inclusive
     assert buckets["0.00025"] == 2
@@ -141,8 +172,8 @@ def test_latency_histogram_buckets_are_cumulative_and_exact(fake):
     assert buckets["30.0"] == 6
     assert buckets["+Inf"] == 7
     assert list(buckets.values()) == sorted(buckets.values())
-    assert value("maas_request_latency_seconds_count", **tags) == 7
-    assert value("maas_request_latency_seconds_sum", **tags) == pytest.approx(sum(observations))
+    assert value("maas_stage_latency_seconds_count", **tags) == 7
+    assert value("maas_stage_latency_seconds_sum", **tags) == pytest.approx(sum(observations))
 
 
 def test_stages_and_batches(fake):
@@ -168,10 +199,10 @@ def test_stages_and_batches(fake):
 def test_gauges_are_refreshed_every_flush(fake):
     """Ray's agent expires gauge series nobody re-sets, so idle series are re-sent too."""
     sm = ServingMetrics("app", metrics_module=fake)
-    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
+    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001, {"inference": 0.001})
     sm.version_state("digits", 1, "ready")
     sm.flush()
-    bucket = FakeMetric.registry["maas_request_latency_seconds_bucket"]
+    bucket = FakeMetric.registry["maas_stage_latency_seconds_bucket"]
     state = FakeMetric.registry["maas_version_state"]
     before = (bucket.calls, state.calls)
     sm.flush()
@@ -197,7 +228,7 @@ def test_flush_errors_never_reach_the_request_path(fake, caplog):
         def set(self, value, tags=None):
             raise RuntimeError("agent down")
 
-    sm = ServingMetrics("app", flush_interval_s=0.01, metrics_module=SimpleNamespace(Counter=FakeCounter, Gauge=Broken))
+    sm = ServingMetrics("app", flush_interval_s=0.01, metrics_module=SimpleNamespace(Counter=FakeCounter, Gauge=Broken, Histogram=FakeHistogram))
     sm.start()
     sm.start()  # idempotent
     deadline = time.monotonic() + 5
