@@ -5,8 +5,9 @@ another when it closes; the difference is what happened in the window: requests 
 errors of the candidate (live and mirrored), its latency histogram against the baseline's,
 and how its mirrored answers agreed with the primary's. Counters and histogram buckets are
 cumulative, so a window's evidence is exact whatever the scrape timing, up to one flush
-(1 s) of lag at each end. The latency and agreement series it divides are native Ray
-histograms, which no scrape sees half-exported (see maas_ray.serving.metrics).
+(1 s) of lag at each end. Every guard reads a native Ray histogram (request counts and
+latency from the request latency histogram, agreement from the agreement histogram), which no
+scrape sees half-exported (see maas_ray.serving.metrics).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 LIVE_PROTOCOLS = ("http_v2", "http_v1", "grpc", "handle")
 _WANTED = {
-    "ray_maas_requests_total", "ray_maas_request_latency_seconds_bucket",
+    "ray_maas_request_latency_seconds_count", "ray_maas_request_latency_seconds_bucket",
     "ray_maas_shadow_agreement_count", "ray_maas_shadow_agreement_bucket",
 }
 # maas_ray.serving.metrics.AGREEMENT_BOUNDS[0], the agreement histogram's first bucket: items
@@ -66,11 +67,14 @@ class Snapshot:
         return Snapshot({k: v - earlier.values.get(k, 0.0) for k, v in self.values.items()})
 
     def requests(self, version: int, protocols: Iterable[str]) -> tuple[float, float]:
-        """(requests, server errors: status >= 500) of a version over the given protocols."""
+        """(requests, server errors: status >= 500) of a version over the given protocols, from
+        the latency histogram's counts by status: recorded per request like the buckets the p99
+        comes from, where ``ray_maas_requests_total`` is incremented at each flush, series by
+        series, so an export could carry a flush's 5xx without its 2xx."""
         total = errors = 0.0
         wanted = set(protocols)
         for (name, v, protocol, status, _), value in self.values.items():
-            if name == "ray_maas_requests_total" and v == str(version) and protocol in wanted:
+            if name == "ray_maas_request_latency_seconds_count" and v == str(version) and protocol in wanted:
                 total += value
                 if status is not None and status.isdigit() and int(status) >= 500:
                     errors += value

@@ -25,7 +25,7 @@ def _window(version_requests):
     values = {}
     for version, rows in version_requests.items():
         for protocol, status, count, le in rows:
-            key = ("ray_maas_requests_total", str(version), protocol, str(status), None)
+            key = ("ray_maas_request_latency_seconds_count", str(version), protocol, str(status), None)
             values[key] = values.get(key, 0) + count
             for bound in (0.001, 0.01, 0.1, math.inf):
                 bkey = ("ray_maas_request_latency_seconds_bucket", str(version), protocol, str(status),
@@ -79,3 +79,10 @@ def test_agreement_reads_the_disagreement_bucket_however_le_is_written():
                            ("ray_maas_shadow_agreement_bucket", "3", None, None, "+Inf"): 40,
                            ("ray_maas_shadow_agreement_count", "2", None, None, None): 7})
         assert window.agreement(3) == (40, 36)
+
+
+def test_requests_come_from_the_latency_histogram_not_the_flushed_counter():
+    """The counter is flushed series by series; a window must not mix it with the histogram."""
+    window = Snapshot({("ray_maas_requests_total", "2", "http_v2", "500", None): 50,
+                       ("ray_maas_request_latency_seconds_count", "2", "http_v2", "200", None): 10})
+    assert window.requests(2, ("http_v2",)) == (10, 0)
