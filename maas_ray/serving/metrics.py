@@ -81,7 +81,8 @@ AGREEMENT_MAX_PER_FLUSH = 4096
 
 # Names as recorded through ray.util.metrics; Ray exports each as "ray_" + name (+ "_total"
 # for counters). Histograms: the three gauges <name>_bucket / _sum / _count, except
-# SHADOW_AGREEMENT, a native Ray Histogram that Ray exports as the same three series.
+# REQUEST_LATENCY and SHADOW_AGREEMENT, native Ray Histograms that Ray exports as the same
+# three series.
 REQUESTS = "maas_requests"
 ERRORS = "maas_errors"
 REQUEST_LATENCY = "maas_request_latency_seconds"
@@ -227,7 +228,6 @@ class ServingMetrics:
         self._in_flight: dict[str, int] = {}
         self._requests: dict[tuple, int] = {}  # (model, version, protocol, status) -> n
         self._errors: dict[tuple, int] = {}  # (model, version, error) -> n
-        self._latency_tags: dict[tuple, dict[str, str]] = {}  # (model, version, protocol, status) -> tags
         self._stages: dict[tuple, dict[str, _Hist]] = {}  # (model, version) -> stage -> histogram
         self._batches: dict[tuple, _Hist] = {}  # (model, version)
         self._states: dict[tuple, str] = {}  # (model, version) -> state
@@ -236,7 +236,7 @@ class ServingMetrics:
         # Flush-side state: what Ray has been told (counters get deltas) and the last snapshots.
         self._sent: dict[tuple, int] = {}
         self._snapshots: dict[tuple, tuple[list[int], float, int]] = {}
-        self._tags: dict[tuple, dict[str, str]] = {}
+        self._tags: dict[tuple, dict[str, str]] = {}  # label dicts by series (also the request path's latency)
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._last_error_log = 0.0
@@ -280,11 +280,8 @@ class ServingMetrics:
                     hist.observe(seconds)
         # The rollout's p99 guard divides this histogram's buckets: observed now, natively
         # (see the module docstring), outside the lock.
-        tags = self._latency_tags.get(key)
-        if tags is None:
-            tags = self._latency_tags[key] = self._request_tags(key)
         try:
-            self._metrics().latency.observe(total_s, tags)
+            self._metrics().latency.observe(total_s, self._tag(("latency", key), self._request_tags, key))
         except Exception:  # a metrics backend problem must never reach a request
             self._log_failure("recording a request's latency")
 
