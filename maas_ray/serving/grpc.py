@@ -20,14 +20,16 @@ and the version pin as ``model_version``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
-from maas_ray.errors import MaasError, RequestTimeoutError, unwrap_remote
+from maas_ray.errors import InvalidInputError, MaasError, RequestTimeoutError, unwrap_remote
 from maas_ray.serving import protocol
 from maas_ray.serving.keys import extract_key
+from maas_ray.serving.metrics import UNKNOWN_MODEL
 
 if TYPE_CHECKING:
     from maas_ray.serving.ingress import Ingress
@@ -57,14 +59,104 @@ def _pb():
     return service_pb2
 
 
+class MalformedRequest:
+    """Stands in for a request whose bytes do not parse as the RPC's message.
+
+    grpc's server deserializes before any handler runs, and a parse error there escapes as
+    UNKNOWN ("Unexpected DecodeError"), with a traceback logged per request. The request
+    deserializers registered by :func:`add_inference_servicer` return this instead, so the
+    RPC method answers INVALID_ARGUMENT like any other bad request (the HTTP path's 400
+    for a body that is not JSON). Picklable: Serve's proxy pickles it to the replica.
+    """
+
+    __slots__ = ("message_type", "reason")
+
+    def __init__(self, message_type: str, reason: str) -> None:
+        self.message_type = message_type
+        self.reason = reason
+
+    def __reduce__(self) -> tuple:
+        return MalformedRequest, (self.message_type, self.reason)
+
+    def error(self) -> InvalidInputError:
+        return InvalidInputError(f"request: not a valid {self.message_type} message ({self.reason})")
+
+
+def _tolerant(handler: Any) -> Any:
+    """The method handler with a request deserializer that returns :class:`MalformedRequest`
+    for bytes that do not parse (grpc's ``RpcMethodHandler`` is a namedtuple)."""
+    from google.protobuf.message import DecodeError
+
+    parse = handler.request_deserializer
+    if parse is None:
+        return handler
+    message_type = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+    message_type = message_type.full_name if message_type is not None else "request"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return MalformedRequest(message_type, str(exc))
+
+    return handler._replace(request_deserializer=deserialize)
+
+
+class _TolerantServer:
+    """The server as the generated ``add_..._to_server`` sees it: every method handler it
+    registers gets a :func:`_tolerant` deserializer; everything else is the server's."""
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        for handler in handlers:  # grpc's DictionaryGenericHandler, which Serve's server rewrites too
+            handler._method_handlers = {k: _tolerant(v) for k, v in handler._method_handlers.items()}
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service_name: str, handlers: dict[str, Any]) -> None:
+        self._server.add_registered_method_handlers(service_name, {k: _tolerant(v) for k, v in handlers.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
 def add_inference_servicer(servicer: Any, server: Any) -> None:
     """The servicer function for ``grpc_options.grpc_servicer_functions``: registers
     ``inference.GRPCInferenceService`` (tritonclient's, the service stock Triton and KServe
-    clients call) after making its messages picklable (see :func:`_pb`)."""
+    clients call) after making its messages picklable (see :func:`_pb`), with request
+    deserializers that turn unparsable bytes into INVALID_ARGUMENT (:class:`MalformedRequest`)."""
     from tritonclient.grpc import service_pb2_grpc
 
     _pb()
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _TolerantServer(server))
+
+
+def _parsed(response: str, counted: bool = False) -> Callable[[Any], Any]:
+    """An RPC method that answers a :class:`MalformedRequest` with INVALID_ARGUMENT (after
+    keys and rate limits, as HTTP checks them before it reads a body) and an empty
+    ``response``; ``counted`` records it in the request metrics under the unknown model."""
+
+    def wrap(method: Any) -> Any:
+        @functools.wraps(method)
+        async def rpc(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:
+            if not isinstance(request, MalformedRequest):
+                return await method(self, request, grpc_context)
+            if counted:
+                self.metrics.request_started(UNKNOWN_MODEL)
+            start = time.perf_counter()
+            try:
+                self._grpc_admit(grpc_context, None)
+                raise request.error()
+            except Exception as exc:
+                status, error = self._grpc_fail(grpc_context, exc)
+            if counted:
+                self.metrics.request_finished(UNKNOWN_MODEL, None, PROTOCOL, status, error, time.perf_counter() - start)
+            return getattr(_pb(), response)()
+
+        return rpc
+
+    return wrap
 
 
 _pb()  # at import: the replica unpickles request messages before any RPC method runs
@@ -147,12 +239,15 @@ class GrpcInferenceMixin:
         return answer(result)
 
     # ---- health and metadata ----------------------------------------------------------
+    @_parsed("ServerLiveResponse")
     async def ServerLive(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - RPC name
         return _pb().ServerLiveResponse(live=True)
 
+    @_parsed("ServerReadyResponse")
     async def ServerReady(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         return _pb().ServerReadyResponse(ready=await self.server_ready())
 
+    @_parsed("ServerMetadataResponse")
     async def ServerMetadata(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         from maas_ray import __version__
 
@@ -164,6 +259,7 @@ class GrpcInferenceMixin:
             ),
         )
 
+    @_parsed("ModelReadyResponse")
     async def ModelReady(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         pb = _pb()
         return await self._grpc_answer(
@@ -172,6 +268,7 @@ class GrpcInferenceMixin:
             lambda _: self.model_ready(request.name, request.version or None),
         )
 
+    @_parsed("ModelMetadataResponse")
     async def ModelMetadata(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         pb = _pb()
 
@@ -193,6 +290,7 @@ class GrpcInferenceMixin:
         )
 
     # ---- inference --------------------------------------------------------------------
+    @_parsed("ModelInferResponse", counted=True)
     async def ModelInfer(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         import asyncio
 

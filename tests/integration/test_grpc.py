@@ -181,6 +181,27 @@ def test_errors_map_to_status_codes_with_http_messages(served):
     assert client.infer("other", [x], headers={"x-api-key": keys["other"]}).as_numpy("logits").shape == (1, 3)
 
 
+def test_unparsable_messages_are_invalid_argument_after_keys(served):
+    """Bytes that are not the RPC's message get INVALID_ARGUMENT with a message, not grpc's
+    UNKNOWN ("Unexpected DecodeError"); keys are still checked first, and the service goes on."""
+    import grpc
+
+    client, headers, _, _ = served
+    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+        for method in ("ModelInfer", "ModelMetadata"):
+            call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+            for blob in (b"\xff" * 40, b"\x0a\x05ti"):  # garbage; a field cut short
+                with pytest.raises(grpc.RpcError) as info:
+                    call(blob, metadata=list(headers.items()), timeout=30)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+                assert info.value.details().startswith(f"request: not a valid inference.{method}Request message")
+            with pytest.raises(grpc.RpcError) as info:
+                call(b"\xff" * 40, timeout=30)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    x = np.zeros((1, 4), dtype=np.float32)
+    assert client.infer("tiny", [_input(x)], headers=headers).as_numpy("logits").shape == (1, 3)
+
+
 def test_metrics_count_grpc_requests(served):
     """Counted with protocol "grpc" and the HTTP-equivalent status, so dashboards agree.
     Only this test sends bad requests to ``other``: its 400 count starts here."""

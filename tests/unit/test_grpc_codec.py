@@ -3,6 +3,8 @@ contents and raw_input_contents), and hostile messages answered with exact 400/4
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
@@ -160,3 +162,36 @@ def test_hostile_messages():
     long_id = _request(np.zeros(1, np.float32), "FP32", True)
     long_id.id = "i" * (protocol.MAX_ID_CHARS + 1)
     assert _fails(long_id).startswith("id: expected a string of at most")
+
+
+def test_unparsable_request_bytes_become_a_picklable_malformed_request():
+    """add_inference_servicer registers deserializers that return MalformedRequest for bytes
+    grpc would otherwise fail as UNKNOWN; good bytes still parse (a recording server, no grpc)."""
+    import pickle
+
+    from maas_ray.errors import InvalidInputError
+    from maas_ray.serving.grpc import MalformedRequest, add_inference_servicer
+
+    class Recording:
+        def __init__(self):
+            self.generic, self.registered = {}, {}
+
+        def add_generic_rpc_handlers(self, handlers):
+            for h in handlers:
+                self.generic.update(h._method_handlers)
+
+        def add_registered_method_handlers(self, service, handlers):
+            self.registered.update(handlers)
+
+    server = Recording()
+    add_inference_servicer(mock.Mock(), server)  # the servicer is what Serve replaces
+    infer = server.generic["/inference.GRPCInferenceService/ModelInfer"].request_deserializer
+    good = service_pb2.ModelInferRequest(model_name="m").SerializeToString()
+    assert infer(good).model_name == "m"
+    bad = pickle.loads(pickle.dumps(infer(b"\xff" * 10)))
+    assert isinstance(bad, MalformedRequest) and bad.message_type == "inference.ModelInferRequest"
+    err = bad.error()
+    assert isinstance(err, InvalidInputError) and err.status_code == 400
+    assert str(err).startswith("request: not a valid inference.ModelInferRequest message (")
+    if server.registered:  # grpcio >= 1.62 also registers the methods by name
+        assert isinstance(server.registered["ModelMetadata"].request_deserializer(b"\xff"), MalformedRequest)
