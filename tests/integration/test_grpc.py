@@ -1,12 +1,15 @@
 """OIP v2 over gRPC through Serve's real gRPC proxy, spoken by the stock ``tritonclient.grpc``.
 
-One app (API keys on) with ``tiny`` at versions 1 and 2 (a 50/50 split) and ``other``; the
-same requests over HTTP give the messages gRPC must repeat.
+One app (API keys on, two ingress replicas) with ``tiny`` at versions 1 and 2 (a 50/50 split)
+and ``other``; the same requests over HTTP give the messages gRPC must repeat. The last test
+kills an ingress replica under gRPC and HTTP load.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import httpx
@@ -50,7 +53,7 @@ def served(ray_cluster, registry_root, tmp_path_factory):
              "versions": [{"version": v, "weight": 1} for v in versions]},
             {"name": "other", "placement": "ingress", "intra_op_threads": 1, "versions": [{"version": "latest"}]},
         ],
-        "ingress": {"ray_actor_options": {"num_cpus": 0.25}},
+        "ingress": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}},  # one is killed last
     }
     deploy({
         "http_options": {"host": "127.0.0.1", "port": HTTP_PORT},
@@ -224,3 +227,59 @@ def test_metrics_count_grpc_requests(served):
             break
         time.sleep(0.5)
     assert now[0] == before[0] + 3 and now[1] >= before[1] + 5
+
+
+def test_killing_an_ingress_replica_under_grpc_and_http_load_fails_no_request(served):
+    """SIGKILL one of the two ingress replicas (where the gRPC methods run) while 2 gRPC and 2 HTTP
+    clients keep sending: Serve's proxy sends the requests to the other one. Last in the module:
+    the killed replica's metrics leave the scrape with it."""
+    import grpc
+    import ray
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    _, headers, _, _ = served
+    req = service_pb2.ModelInferRequest(model_name="tiny")
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+    req.raw_input_contents.append(np.zeros((1, 4), dtype=np.float32).tobytes())
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [0.0] * 4}]}
+    stop = threading.Event()
+    results: list = []
+
+    def grpc_load():
+        with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            while not stop.is_set():
+                try:
+                    stub.ModelInfer(req, metadata=list(headers.items()), timeout=60)
+                    results.append(("grpc", "OK"))
+                except grpc.RpcError as exc:
+                    results.append(("grpc", f"{exc.code().name}: {exc.details()}"))
+
+    def http_load():
+        with httpx.Client(base_url=URL, timeout=60, headers=headers) as c:
+            while not stop.is_set():
+                try:
+                    results.append(("http", c.post("/v2/models/tiny/infer", json=body).status_code))
+                except httpx.HTTPError as exc:
+                    results.append(("http", repr(exc)))
+
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::grpcapp#Ingress#")]
+    assert len(names) == 2, names
+    victim = ray.get(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+                     .__ray_call__.remote(lambda _: os.getpid()))
+    threads = [threading.Thread(target=grpc_load) for _ in range(2)] + [threading.Thread(target=http_load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(8)
+    stop.set()
+    for t in threads:
+        t.join()
+    for protocol, ok in (("grpc", "OK"), ("http", 200)):
+        sent = [r for _, r in (x for x in results if x[0] == protocol)]
+        failed = [r for r in sent if r != ok]
+        print(f"ingress kill, {protocol}: {len(failed)} failed of {len(sent)}")
+        assert len(sent) > 50
+        assert len(failed) <= len(sent) * 0.001, failed[:5]
