@@ -229,9 +229,11 @@ def test_metrics_count_grpc_requests(served):
     assert now[0] == before[0] + 3 and now[1] >= before[1] + 5
 
 
-def test_killing_an_ingress_replica_under_grpc_and_http_load_fails_no_request(served):
+def test_killing_an_ingress_replica_under_load_fails_at_most_the_requests_in_flight(served):
     """SIGKILL one of the two ingress replicas (where the gRPC methods run) while 2 gRPC and 2 HTTP
-    clients keep sending: Serve's proxy sends the requests to the other one. Last in the module:
+    clients keep sending: Serve's proxy routes everything after the kill to the other one. A
+    request already in flight on the killed replica may fail (Serve's proxy answers it 500; the
+    throughput profile's HAProxy replays it instead): at most one per client. Last in the module:
     the killed replica's metrics leave the scrape with it."""
     import grpc
     import ray
@@ -282,4 +284,4 @@ def test_killing_an_ingress_replica_under_grpc_and_http_load_fails_no_request(se
         failed = [r for r in sent if r != ok]
         print(f"ingress kill, {protocol}: {len(failed)} failed of {len(sent)}")
         assert len(sent) > 50
-        assert len(failed) <= len(sent) * 0.001, failed[:5]
+        assert len(failed) <= 2, failed[:5]  # the two clients' requests in flight at the kill, at most
