@@ -6,9 +6,10 @@ over compared items), and a torn read there looks like a bad candidate. Two chec
 an A/B in one run, in one actor beside a busy thread (GIL contention, as in a loaded replica):
 
 - ``latency``: two versions get identical request latencies (49 at 2 ms, 1 at 20 ms,
-  repeating) at 200 requests/s each, recorded both as gauge-backed histograms (the classic
-  layout ``maas_ray.serving.metrics`` uses for dashboard-only histograms) and as native Ray
-  ``Histogram`` objects (what request latency uses). The driver takes back-to-back windows
+  repeating) at 200 requests/s each, recorded as gauge-backed histograms (the classic
+  layout ``maas_ray.serving.metrics`` uses for dashboard-only histograms), as native Ray
+  ``Histogram`` objects observed inline, and through the real ``ServingMetrics``
+  (native, each request's latency observed by its flush thread: what replicas run). The driver takes back-to-back windows
   and counts those where the two versions' p99 differ by more than 5 %, and by more than
   the default guard (1.3x).
 - ``agreement``: 70 mirrored items a second, all agreeing, through the real
@@ -45,6 +46,7 @@ from maas_ray.rollout.evidence import Snapshot, metrics_urls, quantile
 ITEMS = 70
 COUNTERS = ("ray_maas_shadow_compared_items_total", "ray_maas_shadow_agreed_items_total")
 LATENCIES = [0.002] * 49 + [0.02]
+SERVED = "ray_maas_request_latency_seconds_bucket"
 
 
 def _busy() -> None:
@@ -67,6 +69,8 @@ class Emitter:
             self.pair = [metrics.Counter(name[4:-6], tag_keys=tags) for name in COUNTERS]
             threading.Thread(target=self._mirror, daemon=True).start()
         else:
+            self.sm = m.ServingMetrics("app", models=["digits"])  # what replicas run: observed at its flush
+            self.sm.start()
             self.native = metrics.Histogram("torn_native", boundaries=list(m.LATENCY_BUCKETS), tag_keys=("version",))
             self.gauges = m._GaugeHistogram(metrics, "torn_gauges", "torn reads", ("version",), m.LATENCY_BUCKETS)
             self.hists = {v: m._Hist(m.LATENCY_BUCKETS) for v in ("1", "2")}
@@ -89,6 +93,7 @@ class Emitter:
                 with self.lock:
                     self.hists[version].observe(latency)
                 self.native.observe(latency, {"version": version})
+                self.sm.request_finished("digits", int(version), "http_v2", 200, None, latency)
 
     def _flush(self) -> None:  # as ServingMetrics flushes its gauge-backed histograms
         while True:
@@ -106,7 +111,7 @@ def _buckets(text: str) -> dict[tuple, float]:
     values: dict[tuple, float] = defaultdict(float)
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name in ("ray_torn_native_bucket", "ray_torn_gauges_bucket"):
+            if s.name in ("ray_torn_native_bucket", "ray_torn_gauges_bucket", SERVED):
                 values[(s.name, s.labels["version"], s.labels["le"])] += s.value
     return values
 
@@ -127,11 +132,12 @@ def latency(urls: list[str], seconds: float, window_s: float) -> str:
             current = _buckets(client.get(urls[0]).text)
             window = {k: v - previous.get(k, 0.0) for k, v in current.items()}
             previous = current
-            for name in ("ray_torn_gauges_bucket", "ray_torn_native_bucket"):
+            for name in ("ray_torn_gauges_bucket", "ray_torn_native_bucket", SERVED):
                 p1, p2 = _p99(window, name, "1"), _p99(window, name, "2")
                 if p1 and p2:
                     ratios[name].append(p2 / p1)
-    for name, kind in (("ray_torn_gauges_bucket", "gauge-backed"), ("ray_torn_native_bucket", "native")):
+    for name, kind in (("ray_torn_gauges_bucket", "gauge-backed"), ("ray_torn_native_bucket", "native, observed inline"),
+                       (SERVED, "ServingMetrics (native, observed at its flush)")):
         r = ratios[name]
         off = sorted(round(x, 2) for x in r if abs(x - 1) > 0.05)
         lines.append(f"{kind}: {len(r)} windows of {window_s:g} s; p99 ratio off by > 5 % in {len(off)}, "

@@ -1,12 +1,12 @@
 """Prometheus metrics for the serving path, exported through Ray's metrics API.
 
-Requests record into plain dicts under a lock; a daemon thread flushes the aggregates to
-``ray.util.metrics`` objects once per ``flush_interval_s``. Ray's metrics agent serves them
-on each node's metrics export port, with ``ray_`` prepended to every name
+Requests record into plain dicts and lists under a lock and never call Ray; a daemon thread
+flushes them to ``ray.util.metrics`` objects once per ``flush_interval_s``. Ray's metrics
+agent serves them on each node's metrics export port, with ``ray_`` prepended to every name
 (:data:`EXPORTED_NAMES`). Measured in a Ray actor (timeit, 2-core box):
-request_started + request_finished with four stages 10.2 us, of which ~7.5 us is the native
-latency observation below (1.9-3.3 us without it, in the same run), batch() 0.6 us; a flush
-of 14 histogram series (~300 gauge sets) 1.0 ms, once a second.
+request_started + request_finished with four stages 1.9-3.3 us (10.2 us when the latency
+below was observed on the request path), batch() 0.6 us; a flush of 14 histogram series
+(~300 gauge sets) 1.0 ms, once a second, plus one native observation per request.
 
 Why aggregate, measured in a Ray actor (Ray 2.60, 2-core box, 5 tags; Cython ``record``
 alone: 2.3 us with 1 tag, 3.8 with 3, 5.4 with 6):
@@ -26,8 +26,8 @@ native histogram, and their counts and sums are exact. A flush costs O(series x 
 gauge sets, independent of the request rate. The exposition declares them ``gauge``.
 
 The two series the rollout controller divides are native Ray ``Histogram`` objects instead:
-end-to-end request latency (the p99 guard), observed once per request, and shadow agreement,
-one observation per compared item (1 agreed, 0 not). Ray exports and ingests series one at a
+end-to-end request latency (the p99 and error-rate guards), one observation per request, and
+shadow agreement, one observation per compared item (1 agreed, 0 not). Ray exports and ingests series one at a
 time, so a scrape can see part of a flush: some gauges (or one of two counters) a flush ahead
 of the others, and such a torn state can last a whole export interval. In a rollout window
 that reads as a bad candidate. Measured with ``benchmarks/torn_reads.py`` (two versions
@@ -36,10 +36,14 @@ ratio went over the 1.3x guard in 2 windows (8.0x, 9.1x), the native one in none
 (70 mirrored items a second, all agreeing, read with the controller's Snapshot): the old pair
 of counters was torn in 4 of 894 scrapes, the histogram in none (9 scrapes caught a flush
 part-way, at its own rate: the observations are interleaved). One native observation writes a
-series' count, sum and buckets together. Costs: the latency observation on the request path
-(above; benchmarks/README.md has the served A/B); agreement is observed on the flush thread, at most
+series' count, sum and buckets together, wherever it is made, so both are observed on the
+flush thread, interleaved across series: request latencies buffered per series (at most
+:data:`MAX_PENDING_LATENCIES` between flushes), agreement at most
 :data:`AGREEMENT_MAX_PER_FLUSH` per series per flush (an even sample of the flush's items
-beyond that). Ray's agent rebuilds a native histogram's ``_sum`` from bucket midpoints, so
+beyond that). Observed on the request path, Ray's ``_record`` was the event loop's frame in
+332-383 of ~1,300 samples where the loop ran late by over 6 ms (tiny MLP, c=32); on the flush
+thread, 46-61 (Serve's own 100 ms metrics reporter, which defers its latencies the same way).
+``benchmarks/torn_reads.py latency`` reads the deferred series untorn (benchmarks/README.md). Ray's agent rebuilds a native histogram's ``_sum`` from bucket midpoints, so
 the request latency ``_sum`` is approximate; its buckets and count are exact.
 
 Ray's agent drops a gauge series that no emitter refreshed for two export intervals
@@ -78,6 +82,9 @@ DIFF_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
 # 5e-7 and 1.0, so _sum / _count stays the agreement rate; the controller reads the buckets.
 AGREEMENT_BOUNDS = (1e-6, 0.5)
 AGREEMENT_MAX_PER_FLUSH = 4096
+# Request latencies one replica buffers between flushes (a 1 s flush: 100k requests/s, far over
+# what one Python replica serves); beyond it they are counted, logged, and not recorded.
+MAX_PENDING_LATENCIES = 100_000
 
 # Names as recorded through ray.util.metrics; Ray exports each as "ray_" + name (+ "_total"
 # for counters). Histograms: the three gauges <name>_bucket / _sum / _count, except
@@ -233,6 +240,10 @@ class ServingMetrics:
         self._states: dict[tuple, str] = {}  # (model, version) -> state
         self._shadow: dict[tuple, list[int]] = {}  # (model, version) -> [compared, agreed, dropped]
         self._shadow_diff: dict[tuple, _Hist] = {}  # (model, version)
+        # Request latencies since the last flush, observed natively by the flush thread.
+        self._latencies: dict[tuple, list[float]] = {}  # (model, version, protocol, status) -> seconds
+        self._pending = 0
+        self._latencies_dropped = 0
         # Flush-side state: what Ray has been told (counters get deltas) and the last snapshots.
         self._sent: dict[tuple, int] = {}
         self._snapshots: dict[tuple, tuple[list[int], float, int]] = {}
@@ -278,12 +289,16 @@ class ServingMetrics:
                     if hist is None:
                         hist = per_stage[stage] = _Hist(LATENCY_BUCKETS)
                     hist.observe(seconds)
-        # The rollout's p99 guard divides this histogram's buckets: observed now, natively
-        # (see the module docstring), outside the lock.
-        try:
-            self._metrics().latency.observe(total_s, self._tag(("latency", key), self._request_tags, key))
-        except Exception:  # a metrics backend problem must never reach a request
-            self._log_failure("recording a request's latency")
+            # The rollout's guards divide this native histogram's series: observed one value
+            # at a time on the flush thread (see the module docstring), not here.
+            if self._pending < MAX_PENDING_LATENCIES:
+                self._pending += 1
+                values = self._latencies.get(key)
+                if values is None:
+                    values = self._latencies[key] = []
+                values.append(total_s)
+            else:
+                self._latencies_dropped += 1
 
     def batch(self, model: str, version: int, size: int) -> None:
         key = (model, version)
@@ -367,6 +382,8 @@ class ServingMetrics:
             self._metrics()
             # Copy under the lock (O(series)); every Ray call happens after releasing it.
             with self._lock:
+                latencies, self._latencies, self._pending = self._latencies, {}, 0
+                dropped, self._latencies_dropped = self._latencies_dropped, 0
                 in_flight = dict(self._in_flight)
                 requests = dict(self._requests)
                 errors = dict(self._errors)
@@ -381,8 +398,29 @@ class ServingMetrics:
                 for (model, version), per_stage in self._stages.items():
                     for stage, hist in per_stage.items():
                         self._snapshots[("stage", (model, version, stage))] = hist.snapshot()
+            self._export_latencies(latencies, dropped)
             self._export(in_flight, requests, errors, states)
             self._export_shadow(shadow)
+
+    def _export_latencies(self, latencies: dict[tuple, list[float]], dropped: int) -> None:
+        """One native observation per request, the series interleaved: an export that catches
+        the flush part-way sees every series up to about the same request."""
+        if dropped:
+            logger.warning("%d request latencies over %d since the last flush were not recorded",
+                           dropped, MAX_PENDING_LATENCIES)
+        if not latencies:
+            return
+        assert self._ray is not None
+        observe = self._ray.latency.observe
+        series = [(self._tag(("latency", key), self._request_tags, key), values)
+                  for key, values in latencies.items()]
+        try:
+            for i in range(max(len(values) for _, values in series)):
+                for tags, values in series:
+                    if i < len(values):
+                        observe(values[i], tags)
+        except Exception:  # the rest of the flush (counters, gauges) still goes out
+            self._log_failure("recording request latencies")
 
     def _export(self, in_flight: dict, requests: dict, errors: dict, states: dict) -> None:
         r = self._ray

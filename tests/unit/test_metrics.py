@@ -74,15 +74,15 @@ def test_no_ray_objects_before_first_use(fake):
     sm = ServingMetrics("app", metrics_module=fake)
     sm.request_started("digits")
     assert FakeMetric.registry == {}  # constructing and counting in process touch no Ray object
-    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)  # latency is observed at once
+    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
+    assert FakeMetric.registry == {}  # latencies too wait for the flush thread
+    sm.flush()
     assert set(FakeMetric.registry) == {
         "maas_requests", "maas_errors", "maas_requests_in_flight", "maas_version_state",
         "maas_request_latency_seconds", "maas_shadow_agreement", "maas_shadow_dropped",
         *(f"{h}_{p}" for h in ("maas_stage_latency_seconds", "maas_batch_size", "maas_shadow_max_abs_diff")
           for p in ("bucket", "sum", "count")),
     }
-    assert FakeMetric.registry["maas_requests"].calls == 0  # counters wait for the flush
-    sm.flush()
     assert FakeMetric.registry["maas_requests"].calls == 1
 
 
@@ -130,8 +130,10 @@ def test_request_latency_is_one_native_observation_per_request(fake):
     for s in observations:
         sm.request_finished("digits", 2, "http_v2", 200, None, s)
     sm.request_finished("other", None, "http_v1", 404, "ModelNotFoundError", 0.0002)
+    assert FakeMetric.registry == {}  # nothing Ray-side on the request path
+    sm.flush()
     tags = {"app": "app", "model": "digits", "version": "2", "protocol": "http_v2", "status": "200"}
-    assert value("maas_request_latency_seconds", **tags) == observations  # before any flush
+    assert value("maas_request_latency_seconds", **tags) == observations
     assert value("maas_request_latency_seconds", app="app", model=m.UNKNOWN_MODEL, version="none",
                  protocol="http_v1", status="404") == [0.0002]
     assert FakeMetric.registry["maas_request_latency_seconds"].boundaries == list(LATENCY_BUCKETS)
@@ -139,18 +141,54 @@ def test_request_latency_is_one_native_observation_per_request(fake):
     assert FakeMetric.registry["maas_request_latency_seconds"].calls == 7  # a flush re-records nothing
 
 
-def test_a_failing_latency_observation_never_reaches_the_request(fake, caplog):
+def test_request_latencies_are_interleaved_across_series_in_a_flush(fake):
+    """An export that catches a flush part-way must see the 2xx and the 5xx series (the error
+    rate guard's numerator and denominator) up to about the same request."""
+    order = []
+
+    class Recording(FakeHistogram):
+        def observe(self, value, tags=None):
+            order.append(tags["status"])
+            super().observe(value, tags)
+
+    sm = ServingMetrics("app", metrics_module=SimpleNamespace(Counter=FakeCounter, Gauge=FakeGauge, Histogram=Recording))
+    for _ in range(4):
+        sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
+    sm.request_finished("digits", 1, "http_v2", 503, "ServiceUnavailableError", 0.001)
+    sm.request_finished("digits", 1, "http_v2", 503, "ServiceUnavailableError", 0.001)
+    sm.flush()
+    assert order == ["200", "503", "200", "503", "200", "200"]
+
+
+def test_latencies_beyond_the_buffer_are_dropped_and_logged(fake, caplog, monkeypatch):
+    monkeypatch.setattr(m, "MAX_PENDING_LATENCIES", 3)
+    sm = ServingMetrics("app", metrics_module=fake)
+    for _ in range(5):
+        sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
+    sm.flush()
+    tags = {"app": "app", "model": "digits", "version": "1", "protocol": "http_v2", "status": "200"}
+    assert len(value("maas_request_latency_seconds", **tags)) == 3
+    assert value("maas_requests", **tags) == 5  # the counter still counts every request
+    assert "2 request latencies over 3" in caplog.text
+    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)  # the buffer empties at each flush
+    sm.flush()
+    assert len(value("maas_request_latency_seconds", **tags)) == 4
+
+
+def test_a_failing_latency_observation_never_reaches_the_request_or_the_flush(fake, caplog):
     class Broken(FakeHistogram):
         def observe(self, value, tags=None):
             raise RuntimeError("metrics agent gone")
 
     sm = ServingMetrics("app", metrics_module=SimpleNamespace(Counter=FakeCounter, Gauge=FakeGauge, Histogram=Broken))
     sm.request_started("digits")
-    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)  # does not raise
+    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
+    sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
+    sm.flush()  # does not raise, and the counters still go out
     sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
     sm.flush()
-    assert value("maas_requests", app="app", model="digits", version="1", protocol="http_v2", status="200") == 2
-    assert caplog.text.count("recording a request's latency failed") == 1  # at most once a minute
+    assert value("maas_requests", app="app", model="digits", version="1", protocol="http_v2", status="200") == 3
+    assert caplog.text.count("recording request latencies failed") == 1  # at most once a minute
 
 
 def test_stage_histogram_buckets_are_cumulative_and_exact(fake):
