@@ -27,9 +27,9 @@ gauge sets, independent of the request rate. The exposition declares them ``gaug
 
 The two series the rollout controller divides are native Ray ``Histogram`` objects instead:
 end-to-end request latency (the p99 and error-rate guards), one observation per request, and
-shadow agreement, one observation per compared item (1 agreed, 0 not). Ray exports and ingests series one at a
-time, so a scrape can see part of a flush: some gauges (or one of two counters) a flush ahead
-of the others, and such a torn state can last a whole export interval. In a rollout window
+shadow agreement, one observation per compared item (1 agreed, 0 not). Ray exports and
+ingests series one at a time, so a scrape can see part of a flush: some gauges (or one of two
+counters) a flush ahead of the others, and such a torn state can last a whole export interval. In a rollout window
 that reads as a bad candidate. Measured with ``benchmarks/torn_reads.py`` (two versions
 with identical latencies, both layouts in one run, 134 windows of 3 s): the gauge-backed p99
 ratio went over the 1.3x guard in 2 windows (8.0x, 9.1x), the native one in none. Agreement
@@ -43,8 +43,9 @@ flush thread, interleaved across series: request latencies buffered per series (
 beyond that). Observed on the request path, Ray's ``_record`` was the event loop's frame in
 332-383 of ~1,300 samples where the loop ran late by over 6 ms (tiny MLP, c=32); on the flush
 thread, 46-61 (Serve's own 100 ms metrics reporter, which defers its latencies the same way).
-``benchmarks/torn_reads.py latency`` reads the deferred series untorn (benchmarks/README.md). Ray's agent rebuilds a native histogram's ``_sum`` from bucket midpoints, so
-the request latency ``_sum`` is approximate; its buckets and count are exact.
+``benchmarks/torn_reads.py latency`` reads the deferred series untorn (benchmarks/README.md).
+Ray's agent rebuilds a native histogram's ``_sum`` from bucket midpoints, so the request
+latency ``_sum`` is approximate; its buckets and count are exact.
 
 Ray's agent drops a gauge series that no emitter refreshed for two export intervals
 (``2 * max(RAY_metrics_report_interval_ms, 1000) ms``), so every flush re-sets every gauge
