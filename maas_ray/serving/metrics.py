@@ -29,8 +29,8 @@ The two series the rollout controller divides are native Ray ``Histogram`` objec
 end-to-end request latency (the p99 and error-rate guards), one observation per request, and
 shadow agreement, one observation per compared item (1 agreed, 0 not). Ray exports and
 ingests series one at a time, so a scrape can see part of a flush: some gauges (or one of two
-counters) a flush ahead of the others, and such a torn state can last a whole export interval. In a rollout window
-that reads as a bad candidate. Measured with ``benchmarks/torn_reads.py`` (two versions
+counters) a flush ahead of the others, and such a torn state can last a whole export
+interval. In a rollout window that reads as a bad candidate. Measured with ``benchmarks/torn_reads.py`` (two versions
 with identical latencies, both layouts in one run, 134 windows of 3 s): the gauge-backed p99
 ratio went over the 1.3x guard in 2 windows (8.0x, 9.1x), the native one in none. Agreement
 (70 mirrored items a second, all agreeing, read with the controller's Snapshot): the old pair
