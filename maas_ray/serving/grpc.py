@@ -133,26 +133,32 @@ def add_inference_servicer(servicer: Any, server: Any) -> None:
 
 
 def _parsed(response: str, counted: bool = False) -> Callable[[Any], Any]:
-    """An RPC method that answers a :class:`MalformedRequest` with INVALID_ARGUMENT (after
-    keys and rate limits, as HTTP checks them before it reads a body) and an empty
-    ``response``; ``counted`` records it in the request metrics under the unknown model."""
+    """An RPC method that answers a :class:`MalformedRequest` with INVALID_ARGUMENT through
+    :meth:`GrpcInferenceMixin._grpc_answer` (after keys and rate limits, as HTTP checks them
+    before it reads a body) and an empty ``response``; ``counted`` records it in the request
+    metrics under the unknown model."""
 
     def wrap(method: Any) -> Any:
         @functools.wraps(method)
         async def rpc(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:
             if not isinstance(request, MalformedRequest):
                 return await method(self, request, grpc_context)
+
+            async def reject(_: dict[str, str]) -> None:
+                raise request.error()
+
+            failed = None
             if counted:
                 self.metrics.request_started(UNKNOWN_MODEL)
-            start = time.perf_counter()
-            try:
-                self._grpc_admit(grpc_context, None)
-                raise request.error()
-            except Exception as exc:
-                status, error = self._grpc_fail(grpc_context, exc)
-            if counted:
-                self.metrics.request_finished(UNKNOWN_MODEL, None, PROTOCOL, status, error, time.perf_counter() - start)
-            return getattr(_pb(), response)()
+                start = time.perf_counter()
+
+                def failed(status: int, error: str) -> None:
+                    self.metrics.request_finished(
+                        UNKNOWN_MODEL, None, PROTOCOL, status, error, time.perf_counter() - start
+                    )
+
+            empty = getattr(_pb(), response)
+            return await self._grpc_answer(grpc_context, None, empty, lambda _: empty(), reject, failed)
 
         return rpc
 
