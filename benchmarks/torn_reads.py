@@ -8,10 +8,10 @@ an A/B in one run, in one actor beside a busy thread (GIL contention, as in a lo
 - ``latency``: two versions get identical request latencies (49 at 2 ms, 1 at 20 ms,
   repeating) at 200 requests/s each, recorded as gauge-backed histograms (the classic
   layout ``maas_ray.serving.metrics`` uses for dashboard-only histograms), as native Ray
-  ``Histogram`` objects observed inline, and through the real ``ServingMetrics``
-  (native, each request's latency observed by its flush thread: what replicas run). The driver takes back-to-back windows
-  and counts those where the two versions' p99 differ by more than 5 %, and by more than
-  the default guard (1.3x).
+  ``Histogram`` objects observed inline, and through the real ``ServingMetrics`` (native,
+  each request's latency observed by its flush thread: what replicas run). The driver takes
+  back-to-back windows and counts those where the two versions' p99 differ by more than 5 %,
+  and by more than the default guard (1.3x).
 - ``agreement``: 70 mirrored items a second, all agreeing, through the real
   ``ServingMetrics`` (one native histogram), and the same counts as the pair of counters
   agreement used to be; the driver reads both at ~3 Hz and counts scrapes where agreement

@@ -280,7 +280,7 @@ def test_killing_an_ingress_replica_under_load_fails_at_most_the_requests_in_fli
     for t in threads:
         t.join()
     for protocol, ok in (("grpc", "OK"), ("http", 200)):
-        sent = [r for _, r in (x for x in results if x[0] == protocol)]
+        sent = [r for p, r in results if p == protocol]
         failed = [r for r in sent if r != ok]
         print(f"ingress kill, {protocol}: {len(failed)} failed of {len(sent)}")
         assert len(sent) > 50
