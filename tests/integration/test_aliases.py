@@ -1,6 +1,5 @@
 """An app configured with aliases follows alias moves in the registry without a rebuild."""
 
-import threading
 import time
 
 import httpx
@@ -11,6 +10,7 @@ from maas_ray.registry import Registry
 from maas_ray.serving.deploy import deploy
 from tests.conftest import HTTP_PORT
 from tests.helpers import linear_onnx
+from tests.load import background
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 URL = f"http://127.0.0.1:{HTTP_PORT}"
@@ -31,18 +31,16 @@ def test_traffic_follows_an_alias_move_after_loading_the_new_version(ray_cluster
     })
     pid = serve.get_app_handle("follow").replicas.remote().result()["ingress_pid"]
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": np.ones(4).tolist()}]}
-    stop, seen = threading.Event(), []
+    seen = []
 
-    def load():
+    def load(stop):
         with httpx.Client(base_url=URL, timeout=30) as c:
             while not stop.is_set():
                 r = c.post("/v2/models/follow/infer", json=body)
                 seen.append((r.status_code, r.headers.get("x-model-version")))
                 time.sleep(0.01)
 
-    thread = threading.Thread(target=load)
-    thread.start()
-    try:
+    with background(load):
         while not seen:
             time.sleep(0.05)
         for target in numbers[1:]:
@@ -51,9 +49,6 @@ def test_traffic_follows_an_alias_move_after_loading_the_new_version(ray_cluster
             while time.monotonic() < deadline and seen[-1][1] != str(target):
                 time.sleep(0.2)
             assert seen[-1][1] == str(target), f"traffic did not follow production -> {target}"
-    finally:
-        stop.set()
-        thread.join()
     assert {status for status, _ in seen} == {200}, "a request failed while the alias moved"
     assert [v for _, v in seen] == sorted(v for _, v in seen)  # never back to an older version
     assert serve.get_app_handle("follow").replicas.remote().result()["ingress_pid"] == pid  # no rebuild

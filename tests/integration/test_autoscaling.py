@@ -1,6 +1,5 @@
 """Serve autoscaling of an inference deployment under real HTTP load (short delays via env + config)."""
 
-import threading
 import time
 
 import httpx
@@ -12,6 +11,7 @@ from tests.conftest import HTTP_PORT
 from maas_ray.registry import Registry
 from maas_ray.serving.deploy import deploy
 from tests.helpers import linear_onnx
+from tests.load import background
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PORT = HTTP_PORT
@@ -53,29 +53,21 @@ def test_inference_scales_up_under_load_and_back_down_when_idle(ray_cluster, reg
     })
     assert _running("scale", "scaler-v1") == 1
 
-    stop = threading.Event()
     failures = []
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": np.ones(4).tolist()}]}
 
-    def load():
+    def load(stop):
         with httpx.Client(base_url=URL, timeout=60) as c:
             while not stop.is_set():
                 r = c.post("/v2/models/scaler/infer", json=body)
                 if r.status_code != 200:
                     failures.append(r.text)
 
-    threads = [threading.Thread(target=load) for _ in range(12)]
-    for t in threads:
-        t.start()
     peak, deadline = 1, time.monotonic() + 60
-    try:
+    with background(*[load] * 12):
         while time.monotonic() < deadline and peak < 2:
             peak = max(peak, _running("scale", "scaler-v1"))
             time.sleep(0.5)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
     assert peak >= 2, "inference deployment did not scale up under load"
     assert not failures, failures[:3]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import httpx
@@ -21,7 +20,8 @@ from maas_ray.serving.deploy import deploy
 from maas_ray.serving.grpc import SERVICER_FUNCTION
 from tests.conftest import HTTP_PORT
 from tests.helpers import linear_onnx
-from tests.integration.test_hardening import _create_key, _scrape, _wait_until
+from tests.integration.test_hardening import _create_key, _replica_pids, _scrape, _wait_until
+from tests.load import background
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 GRPC_PORT = int(os.environ.get("MAAS_TEST_GRPC_PORT", "9000"))
@@ -236,7 +236,6 @@ def test_killing_an_ingress_replica_under_load_fails_at_most_the_requests_in_fli
     throughput profile's HAProxy replays it instead): at most one per client. Last in the module:
     the killed replica's metrics leave the scrape with it."""
     import grpc
-    import ray
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
     _, headers, _, _ = served
@@ -244,10 +243,9 @@ def test_killing_an_ingress_replica_under_load_fails_at_most_the_requests_in_fli
     req.inputs.add(name="input", datatype="FP32", shape=[1, 4])
     req.raw_input_contents.append(np.zeros((1, 4), dtype=np.float32).tobytes())
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [0.0] * 4}]}
-    stop = threading.Event()
     results: list = []
 
-    def grpc_load():
+    def grpc_load(stop):
         with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             while not stop.is_set():
@@ -257,7 +255,7 @@ def test_killing_an_ingress_replica_under_load_fails_at_most_the_requests_in_fli
                 except grpc.RpcError as exc:
                     results.append(("grpc", f"{exc.code().name}: {exc.details()}"))
 
-    def http_load():
+    def http_load(stop):
         with httpx.Client(base_url=URL, timeout=60, headers=headers) as c:
             while not stop.is_set():
                 try:
@@ -265,20 +263,13 @@ def test_killing_an_ingress_replica_under_load_fails_at_most_the_requests_in_fli
                 except httpx.HTTPError as exc:
                     results.append(("http", repr(exc)))
 
-    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith("SERVE_REPLICA::grpcapp#Ingress#")]
-    assert len(names) == 2, names
-    victim = ray.get(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
-                     .__ray_call__.remote(lambda _: os.getpid()))
-    threads = [threading.Thread(target=grpc_load) for _ in range(2)] + [threading.Thread(target=http_load) for _ in range(2)]
-    for t in threads:
-        t.start()
-    time.sleep(2)
-    os.kill(victim, signal.SIGKILL)
-    time.sleep(8)
-    stop.set()
-    for t in threads:
-        t.join()
+    pids = _replica_pids("grpcapp", "Ingress")
+    assert len(pids) == 2, pids
+    victim = next(iter(pids))
+    with background(grpc_load, grpc_load, http_load, http_load):
+        time.sleep(2)
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(8)
     for protocol, ok in (("grpc", "OK"), ("http", 200)):
         sent = [r for p, r in results if p == protocol]
         failed = [r for r in sent if r != ok]

@@ -12,7 +12,6 @@ import io
 import os
 import signal
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stdout
@@ -27,6 +26,7 @@ from maas_ray.registry import Registry
 from maas_ray.serving.deploy import deploy
 from tests.conftest import HTTP_PORT
 from tests.helpers import linear_onnx
+from tests.load import background
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 URL = f"http://127.0.0.1:{HTTP_PORT}"
@@ -294,16 +294,31 @@ def test_serving_replicas_never_import_torch(hardened):
     assert info["torch_imported"] is False
 
 
+def _replica_pids(app: str, deployment: str) -> set:
+    """The pids of a deployment's live replicas, from Ray's named actors (every replica, not the
+    ones a handle's router happens to pick: 16 routed calls once all went to one of two)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    pids = set()
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(prefix):
+            try:
+                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                pids.add(ray.get(handle.__ray_call__.remote(lambda _: os.getpid()), timeout=10))
+            except Exception:  # the killed replica, until Serve removes it
+                pass
+    return pids
+
+
 def test_killing_an_inference_replica_under_load_fails_no_request(hardened):
     """SIGKILL one of the two fused inference replicas while 4 clients keep sending."""
     client, _, _, _ = hardened
-    from ray import serve
 
     body = v2(np.ones((1, 4)))
-    stop = threading.Event()
     results: list = []
 
-    def load():
+    def load(stop):
         with httpx.Client(base_url=URL, timeout=60, headers=dict(client.headers)) as c:
             while not stop.is_set():
                 try:
@@ -311,37 +326,21 @@ def test_killing_an_inference_replica_under_load_fails_no_request(hardened):
                 except httpx.HTTPError as exc:
                     results.append((time.monotonic(), repr(exc)))
 
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(2)
-    inference = serve.get_deployment_handle("guarded-v1", app_name="secure")
-
-    def pids() -> set:
-        seen = set()
-        for _ in range(16):
-            try:
-                seen.add(inference.describe.remote().result(timeout_s=10)["pid"])
-            except Exception:  # the dead replica, until Serve drops it
-                pass
-        return seen
-
-    before = pids()
-    assert len(before) == 2
-    victim = next(iter(before))
-    killed_at = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
-    # capacity is back when two live replicas answer again, one of them new
-    while time.monotonic() < killed_at + 60:
-        now = pids()
-        if len(now) == 2 and victim not in now:
-            break
-        time.sleep(0.5)
-    recovered_s = time.monotonic() - killed_at
-    time.sleep(1)
-    stop.set()
-    for t in threads:
-        t.join()
+    with background(*[load] * 4):
+        time.sleep(2)
+        before = _replica_pids("secure", "guarded-v1")
+        assert len(before) == 2, before
+        victim = next(iter(before))
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        # capacity is back when two live replicas answer again, one of them new
+        while time.monotonic() < killed_at + 60:
+            now = _replica_pids("secure", "guarded-v1")
+            if len(now) == 2 and victim not in now:
+                break
+            time.sleep(0.5)
+        recovered_s = time.monotonic() - killed_at
+        time.sleep(1)
     failed = [r for r in results if r[1] != 200]
     print(f"replica kill: {len(failed)} failed of {len(results)}; capacity back in {recovered_s:.1f} s")
     assert len(results) > 100

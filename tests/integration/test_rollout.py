@@ -49,7 +49,7 @@ class Load:
 
     def __init__(self):
         self.stop, self.seen = threading.Event(), []
-        self.thread = threading.Thread(target=self.run)
+        self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self):
         rng = np.random.default_rng(0)
@@ -73,7 +73,7 @@ class Load:
 
     def __exit__(self, *exc):
         self.stop.set()
-        self.thread.join()
+        self.thread.join(120)
 
     def failures(self):
         return [s for s in self.seen if s[0] != 200]

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ from maas_ray.cli.quickstart import digit_png
 from maas_ray.registry import Registry
 from maas_ray.serving.deploy import deploy
 from tests.helpers import linear_onnx
+from tests.load import background
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PORT = HTTP_PORT
@@ -294,10 +294,9 @@ def test_live_reweight_under_load_without_restarts_or_failures(app, registry_roo
     body = v2_body(x[:1])
     handle = serve.get_app_handle("maas")
     before = handle.replicas.remote().result()
-    stop = threading.Event()
     results: list = []
 
-    def load():
+    def load(stop):
         with httpx.Client(base_url=URL, timeout=60) as c:
             while not stop.is_set():
                 try:
@@ -306,22 +305,17 @@ def test_live_reweight_under_load_without_restarts_or_failures(app, registry_roo
                 except httpx.HTTPError as exc:
                     results.append((time.monotonic(), repr(exc), None))
 
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(2)
-    switched_at = time.monotonic()
-    deploy(serve_config(registry_root, {"digits": {"1": 0, "2": 100}}))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        recent = [v for ts, _, v in results[-20:] if ts > switched_at]
-        if len(recent) == 20 and set(recent) == {"2"}:
-            break
-        time.sleep(0.2)
-    time.sleep(1)
-    stop.set()
-    for t in threads:
-        t.join()
+    with background(*[load] * 4):
+        time.sleep(2)
+        switched_at = time.monotonic()
+        deploy(serve_config(registry_root, {"digits": {"1": 0, "2": 100}}))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            recent = [v for ts, _, v in results[-20:] if ts > switched_at]
+            if len(recent) == 20 and set(recent) == {"2"}:
+                break
+            time.sleep(0.2)
+        time.sleep(1)
 
     failures = [r for r in results if r[1] != 200]
     assert not failures, failures[:5]
