@@ -86,6 +86,13 @@ AGREEMENT_MAX_PER_FLUSH = 4096
 # Request latencies one replica buffers between flushes (a 1 s flush: 100k requests/s, far over
 # what one Python replica serves); beyond it they are counted, logged, and not recorded.
 MAX_PENDING_LATENCIES = 100_000
+# The flush thread observes one value per request (~3.7 us each, holding the GIL): 3,500
+# requests/s make a 13 ms burst, and an event loop waiting for the GIL gets it back only after
+# the 5 ms switch interval, several times per flush. The flush sleeps briefly after every
+# FLUSH_YIELD_EVERY observations, so the loop waits at most one chunk (~0.25 ms) for the GIL.
+# Measured with benchmarks/flush_stall.py (benchmarks/README.md, eighth round). 0 turns it off.
+FLUSH_YIELD_EVERY = 64
+FLUSH_YIELD_S = 50e-6
 
 # Names as recorded through ray.util.metrics; Ray exports each as "ray_" + name (+ "_total"
 # for counters). Histograms: the three gauges <name>_bucket / _sum / _count, except
@@ -199,6 +206,17 @@ def agreement_observations(compared: int, agreed: int,
     # round(n * agreed / compared) ones, evenly spaced.
     return [1.0 if (i + 1) * agreed // compared > i * agreed // compared else 0.0
             for i in (j * compared // n for j in range(n))]
+
+
+def _observe_yielding(observe: Any, observations: Iterable[tuple[float, dict[str, str]]]) -> None:
+    """``observe(value, tags)`` for each pair, releasing the GIL for :data:`FLUSH_YIELD_S`
+    after every :data:`FLUSH_YIELD_EVERY` of them (a real sleep: ``sleep(0)`` releases the GIL
+    but this thread usually takes it back before the waiting loop thread wakes)."""
+    every = FLUSH_YIELD_EVERY
+    for n, (value, tags) in enumerate(observations, 1):
+        observe(value, tags)
+        if every and n % every == 0:
+            time.sleep(FLUSH_YIELD_S)
 
 
 def _version_label(version: Optional[int]) -> str:
@@ -416,10 +434,8 @@ class ServingMetrics:
         series = [(self._tag(("latency", key), self._request_tags, key), values)
                   for key, values in latencies.items()]
         try:
-            for i in range(max(len(values) for _, values in series)):
-                for tags, values in series:
-                    if i < len(values):
-                        observe(values[i], tags)
+            _observe_yielding(observe, ((values[i], tags) for i in range(max(len(v) for _, v in series))
+                                        for tags, values in series if i < len(values)))
         except Exception:  # the rest of the flush (counters, gauges) still goes out
             self._log_failure("recording request latencies")
 
@@ -453,8 +469,8 @@ class ServingMetrics:
             sent = self._sent.get(("shadow_agreement", key), (0, 0))
             if compared > sent[0]:
                 tags = self._tag(("shadow_agreement", key), self._batch_tags, key)
-                for v in agreement_observations(compared - sent[0], agreed - sent[1]):
-                    r.shadow_agreement.observe(v, tags)
+                _observe_yielding(r.shadow_agreement.observe,
+                                  ((v, tags) for v in agreement_observations(compared - sent[0], agreed - sent[1])))
                 self._sent[("shadow_agreement", key)] = (compared, agreed)
 
     def _inc(self, counter: Any, sent_key: tuple, total: int, make_tags: Any, key: tuple) -> None:

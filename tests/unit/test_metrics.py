@@ -160,6 +160,32 @@ def test_request_latencies_are_interleaved_across_series_in_a_flush(fake):
     assert order == ["200", "503", "200", "503", "200", "200"]
 
 
+def test_a_flush_releases_the_gil_between_chunks_of_observations(fake, monkeypatch):
+    """A flush observes one value per request while the event loop waits for the GIL: it
+    sleeps after every FLUSH_YIELD_EVERY observations, every value still observed in order."""
+    events = []
+
+    class Recording(FakeHistogram):
+        def observe(self, value, tags=None):
+            events.append(("observe", tags["status"]))
+            super().observe(value, tags)
+
+    monkeypatch.setattr(m, "FLUSH_YIELD_EVERY", 2)
+    monkeypatch.setattr(m.time, "sleep", lambda s: events.append(("sleep", s)))
+    sm = ServingMetrics("app", metrics_module=SimpleNamespace(Counter=FakeCounter, Gauge=FakeGauge, Histogram=Recording))
+    for status in (200, 200, 503, 200, 503):
+        sm.request_finished("digits", 1, "http_v2", status, "x" if status >= 400 else None, 0.001)
+    sm.flush()
+    assert events == [("observe", "200"), ("observe", "503"), ("sleep", m.FLUSH_YIELD_S),
+                      ("observe", "200"), ("observe", "503"), ("sleep", m.FLUSH_YIELD_S), ("observe", "200")]
+    events.clear()
+    monkeypatch.setattr(m, "FLUSH_YIELD_EVERY", 0)  # off: one burst
+    for _ in range(5):
+        sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
+    sm.flush()
+    assert events == [("observe", "200")] * 5
+
+
 def test_latencies_beyond_the_buffer_are_dropped_and_logged(fake, caplog, monkeypatch):
     monkeypatch.setattr(m, "MAX_PENDING_LATENCIES", 3)
     sm = ServingMetrics("app", metrics_module=fake)
