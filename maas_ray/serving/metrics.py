@@ -433,9 +433,15 @@ class ServingMetrics:
         observe = self._ray.latency.observe
         series = [(self._tag(("latency", key), self._request_tags, key), values)
                   for key, values in latencies.items()]
+
+        def interleaved():
+            for i in range(max(len(values) for _, values in series)):
+                for tags, values in series:
+                    if i < len(values):
+                        yield values[i], tags
+
         try:
-            _observe_yielding(observe, ((values[i], tags) for i in range(max(len(v) for _, v in series))
-                                        for tags, values in series if i < len(values)))
+            _observe_yielding(observe, interleaved())
         except Exception:  # the rest of the flush (counters, gauges) still goes out
             self._log_failure("recording request latencies")
 
