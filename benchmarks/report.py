@@ -109,14 +109,18 @@ def markdown(results: dict) -> str:
             out.append(f"| {s} | " + " | ".join(cells) + " |")
         out += ["", "<details><summary>every point</summary>", "",
                 "Mean batch: items per onnxruntime call that maas-ray's batcher formed during the point and its "
-                "settle run (outside --quick), from its batch-size metric; baselines report none.", "",
-                "| system | c | items/s | p50 ms | p90 ms | p99 ms | errors | mean batch |",
-                "|---|---|---|---|---|---|---|---|"]
+                "settle run (outside --quick), from its batch-size metric; baselines report none. Mean hop "
+                "(fused placement): what a request waited between the ingress and the inference replica "
+                "beyond the replica's own stages (a call slot, the handle call's round trip), from the "
+                "hop stage of maas-ray's stage-latency metric.", "",
+                "| system | c | items/s | p50 ms | p90 ms | p99 ms | errors | mean batch | mean hop ms |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for s, r in w["systems"].items():
             for q in r.get("points", []):
                 out.append(f"| {s} | {q['concurrency']} | {q['rps']:,.0f} | {_ms(q['p50_ms'])} | "
                            f"{_ms(q['p90_ms'])} | {_ms(q['p99_ms'])} | {q['errors']} | "
-                           f"{q['mean_batch'] if q.get('mean_batch') else '-'} |")
+                           f"{q['mean_batch'] if q.get('mean_batch') else '-'} | "
+                           f"{q['mean_hop_ms'] if q.get('mean_hop_ms') else '-'} |")
         notes = [f"- {s}: {r['note']}" for s, r in w["systems"].items() if r.get("note")]
         out += ["", "</details>", ""] + (["Notes:", *notes, ""] if notes else [])
     return "\n".join(out)

@@ -114,8 +114,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def bench_system(server: Server, url: str, body: bytes, a: argparse.Namespace) -> list[dict]:
     """The concurrency sweep. maas systems: each point's mean batch size, from the batch-size
-    histogram read after the point (Server.batch_totals); a point's batches include those of
-    its settle run, at the same concurrency."""
+    histogram read after the point (Server.batch_totals), and in fused placement its mean hop
+    (ingress to inference replica and back, beyond the replica's own stages); a point's
+    batches and hops include those of its settle run, at the same concurrency."""
     run_wrk(url, body, 8, 2 if a.quick else 4)  # warm-up, not measured
     before = server.batch_totals()
     points = []
@@ -125,12 +126,15 @@ def bench_system(server: Server, url: str, body: bytes, a: argparse.Namespace) -
         p = run_wrk(url, body, c, a.duration).as_dict()
         after = server.batch_totals() if before else None
         if after:
-            items, batches = after[0] - before[0], after[1] - before[1]
-            p.update(batches=int(batches), mean_batch=round(items / batches, 2) if batches else None)
+            batches, hops = after["batches"] - before["batches"], after["hops"] - before["hops"]
+            p.update(batches=int(batches),
+                     mean_batch=round((after["items"] - before["items"]) / batches, 2) if batches else None,
+                     mean_hop_ms=round(1e3 * (after["hop_s"] - before["hop_s"]) / hops, 2) if hops else None)
         before = after
-        logger.info("  %-18s c=%-4d %8.0f items/s  p50 %7.1f ms  p99 %7.1f ms  errors %d%s",
+        logger.info("  %-18s c=%-4d %8.0f items/s  p50 %7.1f ms  p99 %7.1f ms  errors %d%s%s",
                     server.system.name, c, p["rps"], p["p50_ms"], p["p99_ms"], p["errors"],
-                    f"  mean batch {p['mean_batch']}" if p.get("mean_batch") else "")
+                    f"  mean batch {p['mean_batch']}" if p.get("mean_batch") else "",
+                    f"  mean hop {p['mean_hop_ms']} ms" if p.get("mean_hop_ms") else "")
         points.append(p)
     return points
 

@@ -46,6 +46,7 @@ METRICS_ENV = {"RAY_metrics_report_interval_ms": "1000"}
 # aggregates every second, and Ray exports them every second (METRICS_ENV).
 METRICS_LAG_S = 2.5
 BATCH_SIZE_METRIC = "ray_maas_batch_size"  # maas_ray/serving/metrics.py: BATCH_SIZE, exported as gauges
+STAGE_METRIC = "ray_maas_stage_latency_seconds"  # STAGE_LATENCY, likewise
 _SERVE_FLAGS = (*RAY_TUNED_FLAGS, *THROUGHPUT_PROFILE, *METRICS_ENV, "RAY_ADDRESS")
 
 
@@ -182,9 +183,11 @@ class Server:
             time.sleep(1.0)
         raise TimeoutError(f"{self.system.name} not ready after {timeout_s}s: {last}; see {self.log_path}")
 
-    def batch_totals(self) -> Optional[tuple[float, float]]:
-        """(items, batches) the system's model replicas have run so far, from maas_ray's
-        batch-size histogram on Ray's metrics endpoint; None if the system exports none.
+    def batch_totals(self) -> Optional[dict[str, float]]:
+        """What the system's maas_ray replicas have counted so far, from Ray's metrics endpoint:
+        ``items`` and ``batches`` (the batch-size histogram) and, in fused placement, ``hop_s``
+        and ``hops`` (the hop stage: what requests waited between the ingress and the
+        inference replica beyond the replica's own stages). None if the system exports none.
 
         Waits METRICS_LAG_S first, so that every batch run before the call is counted:
         call it when the load has stopped.
@@ -195,15 +198,20 @@ class Server:
 
         time.sleep(METRICS_LAG_S)
         text = httpx.get(f"http://127.0.0.1:{self.ctx.metrics_port}/metrics", timeout=10).text
-        names = (f"{BATCH_SIZE_METRIC}_sum", f"{BATCH_SIZE_METRIC}_count")
-        totals = dict.fromkeys(names, 0.0)
+        series = {f"{BATCH_SIZE_METRIC}_sum": "items", f"{BATCH_SIZE_METRIC}_count": "batches",
+                  f"{STAGE_METRIC}_sum": "hop_s", f"{STAGE_METRIC}_count": "hops"}
+        totals = dict.fromkeys(series.values(), 0.0)
         found = False
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name in totals and sample.labels.get("model") == self.ctx.workload:
-                    totals[sample.name] += sample.value  # one series per replica process: summed
-                    found = True
-        return (totals[names[0]], totals[names[1]]) if found else None
+                name = series.get(sample.name)
+                if name is None or sample.labels.get("model") != self.ctx.workload:
+                    continue
+                if sample.name.startswith(STAGE_METRIC) and sample.labels.get("stage") != "hop":
+                    continue
+                totals[name] += sample.value  # one series per replica process: summed
+                found = True
+        return totals if found else None
 
     def stop(self, timeout_s: float = 90.0) -> None:
         """SIGTERM the server (Ray servers shut Serve and Ray down), then clear its own process group.

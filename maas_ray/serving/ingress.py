@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 from ray import serve
@@ -108,6 +108,7 @@ class _Route:
         batches, so the bound on waiting requests is kept here, not in Serve's queue).
         ``callers``: the ingress replicas that share the inference deployment's call budget."""
         self.local, self.handles = local, handles or {}
+        self._methods: dict[tuple[str, str], Any] = {}
         self.calls: Optional[Coalescer[tuple[Tensors, bool], tuple[Tensors, Timings]]] = None
         if model is not None:
             batching = model.batching
@@ -123,7 +124,11 @@ class _Route:
     async def infer(self, tensors: Tensors, strict: bool) -> tuple[Tensors, Timings]:
         if self.calls is None:
             return await self.local.infer(tensors, strict)
-        return await self.calls.submit((tensors, strict))
+        start = time.perf_counter()
+        outputs, stages = await self.calls.submit((tensors, strict))
+        if stages:  # fused: the replica timed its own stages; the rest of the wait is the hop's
+            stages["hop"] = max(0.0, time.perf_counter() - start - sum(stages.values()))
+        return outputs, stages
 
     async def _remote(self, items: list[tuple[Tensors, bool]]) -> list:
         try:
@@ -139,18 +144,27 @@ class _Route:
                 raise ModelNotReadyError("the replica serving this request died; retry", 1.0) from exc
             raise
 
+    def _method(self, deployment: str, name: str) -> Any:
+        """``handles[deployment].<name>``, made once: each attribute access builds a new handle
+        (Serve's ``options(method_name=...)``), ~6-11 % of the caller's CPU per call
+        (benchmarks/hop.py). Made on first use, on the event loop the handle routes on."""
+        method = self._methods.get((deployment, name))
+        if method is None:
+            method = self._methods[(deployment, name)] = getattr(self.handles[deployment], name)
+        return method
+
     async def _call(self, items: list[tuple[Tensors, bool]]) -> list:
         if "pre" in self.handles:  # split: chained responses pass through the object store
-            feeds = self.handles["pre"].many.remote(items)
-            outputs = self.handles["infer"].run_many.remote(feeds)
-            answers = await self.handles["post"].many.remote(outputs)
+            feeds = self._method("pre", "many").remote(items)
+            outputs = self._method("infer", "run_many").remote(feeds)
+            answers = await self._method("post", "many").remote(outputs)
             return [a if isinstance(a, BaseException) else (a, {}) for a in answers]
-        return await self.handles["infer"].infer_many.remote(items)
+        return await self._method("infer", "infer_many").remote(items)
 
     async def describe(self) -> dict[str, Any]:
         if self.local is not None:
             return self.local.describe()
-        return await self.handles["infer"].describe.remote()
+        return await self._method("infer", "describe").remote()
 
 
 @dataclass

@@ -62,7 +62,10 @@ from typing import Any, Iterable, Optional
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("decode", "queue", "inference", "encode")  # decode = decode + preprocess; encode = postprocess + encode
+# decode = decode + preprocess; encode = postprocess + encode; hop (fused placement only): the
+# time between the ingress and the inference replica beyond the replica's own stages (waiting
+# for a call slot, the handle call's round trip).
+STAGES = ("decode", "queue", "inference", "encode", "hop")
 PROTOCOLS = ("http_v2", "http_v1", "grpc", "handle", "shadow")  # shadow: mirrored calls to a candidate
 VERSION_STATES = ("ready", "failed", "loading")
 # The model label of requests for models the app does not serve: the name comes from the URL,
@@ -174,8 +177,9 @@ class _RayMetrics:
             REQUEST_LATENCY, description="End-to-end request latency in the replica, seconds.",
             boundaries=list(LATENCY_BUCKETS), tag_keys=("app", "model", "version", "protocol", "status"))
         self.stage_latency = _GaugeHistogram(
-            module, STAGE_LATENCY, "Per-stage latency (decode+preprocess, queue, inference, postprocess+encode), "
-            "seconds", ("app", "model", "version", "stage"), LATENCY_BUCKETS)
+            module, STAGE_LATENCY, "Per-stage latency (decode+preprocess, queue, inference, postprocess+encode, "
+            "and in fused placement the hop to the inference replica), seconds",
+            ("app", "model", "version", "stage"), LATENCY_BUCKETS)
         self.batch_size = _GaugeHistogram(
             module, BATCH_SIZE, "Items per inference batch", ("app", "model", "version"), BATCH_BUCKETS)
         self.in_flight = module.Gauge(

@@ -408,10 +408,13 @@ def test_prometheus_endpoint_counts_real_requests(hardened):
     ok = {"app": "secure", "model": "digits", "protocol": "http_v2", "status": "200"}
     bad = {"app": "secure", "model": "digits", "error": "InvalidInputError"}
     stage = {"app": "secure", "model": "digits", "stage": "inference"}
+    # fused: the ingress times what a request spent beyond the inference replica's own stages
+    hop = {"app": "secure", "model": "guarded", "version": "1", "stage": "hop"}
 
     def counts() -> tuple:
         return (_scrape("ray_maas_requests_total", **ok), _scrape("ray_maas_errors_total", **bad),
-                _scrape("ray_maas_stage_latency_seconds_count", **stage))
+                _scrape("ray_maas_stage_latency_seconds_count", **stage),
+                _scrape("ray_maas_stage_latency_seconds_count", **hop))
 
     # earlier tests' last requests may still be on their way (1 s flush + 1 s export): settle first
     before, previous = counts(), None
@@ -422,7 +425,9 @@ def test_prometheus_endpoint_counts_real_requests(hardened):
         assert client.post("/v2/models/digits/versions/1/infer", json=v2(np.zeros((1, 64)))).status_code == 200
     for _ in range(3):
         assert client.post("/v2/models/digits/versions/1/infer", content=b"{").status_code == 400
-    expected = (before[0] + 7, before[1] + 3, before[2] + 7)
+    for _ in range(4):
+        assert client.post("/v2/models/guarded/versions/1/infer", json=v2(np.ones((1, 4)))).status_code == 200
+    expected = (before[0] + 7, before[1] + 3, before[2] + 7, before[3] + 4)
     deadline = time.monotonic() + 30  # replicas flush every second, Ray exports every second here
     while True:
         now = counts()
@@ -430,4 +435,5 @@ def test_prometheus_endpoint_counts_real_requests(hardened):
             break
         time.sleep(0.5)
     assert now == expected
+    assert _scrape("ray_maas_stage_latency_seconds_sum", **hop) > 0
     assert _scrape("ray_maas_version_state", app="secure", model="guarded", version="2", state="failed") >= 1

@@ -242,7 +242,7 @@ def test_stage_histogram_buckets_are_cumulative_and_exact(fake):
 
 def test_stages_and_batches(fake):
     sm = ServingMetrics("app", metrics_module=fake)
-    stages = {"decode": 0.0002, "queue": 0.00001, "inference": 0.003, "encode": 0.0001}
+    stages = {"decode": 0.0002, "queue": 0.00001, "inference": 0.003, "encode": 0.0001, "hop": 0.0007}
     assert tuple(stages) == STAGES
     sm.request_finished("digits", 1, "http_v2", 200, None, 0.004, stages)
     sm.request_finished("digits", 1, "handle", 200, None, 0.004, stages)
