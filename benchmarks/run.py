@@ -114,17 +114,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def bench_system(server: Server, url: str, body: bytes, a: argparse.Namespace) -> list[dict]:
     """The concurrency sweep. maas systems: each point's mean batch size, from the batch-size
-    histogram read after the point (Server.batch_totals), and in fused placement its mean hop
+    histogram read after the point (Server.replica_totals), and in fused placement its mean hop
     (ingress to inference replica and back, beyond the replica's own stages); a point's
     batches and hops include those of its settle run, at the same concurrency."""
     run_wrk(url, body, 8, 2 if a.quick else 4)  # warm-up, not measured
-    before = server.batch_totals()
+    before = server.replica_totals()
     points = []
     for c in a.concurrency:
         if not a.quick:
             run_wrk(url, body, c, 1)  # settle at this concurrency
         p = run_wrk(url, body, c, a.duration).as_dict()
-        after = server.batch_totals() if before else None
+        after = server.replica_totals() if before else None
         if after:
             batches, hops = after["batches"] - before["batches"], after["hops"] - before["hops"]
             p.update(batches=int(batches),

@@ -39,7 +39,7 @@ def read_profile(path: Path = PROFILE_ENV) -> dict[str, str]:
 THROUGHPUT_PROFILE = read_profile()
 # Ray exports what processes record every 10 s by default; with --batch-sizes, maas systems export
 # every second, so the batch-size histogram can be read right after each measured point
-# (Server.batch_totals). Off by default: the extra exports are background CPU that shows in the
+# (Server.replica_totals). Off by default: the extra exports are background CPU that shows in the
 # p99 on 2 cores.
 METRICS_ENV = {"RAY_metrics_report_interval_ms": "1000"}
 # The worst case between a batch and its appearance on /metrics: maas_ray flushes its
@@ -183,7 +183,7 @@ class Server:
             time.sleep(1.0)
         raise TimeoutError(f"{self.system.name} not ready after {timeout_s}s: {last}; see {self.log_path}")
 
-    def batch_totals(self) -> Optional[dict[str, float]]:
+    def replica_totals(self) -> Optional[dict[str, float]]:
         """What the system's maas_ray replicas have counted so far, from Ray's metrics endpoint:
         ``items`` and ``batches`` (the batch-size histogram) and, in fused placement, ``hop_s``
         and ``hops`` (the hop stage: what requests waited between the ingress and the
