@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv for maas-ray: torch and exactly one onnxruntime build, chosen by hardware.
+# Set up .venv for maas-ray: torch (the [train] extra) and exactly one onnxruntime build, chosen by hardware.
 #   GPU machine (nvidia-smi lists a GPU): torch from PyPI (CUDA build) + maas-ray[gpu] (onnxruntime-gpu)
 #   CPU machine: the CPU build of torch (never the multi-GB CUDA wheels) + maas-ray[cpu] (onnxruntime)
 # Set MAAS_TORCH_INDEX=https://download.pytorch.org/whl/cpu where no CPU torch wheel is
@@ -34,7 +34,7 @@ fi
 # The other build must not linger: both own the same `onnxruntime/` files.
 other=$([ "$flavor" = gpu ] && echo onnxruntime || echo onnxruntime-gpu)
 .venv/bin/python -m pip uninstall --quiet -y "$other" >/dev/null 2>&1 || true
-"${pip[@]}" -e ".[$flavor,dev]"
+"${pip[@]}" -e ".[$flavor,train,dev]"
 .venv/bin/python -c "
 from maas_ray.runtime import check_onnxruntime_install
 import torch

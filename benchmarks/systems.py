@@ -45,8 +45,6 @@ METRICS_ENV = {"RAY_metrics_report_interval_ms": "1000"}
 # The worst case between a batch and its appearance on /metrics: maas_ray flushes its
 # aggregates every second, and Ray exports them every second (METRICS_ENV).
 METRICS_LAG_S = 2.5
-BATCH_SIZE_METRIC = "ray_maas_batch_size"  # maas_ray/serving/metrics.py: BATCH_SIZE, exported as gauges
-STAGE_METRIC = "ray_maas_stage_latency_seconds"  # STAGE_LATENCY, likewise
 _SERVE_FLAGS = (*RAY_TUNED_FLAGS, *THROUGHPUT_PROFILE, *METRICS_ENV, "RAY_ADDRESS")
 
 
@@ -196,10 +194,18 @@ class Server:
             return None
         from prometheus_client.parser import text_string_to_metric_families
 
+        from maas_ray.serving.metric_names import (
+            RAY_BATCH_SIZE_COUNT,
+            RAY_BATCH_SIZE_SUM,
+            RAY_STAGE_LATENCY,
+            RAY_STAGE_LATENCY_COUNT,
+            RAY_STAGE_LATENCY_SUM,
+        )
+
         time.sleep(METRICS_LAG_S)
         text = httpx.get(f"http://127.0.0.1:{self.ctx.metrics_port}/metrics", timeout=10).text
-        series = {f"{BATCH_SIZE_METRIC}_sum": "items", f"{BATCH_SIZE_METRIC}_count": "batches",
-                  f"{STAGE_METRIC}_sum": "hop_s", f"{STAGE_METRIC}_count": "hops"}
+        series = {RAY_BATCH_SIZE_SUM: "items", RAY_BATCH_SIZE_COUNT: "batches",
+                  RAY_STAGE_LATENCY_SUM: "hop_s", RAY_STAGE_LATENCY_COUNT: "hops"}
         totals = dict.fromkeys(series.values(), 0.0)
         found = False
         for family in text_string_to_metric_families(text):
@@ -207,7 +213,7 @@ class Server:
                 name = series.get(sample.name)
                 if name is None or sample.labels.get("model") != self.ctx.workload:
                     continue
-                if sample.name.startswith(STAGE_METRIC) and sample.labels.get("stage") != "hop":
+                if sample.name.startswith(RAY_STAGE_LATENCY) and sample.labels.get("stage") != "hop":
                     continue
                 totals[name] += sample.value  # one series per replica process: summed
                 found = True

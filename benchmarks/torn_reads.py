@@ -42,11 +42,12 @@ import ray
 from prometheus_client.parser import text_string_to_metric_families
 
 from maas_ray.rollout.evidence import Snapshot, metrics_urls, quantile
+from maas_ray.serving.metric_names import RAY_REQUEST_LATENCY_BUCKET
 
 ITEMS = 70
 COUNTERS = ("ray_maas_shadow_compared_items_total", "ray_maas_shadow_agreed_items_total")
 LATENCIES = [0.002] * 49 + [0.02]
-SERVED = "ray_maas_request_latency_seconds_bucket"
+SERVED = RAY_REQUEST_LATENCY_BUCKET
 
 
 def _busy() -> None:

@@ -25,12 +25,13 @@ from maas_ray.errors import (
     RateLimitedError,
     RegistryError,
     RequestTimeoutError,
+    TrainingError,
     UnauthenticatedError,
     VersionNotFoundError,
 )
 from maas_ray.registry import Manifest, ProcessorSpec, Registry, TensorSpec
 
-__version__ = "0.1.0"
+from maas_ray._version import __version__
 
 _LAZY = {
     "AppArgs": "maas_ray.serving",
@@ -67,6 +68,7 @@ __all__ = [
     "TensorSpec",
     "TrainConfig",
     "TrainReport",
+    "TrainingError",
     "UnauthenticatedError",
     "VersionNotFoundError",
     "build_app",

@@ -13,6 +13,8 @@ with, pickles across Ray processes (all constructor arguments go to
     │   ├── PublishConflictError (409, ALREADY_EXISTS)
     │   └── IntegrityError (500, DATA_LOSS)      sha256 mismatch, truncated artifact
     ├── ParityError (500, INTERNAL)              exported ONNX disagrees with torch
+    ├── TrainingError (500, INTERNAL)            training failed, left no checkpoint, or missed
+    │                                            min_test_accuracy; nothing is published
     ├── InvalidInputError (400, INVALID_ARGUMENT) malformed body, wrong shape/dtype, missing input
     │   └── PayloadTooLargeError (413, RESOURCE_EXHAUSTED)  body, elements or pixels over a limit
     ├── NotFoundError (404, NOT_FOUND)           no such route
@@ -52,6 +54,7 @@ __all__ = [
     "RateLimitedError",
     "RegistryError",
     "RequestTimeoutError",
+    "TrainingError",
     "UnauthenticatedError",
     "VersionNotFoundError",
 ]
@@ -119,6 +122,11 @@ class IntegrityError(RegistryError):
 
 class ParityError(MaasError):
     """The exported ONNX graph disagrees with torch beyond the tolerance; nothing is published."""
+
+
+class TrainingError(MaasError):
+    """A training run failed (a worker error Ray Train could not recover from), produced no
+    checkpoint, or its test accuracy is below ``min_test_accuracy``; nothing is published. 500."""
 
 
 class InvalidInputError(MaasError, ValueError):

@@ -1,4 +1,4 @@
-"""onnxruntime: install check, execution-provider choice, session creation.
+"""onnxruntime: install check, execution-provider choice, session creation; Ray env defaults.
 
 ``onnxruntime`` (CPU) and ``onnxruntime-gpu`` install the same module and
 overwrite each other's files, so exactly one must be present. The GPU build
@@ -9,10 +9,12 @@ the session exists; that is what we log and report.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 from importlib import metadata
-from typing import Optional
+from typing import Any, Optional
 
 from maas_ray.errors import DependencyError, InferenceError
 
@@ -20,6 +22,18 @@ logger = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+
+# Ray Train's controller polls its workers every 2 s by default, and a worker's per-epoch
+# report (the console line of `maas train`, the quickstart's progress) waits for that poll;
+# at 0.25 s a report costs <= 0.25 s. Read when Ray processes start (Train workers inherit
+# it), so it must be in the environment before ``ray.init`` / the cluster starts.
+QUICK_TRAIN_REPORTS_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
+
+def quick_train_reports() -> None:
+    """Set :data:`QUICK_TRAIN_REPORTS_ENV` in this process unless already set; call before ``ray.init``."""
+    for key, value in QUICK_TRAIN_REPORTS_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def installed_onnxruntime_builds() -> list[str]:
@@ -47,17 +61,45 @@ def check_onnxruntime_install() -> str:
     return builds[0]
 
 
+_LIBCUDA_NAMES = ("libcuda.so.1", "libcuda.so", "nvcuda.dll")
+
+
+def _load_libcuda() -> Optional[Any]:
+    """The NVIDIA driver's CUDA library, or None where there is no driver."""
+    for name in _LIBCUDA_NAMES:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_count(visible: Optional[str]) -> int:
+    """CUDA devices the driver shows this process: ``cuInit`` + ``cuDeviceGetCount`` from libcuda,
+    the question ``torch.cuda.is_available()`` asks, without importing torch (GPU serving replicas
+    have no use for it). The driver honours CUDA_VISIBLE_DEVICES; ``visible`` keys the cache."""
+    lib = _load_libcuda()
+    if lib is None:
+        return 0
+    count = ctypes.c_int(0)
+    try:
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0  # e.g. CUDA_ERROR_NO_DEVICE (100), a driver without a GPU, a broken install
+    except AttributeError:  # not the CUDA driver API after all
+        return 0
+    return max(0, count.value)
+
+
 def cuda_visible() -> bool:
-    """Whether this process may use a GPU (Ray sets CUDA_VISIBLE_DEVICES per replica)."""
+    """Whether this process may use a GPU (Ray sets CUDA_VISIBLE_DEVICES per replica).
+
+    Asks the CUDA driver (cheap, cached per process and CUDA_VISIBLE_DEVICES); never imports torch.
+    """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return False
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:  # serving nodes may not have torch
-        return os.path.exists("/dev/nvidiactl")
+    return _cuda_device_count(visible) > 0
 
 
 def create_session(

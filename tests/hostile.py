@@ -26,6 +26,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import orjson
 
+from tests.helpers.images import digit_png_bytes
+
 HEADER = "inference-header-content-length"
 # One scikit-learn digit (a 0), 8x8 pixels in 0..16.
 PIXELS = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0,
@@ -97,12 +99,7 @@ def _image(fmt: str, size: int = 8, noise: bool = False) -> bytes:
 
 
 def digit_png() -> bytes:
-    grey = (255 - np.asarray(PIXELS).reshape(8, 8) * 255 / 16).astype(np.uint8)
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(grey, "L").save(buf, format="PNG")
-    return buf.getvalue()
+    return digit_png_bytes(PIXELS, size=8)
 
 
 def _b64(raw: bytes) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from typing import Any, Optional
 
@@ -55,12 +54,12 @@ def _registry(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     import ray
 
+    from maas_ray.runtime import quick_train_reports
     from maas_ray.train import TrainConfig, train_and_publish
     from maas_ray.train.pipeline import format_epoch
 
     cfg = TrainConfig.load(args.config, **_flag_values(args, TrainConfig))
-    # Per-epoch reports wait for the controller's poll (2 s by default); workers inherit this.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    quick_train_reports()  # before Ray starts: Train workers inherit it
     if not args.verbose:  # Ray Data's driver-side progress report is not ours to print
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:

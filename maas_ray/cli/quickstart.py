@@ -11,7 +11,7 @@ import os
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
+from importlib import resources
 from typing import Optional
 
 import numpy as np
@@ -20,7 +20,9 @@ import yaml
 from maas_ray.registry import Registry, default_root
 
 logger = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[2]
+# The YAMLs ship as package data (maas_ray/examples/, links to the repository's deployments/):
+# found from a wheel too, not only from a source checkout.
+EXAMPLES = resources.files("maas_ray.examples")
 
 
 def _post(url: str, body: dict) -> tuple[dict, dict]:
@@ -110,6 +112,14 @@ def _query_text(base: str) -> None:
 QUERIES = {"digits": _query_digits, "cnn": _query_cnn, "text": _query_text}
 
 
+def _train_config(demo: Demo, **overrides):
+    """The demo's training YAML (package data) as a TrainConfig, with ``overrides``."""
+    from maas_ray.train import TrainConfig
+
+    with resources.as_file(EXAMPLES / "train" / demo.train_config) as path:
+        return TrainConfig.load(str(path), **overrides)
+
+
 def run_quickstart(
     registry_root: Optional[str] = None,
     epochs: Optional[int] = None,
@@ -122,15 +132,16 @@ def run_quickstart(
 
     from maas_ray.cli import ray_console_options
     from maas_ray.serving.deploy import deploy
-    from maas_ray.train import TrainConfig, train_and_publish
+    from maas_ray.train import train_and_publish
     from maas_ray.train.pipeline import format_epoch
 
     demo = DEMOS[model]
-    train_config = str(REPO / "deployments" / "train" / demo.train_config)
-    app_config = REPO / "deployments" / demo.app_config
+    app_config = f"deployments/{demo.app_config}"  # what users `serve run` in a checkout (the same file)
     root = registry_root or default_root()
     os.environ["MAAS_REGISTRY_ROOT"] = root  # replicas inherit it: the app config names no root
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # per-epoch reports cost <=0.25 s
+    from maas_ray.runtime import quick_train_reports
+
+    quick_train_reports()  # per-epoch reports cost <= 0.25 s; set before ray.init
     reg = Registry(root)
     t0 = time.perf_counter()
     ray.init(**ray_console_options(verbose))
@@ -138,7 +149,7 @@ def run_quickstart(
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     on_epoch = (lambda m: print(f"      {format_epoch(m)}", flush=True))
     try:
-        cfg = TrainConfig.load(train_config, epochs=epochs)
+        cfg = _train_config(demo, epochs=epochs)
         print(f"[1/4] training {demo.title} with Ray Train DDP ({cfg.num_workers} CPU workers, {cfg.epochs} epochs); "
               f"registry {root}")
         first = train_and_publish(cfg, reg, on_epoch=on_epoch)
@@ -147,19 +158,19 @@ def run_quickstart(
               f"parity_max_abs_diff={first.parity_max_abs_diff:.2e} -> alias production")
         print(f"[2/4] fine-tuning a candidate from it ({demo.finetune['epochs']} epochs)")
         second = train_and_publish(
-            TrainConfig.load(train_config, parent=f"{demo.name}:{first.manifest.version}", **demo.finetune),
+            _train_config(demo, parent=f"{demo.name}:{first.manifest.version}", **demo.finetune),
             reg, on_epoch=on_epoch,
         )
         reg.set_alias(demo.name, "candidate", second.manifest.version)
         print(f"      published {demo.name}:{second.manifest.version} (parent {first.manifest.version}) "
               f"test_accuracy={second.test_accuracy:.4f} -> alias candidate")
 
-        print(f"[3/4] serving {app_config.relative_to(REPO)}: production 90% / candidate 10%")
-        app = yaml.safe_load(app_config.read_text())
+        print(f"[3/4] serving {app_config}: production 90% / candidate 10%")
+        app = yaml.safe_load((EXAMPLES / demo.app_config).read_text())
         app["http_options"]["port"] = port
         deploy(app)
         QUERIES[model](f"http://127.0.0.1:{port}")
-        print(f"done in {time.perf_counter() - t0:.0f}s. Keep it running with: serve run {app_config.relative_to(REPO)}")
+        print(f"done in {time.perf_counter() - t0:.0f}s. Keep it running with: serve run {app_config}")
     finally:
         if os.environ.get("RAY_ADDRESS"):  # a cluster we joined: leave it without our app
             serve.shutdown()

@@ -1,6 +1,6 @@
 """Versioned, immutable ONNX model registry."""
 
-from maas_ray.registry.manifest import FileEntry, Manifest, ParentRef, ProcessorSpec, TensorSpec
+from maas_ray.registry.manifest import FileEntry, Manifest, ModelName, ParentRef, ProcessorSpec, TensorSpec
 from maas_ray.registry.store import (
     ONNX_EXTERNAL_DATA,
     ExtraFile,
@@ -16,6 +16,7 @@ __all__ = [
     "FileEntry",
     "LoadedModel",
     "Manifest",
+    "ModelName",
     "ParentRef",
     "ProcessorSpec",
     "Registry",

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 # Open Inference Protocol v2 datatypes <-> numpy; ONNX element types map onto these.
 OIP_TO_NUMPY: dict[str, np.dtype] = {
@@ -48,6 +48,15 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
+# A model name, checked wherever one enters: manifests, TrainConfig.model_name, an app's
+# ModelConfig.name. The error quotes the bad value: "invalid model name 'bad name': ...".
+def _model_name(value: str) -> str:
+    return check_name("model", value)
+
+
+ModelName = Annotated[str, AfterValidator(_model_name)]
+
+
 class TensorSpec(BaseModel):
     """One named input or output tensor."""
 
@@ -81,7 +90,11 @@ class ProcessorSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="tensor", description="Registered processor name.")
+    name: str = Field(
+        default="tensor",
+        description="A built-in processor name (e.g. 'image', 'classification') or a plug-in's import path, "
+        "'package.module:Class' (see docs/plugins.md); resolved when the app is built.",
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="Processor parameters.")
 
 
@@ -90,7 +103,7 @@ class ParentRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="Parent model name.")
+    model: ModelName = Field(description="Parent model name.")
     version: int = Field(ge=1, description="Parent version.")
 
 
@@ -131,7 +144,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field(description="Model name.")
+    model: ModelName = Field(description="Model name.")
     version: int = Field(ge=1, description="Integer version, assigned by the registry.")
     inputs: list[TensorSpec] = Field(min_length=1, description="Input tensors of the graph.")
     outputs: list[TensorSpec] = Field(min_length=1, description="Output tensors of the graph.")
@@ -159,11 +172,6 @@ class Manifest(BaseModel):
     )
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     description: str = Field(default="", description="Free text.")
-
-    @field_validator("model")
-    @classmethod
-    def _model_name(cls, v: str) -> str:
-        return check_name("model", v)
 
     @field_validator("sha256")
     @classmethod

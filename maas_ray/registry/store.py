@@ -27,17 +27,20 @@ import os
 import random
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Collection, Mapping, Optional, Union
+from typing import Any, Callable, Collection, Iterator, Mapping, Optional, Union
 
 import pyarrow.fs as pafs
+from pyarrow import ArrowException
 from pydantic import ValidationError
 
 from maas_ray.errors import (
     ConfigError,
     IntegrityError,
+    MaasError,
     ModelNotFoundError,
     PublishConflictError,
     RegistryError,
@@ -62,6 +65,27 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 ONNX_EXTERNAL_DATA = "onnx_external_data"  # role of an ONNX external-data file (weights > 2 GB)
 _MAX_PUBLISH_ATTEMPTS = 50
+
+
+@contextmanager
+def _fs_errors(
+    action: str, path: str, *, missing: Optional[Callable[[OSError], MaasError]] = None
+) -> Iterator[None]:
+    """Turn a filesystem failure inside the block into a RegistryError naming ``path``.
+
+    pyarrow raises OSError (FileNotFoundError, PermissionError, S3/GCS I/O errors) and its own
+    ArrowException types (ArrowInvalid for a bad path); none of them may leave the registry.
+    ``missing`` builds the error for a path that is not there, where that has a meaning of its
+    own (a damaged version, an alias deleted meanwhile); otherwise it is a RegistryError too.
+    """
+    try:
+        yield
+    except FileNotFoundError as exc:
+        if missing is not None:
+            raise missing(exc) from exc
+        raise RegistryError(f"cannot {action} {path!r}: {exc}") from exc
+    except (OSError, ArrowException) as exc:
+        raise RegistryError(f"cannot {action} {path!r}: {exc}") from exc
 
 
 def default_root() -> str:
@@ -137,10 +161,9 @@ class LoadedModel:
         """Write model.onnx and the loaded extra files into ``directory``; returns the
         model.onnx path. A graph with external data must be opened from a path: its
         initializers name their file relative to the graph's own."""
-        with open(os.path.join(directory, MODEL_FILE), "wb") as f:
-            f.write(self.model_bytes)
-        for name, data in self.files.items():
-            with open(os.path.join(directory, name), "wb") as f:
+        for name, data in {MODEL_FILE: self.model_bytes, **self.files}.items():
+            path = os.path.join(directory, name)
+            with _fs_errors("write", path), open(path, "wb") as f:
                 f.write(data)
         return os.path.join(directory, MODEL_FILE)
 
@@ -184,29 +207,47 @@ class Registry:
     def _path(self, *parts: Union[str, int]) -> str:
         return "/".join([self._base, *(str(p) for p in parts)])
 
-    def _children(self, path: str) -> list[pafs.FileInfo]:
-        try:
-            return self._fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        except OSError as exc:
-            raise RegistryError(f"cannot list {path!r}: {exc}") from exc
+    def _children(self, path: str, *, recursive: bool = False) -> list[pafs.FileInfo]:
+        with _fs_errors("list", path):
+            return self._fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
 
     def _exists(self, path: str) -> bool:
-        return self._fs.get_file_info(path).type != pafs.FileType.NotFound
+        with _fs_errors("look up", path):
+            return self._fs.get_file_info(path).type != pafs.FileType.NotFound
 
-    def _read(self, path: str) -> bytes:
-        with self._fs.open_input_stream(path) as f:
+    def _read(self, path: str, *, missing: Optional[Callable[[OSError], MaasError]] = None) -> bytes:
+        with _fs_errors("read", path, missing=missing), self._fs.open_input_stream(path) as f:
             return f.read()
 
+    def _read_json(self, path: str) -> Any:
+        data = self._read(path)
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise RegistryError(f"cannot read {path!r}: not JSON: {exc}") from exc
+
+    def _alias_version(self, path: str) -> int:
+        body = self._read_json(path)
+        try:
+            return int(body["version"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RegistryError(f"cannot read {path!r}: no version number in {body!r}") from exc
+
     def _write(self, path: str, data: bytes, *, atomic: bool = False) -> None:
-        self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        if atomic and self._local:
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with self._fs.open_output_stream(tmp) as f:
-                f.write(data)
-            self._fs.move(tmp, path)  # rename(2): readers see old or new, never half
-        else:  # a single PUT on object stores is atomic already
-            with self._fs.open_output_stream(path) as f:
-                f.write(data)
+        with _fs_errors("write", path):
+            self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            if atomic and self._local:
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                with self._fs.open_output_stream(tmp) as f:
+                    f.write(data)
+                self._fs.move(tmp, path)  # rename(2): readers see old or new, never half
+            else:  # a single PUT on object stores is atomic already
+                with self._fs.open_output_stream(path) as f:
+                    f.write(data)
+
+    def _delete_file(self, path: str, *, missing: Optional[Callable[[OSError], MaasError]] = None) -> None:
+        with _fs_errors("delete", path, missing=missing):
+            self._fs.delete_file(path)
 
     # ---- listing and resolving ---------------------------------------------------------
     def list_models(self) -> list[str]:
@@ -236,7 +277,7 @@ class Registry:
         out = {}
         for info in self._children(self._path(model, "_aliases")):
             if info.base_name.endswith(".json"):
-                out[info.base_name[: -len(".json")]] = json.loads(self._read(info.path))["version"]
+                out[info.base_name[: -len(".json")]] = self._alias_version(info.path)
         return dict(sorted(out.items()))
 
     def resolve(self, model: str, ref: Union[int, str, None] = None) -> int:
@@ -253,7 +294,7 @@ class Registry:
                     f"model {model!r} has no version or alias {ref!r}; "
                     f"versions {versions}, aliases {sorted(self.aliases(model))}"
                 )
-            version = int(json.loads(self._read(alias_path))["version"])
+            version = self._alias_version(alias_path)
         if version not in versions:
             raise VersionNotFoundError(
                 f"model {model!r} has no version {version}; versions are {versions}"
@@ -285,7 +326,9 @@ class Registry:
             skip_roles: leave out extra files with these roles (serving skips ``weights``).
         """
         manifest = self.describe(model, ref)
-        data = self._read(self._path(model, manifest.version, MODEL_FILE))
+        data = self._read(self._path(model, manifest.version, MODEL_FILE), missing=lambda exc: IntegrityError(
+            f"{model}:{manifest.version} failed its integrity check: {MODEL_FILE} is missing ({exc})"
+        ))
         _verify(f"{model}:{manifest.version}", MODEL_FILE, data, manifest.size_bytes, manifest.sha256)
         names = [
             n for n in (manifest.files if files is None else files)
@@ -307,12 +350,10 @@ class Registry:
             raise VersionNotFoundError(
                 f"{manifest.model}:{manifest.version} has no file {name!r}; files: {sorted(manifest.files)}"
             )
-        try:
-            data = self._read(self._path(manifest.model, manifest.version, name))
-        except OSError as exc:  # listed in the manifest but gone: the version is damaged
-            raise IntegrityError(
-                f"{manifest.model}:{manifest.version} failed its integrity check: {name} is missing ({exc})"
-            ) from exc
+        # listed in the manifest but gone: the version is damaged
+        data = self._read(self._path(manifest.model, manifest.version, name), missing=lambda exc: IntegrityError(
+            f"{manifest.model}:{manifest.version} failed its integrity check: {name} is missing ({exc})"
+        ))
         _verify(f"{manifest.model}:{manifest.version}", name, data, entry.size_bytes, entry.sha256)
         return data
 
@@ -335,10 +376,7 @@ class Registry:
         check_name(kind, kind)
         check_name(f"{kind} record", name)
         path = self._path(model, f"_{kind}", f"{name}.json")
-        try:
-            self._write(path, json.dumps(body, indent=1, default=str).encode(), atomic=True)
-        except OSError as exc:
-            raise RegistryError(f"cannot write {path}: {exc}") from exc
+        self._write(path, json.dumps(body, indent=1, default=str).encode(), atomic=True)
         return path
 
     def read_record(self, model: str, kind: str, name: str) -> Optional[dict[str, Any]]:
@@ -346,10 +384,7 @@ class Registry:
         path = self._path(model, f"_{kind}", f"{check_name(f'{kind} record', name)}.json")
         if not self._exists(path):
             return None
-        try:
-            return json.loads(self._read(path))
-        except (OSError, ValueError) as exc:
-            raise RegistryError(f"cannot read {path}: {exc}") from exc
+        return self._read_json(path)
 
     def list_records(self, model: str, kind: str) -> list[str]:
         return sorted(i.base_name[:-5] for i in self._children(self._path(model, f"_{kind}"))
@@ -357,9 +392,10 @@ class Registry:
 
     def delete_alias(self, model: str, alias: str) -> None:
         path = self._path(model, "_aliases", f"{check_name('alias', alias)}.json")
+        gone = VersionNotFoundError(f"model {model!r} has no alias {alias!r}")
         if not self._exists(path):
-            raise VersionNotFoundError(f"model {model!r} has no alias {alias!r}")
-        self._fs.delete_file(path)
+            raise gone
+        self._delete_file(path, missing=lambda exc: gone)  # deleted meanwhile: as if never there
 
     # ---- publishing ----------------------------------------------------------------------
     def publish(
@@ -384,7 +420,13 @@ class Registry:
         :class:`ExtraFile` with a role), each with its sha256 in the manifest.
         """
         check_name("model", model)
-        data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
+        if isinstance(onnx_model, bytes):
+            data = onnx_model
+        else:
+            try:
+                data = Path(onnx_model).read_bytes()
+            except OSError as exc:  # the caller's file, not the registry's
+                raise ConfigError(f"cannot read ONNX file {str(onnx_model)!r}: {exc}") from exc
         extras = {
             check_file_name(name): f if isinstance(f, ExtraFile) else ExtraFile(bytes(f))
             for name, f in (files or {}).items()
@@ -414,21 +456,31 @@ class Registry:
         )
         token = f"{time.time_ns():020d}-{uuid.uuid4().hex}"
         staging = self._path(model, "_staging", token)
-        self._write(f"{staging}/{MODEL_FILE}", data)
-        for name, f in extras.items():
-            self._write(f"{staging}/{name}", f.data)
         try:
+            self._write(f"{staging}/{MODEL_FILE}", data)
+            for name, f in extras.items():
+                self._write(f"{staging}/{name}", f.data)
             version = self._claim_version(model, token)
             manifest = Manifest(version=version, **fields)
             self._write(f"{staging}/{MANIFEST_FILE}", manifest.model_dump_json(indent=2).encode())
             self._commit(staging, self._path(model, version), list(extras))
         except BaseException:
-            self._fs.delete_dir_contents(staging, missing_dir_ok=True)
+            self._remove_staging(staging)
             raise
         if not self._local:  # a local commit renamed the staging directory away
-            self._fs.delete_dir(staging)
+            self._remove_staging(staging)
         logger.info("published %s:%d (sha256 %s)", model, version, manifest.sha256[:12])
         return manifest
+
+    def _remove_staging(self, staging: str) -> None:
+        """Best effort: a failed cleanup must neither hide the error being raised nor fail a
+        version that is already visible; a leftover staging directory is never read."""
+        try:
+            self._fs.delete_dir(staging)
+        except FileNotFoundError:
+            pass
+        except (OSError, ArrowException) as exc:
+            logger.warning("publish could not remove its staging directory %r: %s", staging, exc)
 
     def _claim_version(self, model: str, token: str) -> int:
         claims = self._path(model, "_claims")
@@ -441,7 +493,7 @@ class Registry:
             rivals = [i.base_name for i in self._children(f"{claims}/{version}")]
             if rivals == [token]:
                 return version
-            self._fs.delete_file(mine)  # we saw a rival: withdraw and retry after jitter
+            self._delete_file(mine)  # we saw a rival: withdraw and retry after jitter
             time.sleep(random.uniform(0, 0.02 * (attempt + 1)))
         raise PublishConflictError(
             f"could not claim a version of {model!r} after {_MAX_PUBLISH_ATTEMPTS} attempts"
@@ -453,12 +505,8 @@ class Registry:
         A withdrawn claim leaves its directory behind (an empty dir locally, a
         directory marker written by pyarrow on S3); it must not burn the number.
         """
-        try:
-            infos = self._fs.get_file_info(pafs.FileSelector(claims, allow_not_found=True, recursive=True))
-        except OSError as exc:
-            raise RegistryError(f"cannot list {claims!r}: {exc}") from exc
         out = set()
-        for info in infos:
+        for info in self._children(claims, recursive=True):
             if info.type == pafs.FileType.File:
                 head = info.path[len(claims) + 1 :].split("/", 1)[0]
                 if head.isdigit():
@@ -466,10 +514,10 @@ class Registry:
         return sorted(out)
 
     def _commit(self, staging: str, final: str, extra_names: list[str]) -> None:
-        if self._local:
-            self._fs.move(staging, final)  # rename(2) of the directory: all or nothing
-            return
-        # Object stores have no rename; the manifest goes last and marks the version visible.
-        for name in [MODEL_FILE, *extra_names]:
-            self._fs.copy_file(f"{staging}/{name}", f"{final}/{name}")
-        self._fs.copy_file(f"{staging}/{MANIFEST_FILE}", f"{final}/{MANIFEST_FILE}")
+        with _fs_errors(f"commit {staging!r} to", final):
+            if self._local:
+                self._fs.move(staging, final)  # rename(2) of the directory: all or nothing
+                return
+            # Object stores have no rename; the manifest goes last and marks the version visible.
+            for name in [MODEL_FILE, *extra_names, MANIFEST_FILE]:
+                self._fs.copy_file(f"{staging}/{name}", f"{final}/{name}")

@@ -18,12 +18,24 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional
 
+from maas_ray.serving.metric_names import (
+    LABEL_APP,
+    LABEL_LE,
+    LABEL_MODEL,
+    LABEL_PROTOCOL,
+    LABEL_STATUS,
+    LABEL_VERSION,
+    RAY_REQUEST_LATENCY_BUCKET,
+    RAY_REQUEST_LATENCY_COUNT,
+    RAY_SHADOW_AGREEMENT_BUCKET,
+    RAY_SHADOW_AGREEMENT_COUNT,
+)
+
 logger = logging.getLogger(__name__)
 
 LIVE_PROTOCOLS = ("http_v2", "http_v1", "grpc", "handle")
 _WANTED = {
-    "ray_maas_request_latency_seconds_count", "ray_maas_request_latency_seconds_bucket",
-    "ray_maas_shadow_agreement_count", "ray_maas_shadow_agreement_bucket",
+    RAY_REQUEST_LATENCY_COUNT, RAY_REQUEST_LATENCY_BUCKET, RAY_SHADOW_AGREEMENT_COUNT, RAY_SHADOW_AGREEMENT_BUCKET,
 }
 # maas_ray.serving.metrics.AGREEMENT_BOUNDS[0], the agreement histogram's first bucket: items
 # that disagreed. Written out because importing the serving package imports Ray and Serve; a
@@ -56,10 +68,10 @@ class Snapshot:
             for family in text_string_to_metric_families(text):
                 for sample in family.samples:
                     labels = sample.labels
-                    if sample.name not in _WANTED or labels.get("app") != app or labels.get("model") != model:
+                    if sample.name not in _WANTED or (labels.get(LABEL_APP), labels.get(LABEL_MODEL)) != (app, model):
                         continue
-                    key = (sample.name, labels.get("version"), labels.get("protocol"), labels.get("status"),
-                           labels.get("le"))
+                    key = (sample.name, labels.get(LABEL_VERSION), labels.get(LABEL_PROTOCOL),
+                           labels.get(LABEL_STATUS), labels.get(LABEL_LE))
                     values[key] += sample.value
         return cls(dict(values))
 
@@ -74,7 +86,7 @@ class Snapshot:
         total = errors = 0.0
         wanted = set(protocols)
         for (name, v, protocol, status, _), value in self.values.items():
-            if name == "ray_maas_request_latency_seconds_count" and v == str(version) and protocol in wanted:
+            if name == RAY_REQUEST_LATENCY_COUNT and v == str(version) and protocol in wanted:
                 total += value
                 if status is not None and status.isdigit() and int(status) >= 500:
                     errors += value
@@ -84,7 +96,7 @@ class Snapshot:
         buckets: dict[float, float] = defaultdict(float)
         wanted = set(protocols)
         for (name, v, protocol, _, le), value in self.values.items():
-            if name == "ray_maas_request_latency_seconds_bucket" and v == str(version) and protocol in wanted:
+            if name == RAY_REQUEST_LATENCY_BUCKET and v == str(version) and protocol in wanted:
                 buckets[math.inf if le == "+Inf" else float(le)] += value
         return quantile(sorted(buckets.items()), 0.99)
 
@@ -95,9 +107,9 @@ class Snapshot:
         for (name, v, _, _, le), value in self.values.items():
             if v != str(version):
                 continue
-            if name == "ray_maas_shadow_agreement_count":
+            if name == RAY_SHADOW_AGREEMENT_COUNT:
                 compared += value
-            elif name == "ray_maas_shadow_agreement_bucket" and le not in (None, "+Inf") \
+            elif name == RAY_SHADOW_AGREEMENT_BUCKET and le not in (None, "+Inf") \
                     and math.isclose(float(le), DISAGREED_LE):
                 disagreed += value
         return compared, compared - disagreed

@@ -16,10 +16,10 @@ from ray.serve import Application
 from maas_ray.errors import ConfigError, MaasError, format_validation_error
 from maas_ray.registry import Registry
 from maas_ray.serving.config import AppArgs, ModelConfig
-from maas_ray.serving.deployments import ModelServer, PostprocessServer, PreprocessServer
+from maas_ray.serving.replicas import ModelServer, PostprocessServer, PreprocessServer
 from maas_ray.serving.ingress import Ingress
 from maas_ray.serving.keys import KeyStore, resolve_auth
-from maas_ray.serving.processors import POSTPROCESSORS, PREPROCESSORS
+from maas_ray.serving.processors import resolve_processor
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +53,14 @@ def _check_against_registry(args: AppArgs) -> dict[str, list[int]]:
             except MaasError as exc:
                 raise ConfigError(f"app args: models.{i}.versions.{j}.version: {exc}") from exc
             manifest = registry.describe(m.name, number)
-            for stage, known, spec in (
-                ("preprocessor", PREPROCESSORS, m.preprocessor or manifest.preprocessor),
-                ("postprocessor", POSTPROCESSORS, m.postprocessor or manifest.postprocessor),
+            for stage, spec in (
+                ("preprocessor", m.preprocessor or manifest.preprocessor),
+                ("postprocessor", m.postprocessor or manifest.postprocessor),
             ):
-                if spec.name not in known:
-                    raise ConfigError(
-                        f"app args: models.{i}.{stage}: unknown {stage} {spec.name!r} "
-                        f"(for {m.name}:{number}); known: {sorted(known)}"
-                    )
+                try:  # a built-in name or a plug-in's import path (imported here, and in replicas)
+                    resolve_processor(stage, spec.name)
+                except ConfigError as exc:
+                    raise ConfigError(f"app args: models.{i}.{stage}: {exc} (for {m.name}:{number})") from exc
             versions.append(number)
         if len(set(versions)) != len(versions):
             raise ConfigError(f"app args: models.{i}.versions: two entries resolve to the same version: {versions}")
@@ -104,16 +103,10 @@ def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
     if auth.enabled:
         KeyStore.from_config(auth)  # an unreadable or malformed key file fails the build, not a replica
     routes = {m.name: {v: _version_routes(args, m, v) for v in resolved[m.name]} for m in args.models}
-    user_config = {
-        # references as configured (aliases stay aliases: the ingress follows them when they move)
-        "traffic": {m.name: {str(v.version): v.weight for v in m.versions} for m in args.models},
-        "batching": {m.name: m.batching.model_dump() for m in args.models if m.placement == "ingress"},
-        "shadow": args.shadow_targets(),
-    }
     ingress_defaults = DEFAULTS["ingress"]
     if any(m.placement == "ingress" for m in args.models):  # the ingress runs the models too
         ingress_defaults = {**ingress_defaults, "ray_actor_options": {"num_cpus": 1}}
-    ingress = serve.deployment(Ingress, name=INGRESS_NAME, user_config=user_config,
+    ingress = serve.deployment(Ingress, name=INGRESS_NAME, user_config=args.ingress_user_config(),
                                **_queue_bound(args, args.ingress.serve_options(ingress_defaults)))
     logger.info("built app for %s", {m: v for m, v in resolved.items()})
     refs = {m.name: {str(v.version): n for v, n in zip(m.versions, resolved[m.name])} for m in args.models}

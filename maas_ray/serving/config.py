@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from maas_ray.registry.manifest import ProcessorSpec, check_name
+from maas_ray.registry.manifest import ModelName, ProcessorSpec
 
 
 class DeploymentOptions(BaseModel):
@@ -141,7 +141,7 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    name: str = Field(description="Registry model name (also the URL name).")
+    name: ModelName = Field(description="Registry model name (also the URL name).")
     versions: list[VersionConfig] = Field(min_length=1, description="Versions to deploy with their weights.")
     placement: Optional[Literal["split", "fused", "ingress"]] = Field(
         default=None,
@@ -166,11 +166,6 @@ class ModelConfig(BaseModel):
     inference: DeploymentOptions = Field(default_factory=DeploymentOptions)
     preprocess: DeploymentOptions = Field(default_factory=DeploymentOptions)
     postprocess: DeploymentOptions = Field(default_factory=DeploymentOptions)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name("model", v)
 
     @model_validator(mode="after")
     def _placement(self) -> "ModelConfig":
@@ -294,3 +289,13 @@ class AppArgs(BaseModel):
         """The models' build-time ``shadow:`` settings, as the Ingress user_config writes them."""
         return {m.name: {"version": str(m.shadow.version), "share": m.shadow.share}
                 for m in self.models if m.shadow is not None}
+
+    def ingress_user_config(self) -> dict[str, Any]:
+        """The Ingress ``user_config`` these args imply; a YAML ``user_config`` is merged over it
+        (see :meth:`maas_ray.serving.core.IngressCore.reconfigure`). Version references stay as
+        configured: aliases stay aliases, which the ingress follows when they move."""
+        return {
+            "traffic": {m.name: {str(v.version): v.weight for v in m.versions} for m in self.models},
+            "batching": {m.name: m.batching.model_dump() for m in self.models if m.placement == "ingress"},
+            "shadow": self.shadow_targets(),
+        }

@@ -15,6 +15,7 @@ from typing import Any, Union
 import yaml
 
 from maas_ray.errors import ConfigError
+from maas_ray.serving import compat
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +35,16 @@ def load_config(config: Union[str, Path, dict[str, Any]]):
 def deploy(config: Union[str, Path, dict[str, Any]], *, timeout_s: float = 180.0) -> None:
     """Apply a Serve config to the connected cluster and wait until every app is RUNNING."""
     from ray import serve
-    from ray.serve._private import api as serve_api
 
     schema = load_config(config)
-    client = serve_api.serve_start(
+    client = compat.serve_start(
         http_options=schema.http_options.model_dump(),
         # The OIP v2 gRPC service (maas_ray.serving.grpc) when the config names a servicer;
         # Serve's default (no servicer functions) starts no gRPC server.
         grpc_options=schema.grpc_options.model_dump(),
         proxy_location=schema.proxy_location,
     )
-    client.deploy_apps(schema, _blocking=False)
+    compat.deploy_apps(client, schema)
     names = [app.name for app in schema.applications]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -67,9 +67,7 @@ def update_ingress_user_config(app: str, user_config: dict[str, Any]) -> None:
     set; an unchanged config is a no-op for Serve). Apps must have been deployed from a config
     (``serve run``/``serve deploy``/:func:`deploy`), as the deployed config is what is edited.
     """
-    from ray.serve.context import _get_global_client
-
-    client = _get_global_client()
+    client = compat.global_client()
     details = client.get_serve_details()
     apps = []
     for name, info in details.get("applications", {}).items():
@@ -94,4 +92,4 @@ def update_ingress_user_config(app: str, user_config: dict[str, Any]) -> None:
         **({"grpc_options": details["grpc_options"]} if details.get("grpc_options") else {}),
         "applications": apps,
     })
-    client.deploy_apps(schema, _blocking=False)
+    compat.deploy_apps(client, schema)

@@ -7,11 +7,12 @@ the proxy about the service is tritonclient's
 exact service stock ``tritonclient.grpc`` and KServe's InferenceGRPCClient speak), named in
 the Serve config's ``grpc_options.grpc_servicer_functions``.
 
-Everything goes through the same ingress core as HTTP (:meth:`Ingress.admit`,
-:meth:`Ingress.infer`, :meth:`Ingress.metadata`, ...), so keys, rate limits, validation
-(:func:`protocol.decode_grpc`), version routing and metrics are one code path. Errors set
-the status code from ``MaasError.grpc_code`` and the same message HTTP sends; metrics record
-the HTTP status the error would have had, so dashboards agree across protocols.
+:class:`GrpcService` holds the RPCs over an :class:`~maas_ray.serving.core.InferenceService`,
+the same core as HTTP, so keys, rate limits, validation (:mod:`maas_ray.serving.codecs.grpc`),
+version routing and metrics are one code path; the Serve deployment class
+(:mod:`maas_ray.serving.ingress`) forwards each RPC method to it. Errors set the status code
+and message from :func:`maas_ray.serving.status.answer_error`, the mapping HTTP uses; metrics
+record the HTTP status the error would have had, so dashboards agree across protocols.
 
 Request metadata: ``authorization: Bearer <key>`` or ``x-api-key`` (as HTTP headers), the
 sticky key as the app's ``request_key_header`` (metadata or a request parameter of that name),
@@ -24,15 +25,14 @@ import functools
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
-from maas_ray.errors import InvalidInputError, MaasError, RequestTimeoutError, unwrap_remote
-from maas_ray.serving import protocol
+from maas_ray.errors import InvalidInputError, RequestTimeoutError
+from maas_ray.serving.codecs.grpc import decode_grpc, encode_grpc_outputs
+from maas_ray.serving.core import InferenceService
 from maas_ray.serving.keys import extract_key
 from maas_ray.serving.metrics import UNKNOWN_MODEL
-
-if TYPE_CHECKING:
-    from maas_ray.serving.ingress import Ingress
+from maas_ray.serving.status import answer_error
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _pb():
     import, so pickling fails (UNKNOWN: "Can't pickle ... import of module
     'grpc_service_pb2' failed"). Registering the modules under those names fixes both ends:
     the proxy imports this module through :func:`add_inference_servicer`, the replica
-    through :class:`~maas_ray.serving.ingress.Ingress`.
+    through :mod:`maas_ray.serving.ingress`.
     """
     from tritonclient.grpc import model_config_pb2, service_pb2
 
@@ -140,7 +140,7 @@ def _parsed(response: str, counted: bool = False) -> Callable[[Any], Any]:
 
     def wrap(method: Any) -> Any:
         @functools.wraps(method)
-        async def rpc(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:
+        async def rpc(self: "GrpcService", request: Any, grpc_context: Any = None) -> Any:
             if not isinstance(request, MalformedRequest):
                 return await method(self, request, grpc_context)
 
@@ -149,11 +149,11 @@ def _parsed(response: str, counted: bool = False) -> Callable[[Any], Any]:
 
             failed = None
             if counted:
-                self.metrics.request_started(UNKNOWN_MODEL)
+                self.core.metrics.request_started(UNKNOWN_MODEL)
                 start = time.perf_counter()
 
                 def failed(status: int, error: str) -> None:
-                    self.metrics.request_finished(
+                    self.core.metrics.request_finished(
                         UNKNOWN_MODEL, None, PROTOCOL, status, error, time.perf_counter() - start
                     )
 
@@ -166,20 +166,6 @@ def _parsed(response: str, counted: bool = False) -> Callable[[Any], Any]:
 
 
 _pb()  # at import: the replica unpickles request messages before any RPC method runs
-
-
-def _status(exc: BaseException) -> tuple[Any, int, str, str]:
-    """(grpc.StatusCode, equivalent HTTP status, message, error class name) for an exception,
-    with the same mapping and message as the HTTP error bodies."""
-    import grpc
-
-    from maas_ray.serving.http import _from_serve, error_body
-
-    inner = unwrap_remote(exc)
-    mapped = inner if isinstance(inner, MaasError) else (_from_serve(inner) or inner)
-    status, body, _ = error_body(exc)
-    code = grpc.StatusCode[mapped.grpc_code] if isinstance(mapped, MaasError) else grpc.StatusCode.INTERNAL
-    return code, status, body["error"], type(inner).__name__
 
 
 def _metadata(grpc_context: Any) -> dict[str, str]:
@@ -199,28 +185,33 @@ def _peer(grpc_context: Any) -> str:
     return peer
 
 
-class GrpcInferenceMixin:
-    """The ``inference.GRPCInferenceService`` RPCs, as methods of :class:`Ingress`."""
+class GrpcService:
+    """The ``inference.GRPCInferenceService`` RPCs over one :class:`InferenceService`."""
 
-    def _grpc_fail(self: "Ingress", grpc_context: Any, exc: BaseException) -> tuple[int, str]:
+    def __init__(self, core: InferenceService) -> None:
+        self.core = core
+
+    def _grpc_fail(self, grpc_context: Any, exc: BaseException) -> tuple[int, str]:
         """Set the code and details on the call; returns (HTTP-equivalent status, error name).
 
         The RPC method then returns an empty message: with a non-OK code set, the proxy sends
         the status and no message, and Serve logs no traceback for an expected client error.
         """
-        code, status, message, error = _status(exc)
-        if grpc_context is not None:
-            grpc_context.set_code(code)
-            grpc_context.set_details(message)
-        return status, error
+        import grpc
 
-    def _grpc_admit(self: "Ingress", grpc_context: Any, model: Optional[str], admin: bool = False) -> dict[str, str]:
+        answer = answer_error(exc)
+        if grpc_context is not None:
+            grpc_context.set_code(grpc.StatusCode[answer.grpc_code])
+            grpc_context.set_details(answer.message)
+        return answer.status, answer.error
+
+    def _grpc_admit(self, grpc_context: Any, model: Optional[str], admin: bool = False) -> dict[str, str]:
         meta = _metadata(grpc_context)
-        self.admit(extract_key(meta), _peer(grpc_context), model, admin=admin)
+        self.core.admit(extract_key(meta), _peer(grpc_context), model, admin=admin)
         return meta
 
     async def _grpc_answer(
-        self: "Ingress",
+        self,
         grpc_context: Any,
         model: Optional[str],
         empty: Callable[[], Any],
@@ -246,36 +237,32 @@ class GrpcInferenceMixin:
 
     # ---- health and metadata ----------------------------------------------------------
     @_parsed("ServerLiveResponse")
-    async def ServerLive(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - RPC name
+    async def ServerLive(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - RPC name
         return _pb().ServerLiveResponse(live=True)
 
     @_parsed("ServerReadyResponse")
-    async def ServerReady(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
-        return _pb().ServerReadyResponse(ready=await self.server_ready())
+    async def ServerReady(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return _pb().ServerReadyResponse(ready=await self.core.server_ready())
 
     @_parsed("ServerMetadataResponse")
-    async def ServerMetadata(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
-        from maas_ray import __version__
-
+    async def ServerMetadata(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         pb = _pb()
         return await self._grpc_answer(
             grpc_context, None, pb.ServerMetadataResponse,
-            lambda _: pb.ServerMetadataResponse(
-                name="maas-ray", version=__version__, extensions=["binary_tensor_data", "model_repository"]
-            ),
+            lambda _: pb.ServerMetadataResponse(**self.core.server_metadata()),
         )
 
     @_parsed("ModelReadyResponse")
-    async def ModelReady(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+    async def ModelReady(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         pb = _pb()
         return await self._grpc_answer(
             grpc_context, request.name, pb.ModelReadyResponse,
             lambda body: pb.ModelReadyResponse(ready=body["ready"]),
-            lambda _: self.model_ready(request.name, request.version or None),
+            lambda _: self.core.model_ready(request.name, request.version or None),
         )
 
     @_parsed("ModelMetadataResponse")
-    async def ModelMetadata(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+    async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         pb = _pb()
 
         def tensors(items: list[dict[str, Any]]) -> list[Any]:
@@ -292,59 +279,60 @@ class GrpcInferenceMixin:
 
         return await self._grpc_answer(
             grpc_context, request.name, pb.ModelMetadataResponse, answer,
-            lambda _: self.metadata(request.name, request.version or None),
+            lambda _: self.core.metadata(request.name, request.version or None),
         )
 
     # ---- inference --------------------------------------------------------------------
     @_parsed("ModelInferResponse", counted=True)
-    async def ModelInfer(self: "Ingress", request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+    async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         import asyncio
 
         pb = _pb()
         start = time.perf_counter()
         model = request.model_name
-        self.metrics.request_started(model)
+        core = self.core
+        core.metrics.request_started(model)
         number: Optional[int] = None  # set once a version answered: a failed encode is counted on it
 
         async def infer(meta: dict[str, str]) -> tuple[Any, Any]:
             nonlocal number
-            key = meta.get(self.key_header)
-            if key is None and self.key_header in request.parameters:
-                param = request.parameters[self.key_header]
+            key = meta.get(core.key_header)
+            if key is None and core.key_header in request.parameters:
+                param = request.parameters[core.key_header]
                 which = param.WhichOneof("parameter_choice")
                 key = None if which is None else str(getattr(param, which))
-            task = self.deadlines.enter()  # one watchdog per replica, as on HTTP
+            task = core.deadlines.enter()  # one watchdog per replica, as on HTTP
             try:
-                result, decoded = await self.infer(
-                    model, request.model_version or None, key,
-                    lambda schema: protocol.decode_grpc(request, schema, self.limits), True,
-                )
+                slot = await core.pick(model, request.model_version or None, key)
+                t0 = time.perf_counter()
+                decoded = decode_grpc(request, slot.schema, core.limits)
+                result = await core.run(model, slot, decoded.tensors, True, time.perf_counter() - t0)
             except asyncio.CancelledError as exc:
-                if not self.deadlines.exit(task):  # the client cancelled, or the replica is stopping
+                if not core.deadlines.exit(task):  # the client cancelled, or the replica is stopping
                     failed(499, "ClientDisconnected")
                     raise
                 raise RequestTimeoutError(
-                    f"request not answered within limits.request_timeout_s={self.limits.request_timeout_s}"
+                    f"request not answered within limits.request_timeout_s={core.limits.request_timeout_s}"
                 ) from exc
             finally:
-                self.deadlines.exit(task)  # idempotent
+                core.deadlines.exit(task)  # idempotent
             number = result.version
             t0 = time.perf_counter()
             response = pb.ModelInferResponse(model_name=model, model_version=str(number))
             if decoded.id is not None:
                 response.id = decoded.id
-            for name, datatype, shape, raw in protocol.encode_grpc_outputs(result.outputs, decoded):
+            for name, datatype, shape, raw in encode_grpc_outputs(result.outputs, decoded):
                 response.outputs.add(name=name, datatype=datatype, shape=shape)
                 response.raw_output_contents.append(raw)
             result.stages["encode"] = result.stages.get("encode", 0.0) + time.perf_counter() - t0
             return result, response
 
         def failed(status: int, error: str) -> None:
-            self.metrics.request_finished(model, number, PROTOCOL, status, error, time.perf_counter() - start)
+            core.metrics.request_finished(model, number, PROTOCOL, status, error, time.perf_counter() - start)
 
         def answer(done: tuple[Any, Any]) -> Any:
             result, response = done
-            self.metrics.request_finished(
+            core.metrics.request_finished(
                 model, result.version, PROTOCOL, 200, None, time.perf_counter() - start, result.stages
             )
             if result.after_response is not None:  # shadow: starts as the response is returned

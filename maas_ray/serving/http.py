@@ -1,4 +1,5 @@
-"""The ingress replica's HTTP surface (an ASGI app): OIP v2 and v1 routes over :class:`Ingress`.
+"""The HTTP transport (an ASGI app per ingress replica): OIP v2 and v1 routes over an
+:class:`~maas_ray.serving.core.InferenceService`.
 
 The infer routes are the hot path, so they are plain ASGI: a compiled pattern picks the
 route, the body is read once (bounded by ``limits.max_body_bytes``) and the JSON response is
@@ -9,9 +10,9 @@ is cold and stays on FastAPI, whose own errors (unknown path, wrong method, bad 
 parameter) are answered as ``{"error": ...}`` like everything else.
 
 Order on an infer route: API key and rate limit (no body read yet) -> Content-Length
-against the body limit -> read (counting, for chunked bodies) -> decode and validate
-(:mod:`maas_ray.serving.protocol`) -> inference -> encode. The whole request runs under
-``limits.request_timeout_s`` (504).
+against the body limit -> read (counting, for chunked bodies) -> pick the version -> decode
+and validate against its schema (:mod:`maas_ray.serving.codecs`) -> inference -> encode.
+The whole request runs under ``limits.request_timeout_s`` (504).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,18 +34,16 @@ from maas_ray.errors import (
     InvalidInputError,
     MaasError,
     MethodNotAllowedError,
-    ModelNotReadyError,
     NotFoundError,
     PayloadTooLargeError,
     RequestTimeoutError,
-    unwrap_remote,
 )
 from maas_ray.registry.manifest import OIP_TO_NUMPY
-from maas_ray.serving import protocol
+from maas_ray.serving.codecs import v1, v2
+from maas_ray.serving.codecs.common import BINARY_HEADER, dumps
+from maas_ray.serving.core import InferenceService
 from maas_ray.serving.keys import extract_key
-
-if TYPE_CHECKING:
-    from maas_ray.serving.ingress import Ingress
+from maas_ray.serving.status import answer_error
 
 logger = logging.getLogger(__name__)
 
@@ -58,38 +57,10 @@ INFER_ROUTES = (
 _JSON = (b"content-type", b"application/json")
 _OCTETS = (b"content-type", b"application/octet-stream")
 
-def error_body(exc: BaseException, request_id: Optional[str] = None) -> tuple[int, dict[str, str], list]:
-    """(status, JSON body, extra headers) for an error: ours carry their status; Serve's
-    overload errors become 503 with Retry-After; anything else is a logged 500."""
-    exc = unwrap_remote(exc)
-    if not isinstance(exc, MaasError):
-        exc = _from_serve(exc) or exc
-    if isinstance(exc, MaasError):
-        headers = []
-        retry = getattr(exc, "retry_after_header", None)
-        if retry is not None and retry() is not None:
-            headers.append((b"retry-after", retry().encode()))
-        if exc.status_code >= 500:
-            logger.warning("request %s failed: %s: %s", request_id, type(exc).__name__, exc.message)
-        return exc.status_code, {"error": exc.message}, headers
-    logger.error("request %s failed with an unexpected error", request_id, exc_info=exc)
-    return 500, {"error": f"internal error ({type(exc).__name__}); request id {request_id}"}, []
-
-
-def _from_serve(exc: BaseException) -> Optional[MaasError]:
-    """Serve's own overload errors, raised by handle calls to a full deployment."""
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    if isinstance(exc, BackPressureError):
-        return ModelNotReadyError(f"overloaded: {exc.message}", exc.retry_after_s or 1.0)
-    if isinstance(exc, DeploymentUnavailableError):
-        return ModelNotReadyError(f"unavailable: {exc}", 1.0)
-    return None
-
-
 def _json_error(exc: BaseException) -> JSONResponse:
-    status, body, headers = error_body(exc)
-    return JSONResponse(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
+    answer = answer_error(exc)
+    return JSONResponse(answer.body, status_code=answer.status,
+                        headers={k.decode(): v.decode() for k, v in answer.headers})
 
 
 # ---- OpenAPI request models of the infer routes (documentation and fuzzing) -------------
@@ -136,13 +107,13 @@ class ErrorBody(BaseModel):
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 405, 413, 429, 503, 504)}
 
 
-def build_api(ingress: "Ingress") -> FastAPI:
+def build_api(ingress: InferenceService) -> FastAPI:
     """FastAPI for the cold routes: health, server and model metadata, readiness, repository index.
 
     The infer routes are declared too, so that ``/openapi.json`` documents the whole
     surface; :class:`HttpApp` answers them on its lean path before FastAPI sees them.
     """
-    from maas_ray import __version__
+    from maas_ray._version import __version__
 
     api = FastAPI(
         title="maas-ray", version=__version__, redirect_slashes=False,
@@ -182,7 +153,7 @@ def build_api(ingress: "Ingress") -> FastAPI:
     @api.get("/v2", responses=_ERRORS)
     async def server_metadata(request: Request) -> dict:
         admit(request)
-        return {"name": "maas-ray", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
+        return ingress.server_metadata()
 
     @api.get("/v2/models/{model}", responses=_ERRORS)
     async def model_metadata(model: str, request: Request) -> dict:
@@ -231,7 +202,7 @@ def build_api(ingress: "Ingress") -> FastAPI:
             from fastapi.openapi.utils import get_openapi
 
             doc = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
-            models = sorted(ingress.slots)
+            models = ingress.model_names
             for item in doc["paths"].values():
                 for op in item.values():
                     for param in op.get("parameters", []):
@@ -247,7 +218,7 @@ def build_api(ingress: "Ingress") -> FastAPI:
 class HttpApp:
     """ASGI app: infer routes on the lean path, everything else (and lifespan) to FastAPI."""
 
-    def __init__(self, ingress: "Ingress", api: FastAPI) -> None:
+    def __init__(self, ingress: InferenceService, api: FastAPI) -> None:
         self.ingress, self.api = ingress, api
         self.limits = ingress.limits
         self.max_body = ingress.limits.max_body_bytes
@@ -268,7 +239,7 @@ class HttpApp:
                 if match is None:
                     continue
                 if scope["method"] != "POST":
-                    body = protocol.dumps({"error": f"method {scope['method']} is not allowed on {path}; use POST"})
+                    body = dumps({"error": f"method {scope['method']} is not allowed on {path}; use POST"})
                     await _send(send, 405, body, [(b"allow", b"POST")])
                 else:
                     await self._infer(route, match.group(1), match.group(2), scope, receive, send)
@@ -311,7 +282,7 @@ class HttpApp:
         if header_length is None:
             await _send(send, 200, payload, extra)
         else:  # binary tensor extension: JSON header of this length, then raw output bytes
-            extra.append((protocol.BINARY_HEADER.encode(), str(header_length).encode()))
+            extra.append((BINARY_HEADER.encode(), str(header_length).encode()))
             await _send(send, 200, payload, extra, content_type=_OCTETS)
         ingress.metrics.request_finished(model, result.version, route, 200, None, time.perf_counter() - start,
                                          result.stages)
@@ -328,22 +299,19 @@ class HttpApp:
         body = await self._read_body(headers, receive)
         if body is None:
             return None
+        slot = await ingress.pick(model, version, headers.get(ingress.key_header))
+        t0 = time.perf_counter()
         if route == "http_v2":
-            result, request = await ingress.infer(
-                model, version, headers.get(ingress.key_header),
-                lambda schema: protocol.decode_v2(body, headers.get(protocol.BINARY_HEADER), schema, self.limits),
-                True,
-            )
-            t0 = time.perf_counter()
-            payload, header_length = protocol.encode_v2(model, result.version, result.outputs, request)
+            request = v2.decode_v2(body, headers.get(BINARY_HEADER), slot.schema, self.limits)
+            tensors = request.tensors
         else:
-            result, _ = await ingress.infer(
-                model, version, headers.get(ingress.key_header),
-                lambda schema: protocol.decode_v1(body, schema, self.limits),
-                False,
-            )
-            t0 = time.perf_counter()
-            payload, header_length = protocol.encode_v1(result.outputs, result.version), None
+            tensors = v1.decode_v1(body, slot.schema, self.limits)
+        result = await ingress.run(model, slot, tensors, route == "http_v2", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        if route == "http_v2":
+            payload, header_length = v2.encode_v2(model, result.version, result.outputs, request)
+        else:
+            payload, header_length = v1.encode_v1(result.outputs, result.version), None
         result.stages["encode"] = result.stages.get("encode", 0.0) + time.perf_counter() - t0
         return result, payload, header_length
 
@@ -374,10 +342,10 @@ class HttpApp:
         self, exc: BaseException, model: str, number: Optional[int], route: str, start: float,
         extra: list, send: Callable, request_id: str,
     ) -> None:
-        status, body, headers = error_body(exc, request_id)
-        await _send(send, status, protocol.dumps(body), extra + headers)
-        error = type(unwrap_remote(exc)).__name__
-        self.ingress.metrics.request_finished(model, number, route, status, error, time.perf_counter() - start)
+        answer = answer_error(exc, request_id)
+        await _send(send, answer.status, dumps(answer.body), extra + answer.headers)
+        self.ingress.metrics.request_finished(model, number, route, answer.status, answer.error,
+                                              time.perf_counter() - start)
 
 
 async def _send(send: Callable, status: int, payload: bytes, extra: list, *, content_type: tuple = _JSON) -> None:

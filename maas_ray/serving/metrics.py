@@ -60,6 +60,36 @@ import time
 from bisect import bisect_left
 from typing import Any, Iterable, Optional
 
+# The names (maas_ray.serving.metric_names): Ray exports each as "ray_" + name (+ "_total" for
+# counters). Histograms: the three gauges <name>_bucket / _sum / _count, except
+# REQUEST_LATENCY and SHADOW_AGREEMENT, native Ray Histograms that Ray exports as the same
+# three series. Re-exported here: callers use metrics.REQUESTS, metrics.EXPORTED_NAMES, ...
+from maas_ray.serving.metric_names import (
+    BATCH_SIZE,
+    BUCKET,
+    COUNT,
+    ERRORS,
+    EXPORTED_NAMES,  # noqa: F401 (re-exported: maas_ray.serving.metrics.EXPORTED_NAMES)
+    IN_FLIGHT,
+    LABEL_APP,
+    LABEL_ERROR,
+    LABEL_LE,
+    LABEL_MODEL,
+    LABEL_PROTOCOL,
+    LABEL_STAGE,
+    LABEL_STATE,
+    LABEL_STATUS,
+    LABEL_VERSION,
+    REQUEST_LATENCY,
+    REQUESTS,
+    SHADOW_AGREEMENT,
+    SHADOW_DIFF,
+    SHADOW_DROPPED,
+    STAGE_LATENCY,
+    SUM,
+    VERSION_STATE,
+)
+
 logger = logging.getLogger(__name__)
 
 # decode = decode + preprocess; encode = postprocess + encode; hop (fused placement only): the
@@ -97,27 +127,6 @@ MAX_PENDING_LATENCIES = 100_000
 FLUSH_YIELD_EVERY = 64
 FLUSH_YIELD_S = 50e-6
 
-# Names as recorded through ray.util.metrics; Ray exports each as "ray_" + name (+ "_total"
-# for counters). Histograms: the three gauges <name>_bucket / _sum / _count, except
-# REQUEST_LATENCY and SHADOW_AGREEMENT, native Ray Histograms that Ray exports as the same
-# three series.
-REQUESTS = "maas_requests"
-ERRORS = "maas_errors"
-REQUEST_LATENCY = "maas_request_latency_seconds"
-STAGE_LATENCY = "maas_stage_latency_seconds"
-BATCH_SIZE = "maas_batch_size"
-IN_FLIGHT = "maas_requests_in_flight"
-VERSION_STATE = "maas_version_state"
-SHADOW_AGREEMENT = "maas_shadow_agreement"
-SHADOW_DROPPED = "maas_shadow_dropped"
-SHADOW_DIFF = "maas_shadow_max_abs_diff"
-EXPORTED_NAMES = frozenset(
-    {f"ray_{REQUESTS}_total", f"ray_{ERRORS}_total", f"ray_{IN_FLIGHT}", f"ray_{VERSION_STATE}"}
-    | {f"ray_{SHADOW_DROPPED}_total"}
-    | {f"ray_{h}_{part}" for h in (REQUEST_LATENCY, STAGE_LATENCY, BATCH_SIZE, SHADOW_DIFF, SHADOW_AGREEMENT)
-       for part in ("bucket", "sum", "count")}
-)
-
 
 class _Hist:
     """One histogram series in process: per-bucket counts (not cumulative), sum, count."""
@@ -150,15 +159,15 @@ class _GaugeHistogram:
     def __init__(self, module: Any, name: str, description: str, tag_keys: tuple[str, ...],
                  bounds: tuple[float, ...]) -> None:
         self.les = [repr(float(b)) for b in bounds] + ["+Inf"]
-        self.bucket = module.Gauge(f"{name}_bucket", description=f"{description} (cumulative buckets)",
-                                   tag_keys=(*tag_keys, "le"))
-        self.sum = module.Gauge(f"{name}_sum", description=f"{description} (sum)", tag_keys=tag_keys)
-        self.count = module.Gauge(f"{name}_count", description=f"{description} (count)", tag_keys=tag_keys)
+        self.bucket = module.Gauge(f"{name}{BUCKET}", description=f"{description} (cumulative buckets)",
+                                   tag_keys=(*tag_keys, LABEL_LE))
+        self.sum = module.Gauge(f"{name}{SUM}", description=f"{description} (sum)", tag_keys=tag_keys)
+        self.count = module.Gauge(f"{name}{COUNT}", description=f"{description} (count)", tag_keys=tag_keys)
 
     def set(self, tags: dict[str, str], snapshot: tuple[list[int], float, int]) -> None:
         cumulative, total, count = snapshot
         for le, value in zip(self.les, cumulative):
-            self.bucket.set(value, {**tags, "le": le})
+            self.bucket.set(value, {**tags, LABEL_LE: le})
         self.sum.set(total, tags)
         self.count.set(count, tags)
 
@@ -167,24 +176,26 @@ class _RayMetrics:
     """The ray.util.metrics objects, created on first use (never at import)."""
 
     def __init__(self, module: Any) -> None:
+        request_tags = (LABEL_APP, LABEL_MODEL, LABEL_VERSION, LABEL_PROTOCOL, LABEL_STATUS)
         self.requests = module.Counter(
             REQUESTS, description="Inference requests by model, version, protocol and HTTP status.",
-            tag_keys=("app", "model", "version", "protocol", "status"))
+            tag_keys=request_tags)
         self.errors = module.Counter(
             ERRORS, description="Failed requests (status >= 400) by exception class.",
-            tag_keys=("app", "model", "version", "error"))
+            tag_keys=(LABEL_APP, LABEL_MODEL, LABEL_VERSION, LABEL_ERROR))
         self.latency = module.Histogram(
             REQUEST_LATENCY, description="End-to-end request latency in the replica, seconds.",
-            boundaries=list(LATENCY_BUCKETS), tag_keys=("app", "model", "version", "protocol", "status"))
+            boundaries=list(LATENCY_BUCKETS), tag_keys=request_tags)
         self.stage_latency = _GaugeHistogram(
             module, STAGE_LATENCY, "Per-stage latency (decode+preprocess, queue, inference, postprocess+encode, "
             "and in fused placement the hop to the inference replica), seconds",
-            ("app", "model", "version", "stage"), LATENCY_BUCKETS)
+            (LABEL_APP, LABEL_MODEL, LABEL_VERSION, LABEL_STAGE), LATENCY_BUCKETS)
         self.batch_size = _GaugeHistogram(
-            module, BATCH_SIZE, "Items per inference batch", ("app", "model", "version"), BATCH_BUCKETS)
+            module, BATCH_SIZE, "Items per inference batch", (LABEL_APP, LABEL_MODEL, LABEL_VERSION),
+            BATCH_BUCKETS)
         self.in_flight = module.Gauge(
-            IN_FLIGHT, description="Requests in progress in this replica.", tag_keys=("app", "model"))
-        shadow_tags = ("app", "model", "version")
+            IN_FLIGHT, description="Requests in progress in this replica.", tag_keys=(LABEL_APP, LABEL_MODEL))
+        shadow_tags = (LABEL_APP, LABEL_MODEL, LABEL_VERSION)
         self.shadow_agreement = module.Histogram(
             SHADOW_AGREEMENT, description="Mirrored items compared with the primary by top-1 label: 1 agreed, 0 not "
             "(count: items compared; bucket le=1e-06: items that disagreed).",
@@ -197,7 +208,7 @@ class _RayMetrics:
             shadow_tags, DIFF_BUCKETS)
         self.version_state = module.Gauge(
             VERSION_STATE, description="1 for a version's current state (ready, failed, loading), 0 for the others.",
-            tag_keys=("app", "model", "version", "state"))
+            tag_keys=(LABEL_APP, LABEL_MODEL, LABEL_VERSION, LABEL_STATE))
 
 
 def agreement_observations(compared: int, agreed: int,
@@ -465,10 +476,11 @@ class ServingMetrics:
             else:
                 r.batch_size.set(self._tag(("batch", key), self._batch_tags, key), snapshot)
         for model, n in in_flight.items():
-            r.in_flight.set(n, {"app": self.app, "model": model})
+            r.in_flight.set(n, {LABEL_APP: self.app, LABEL_MODEL: model})
         for (model, version), current in states.items():
             for state in VERSION_STATES:
-                tags = {"app": self.app, "model": model, "version": _version_label(version), "state": state}
+                tags = {LABEL_APP: self.app, LABEL_MODEL: model, LABEL_VERSION: _version_label(version),
+                        LABEL_STATE: state}
                 r.version_state.set(1 if state == current else 0, tags)
 
     def _export_shadow(self, shadow: dict) -> None:
@@ -497,17 +509,19 @@ class ServingMetrics:
 
     def _request_tags(self, key: tuple) -> dict[str, str]:
         model, version, protocol, status = key
-        return {"app": self.app, "model": model, "version": _version_label(version),
-                "protocol": protocol, "status": str(status)}
+        return {LABEL_APP: self.app, LABEL_MODEL: model, LABEL_VERSION: _version_label(version),
+                LABEL_PROTOCOL: protocol, LABEL_STATUS: str(status)}
 
     def _error_tags(self, key: tuple) -> dict[str, str]:
         model, version, error = key
-        return {"app": self.app, "model": model, "version": _version_label(version), "error": error}
+        return {LABEL_APP: self.app, LABEL_MODEL: model, LABEL_VERSION: _version_label(version),
+                LABEL_ERROR: error}
 
     def _stage_tags(self, key: tuple) -> dict[str, str]:
         model, version, stage = key
-        return {"app": self.app, "model": model, "version": _version_label(version), "stage": stage}
+        return {LABEL_APP: self.app, LABEL_MODEL: model, LABEL_VERSION: _version_label(version),
+                LABEL_STAGE: stage}
 
     def _batch_tags(self, key: tuple) -> dict[str, str]:
         model, version = key
-        return {"app": self.app, "model": model, "version": _version_label(version)}
+        return {LABEL_APP: self.app, LABEL_MODEL: model, LABEL_VERSION: _version_label(version)}

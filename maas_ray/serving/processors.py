@@ -1,92 +1,46 @@
-"""Pre- and postprocessors, chosen by name in the manifest (or overridden in the app config).
+"""The built-in pre- and postprocessors, the registry of their names, and the resolver that
+turns a processor name (built-in, or a plug-in's ``package.module:Class``) into its class.
 
-A preprocessor turns decoded request tensors into the model's feeds and validates
-them against the model schema (shapes, dtypes, image contents), before batching; the
-wire format was already checked by :mod:`maas_ray.serving.protocol` against what the
-preprocessor says requests may send (:attr:`Preprocessor.request_inputs`). A
-postprocessor turns model outputs into response tensors and says which
-(:attr:`Postprocessor.response_outputs`). Both are plain classes, run inside whichever
-replica the placement puts them in. Every error is an InvalidInputError (400) or
-PayloadTooLargeError (413); Pillow's exceptions on client bytes are mapped to those.
+A preprocessor turns decoded request tensors into the model's feeds and validates them
+against the model schema (shapes, dtypes, image contents), before batching; the wire format
+was already checked by the codecs against what the preprocessor says requests may send
+(``request_inputs``). A postprocessor turns model outputs into response tensors and says
+which (``response_outputs``). The contract (base classes, constructor) is in
+:mod:`maas_ray.serving.plugins`; built-ins follow it exactly as plug-ins do. Every request
+error is an InvalidInputError (400) or PayloadTooLargeError (413); Pillow's exceptions on
+client bytes are mapped to those.
 """
 
 from __future__ import annotations
 
 import binascii
+import importlib
 import io
 import logging
-from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+import re
+from typing import Any, Mapping, Optional, cast
 
 import numpy as np
 
 from maas_ray.errors import ConfigError, InvalidInputError, MaasError, PayloadTooLargeError
-from maas_ray.registry.manifest import Manifest, ProcessorSpec, TensorSpec
+from maas_ray.registry.manifest import OIP_TO_NUMPY, Manifest, ProcessorSpec, TensorSpec
 from maas_ray.serving.config import Limits
+from maas_ray.serving.plugins import (
+    Postprocessor,
+    Preprocessor,
+    Processor,
+    check_tensor,
+    datatype_of,
+)
 from maas_ray.serving.text import TextPreprocessor
+from maas_ray.serving.types import RequestInput, Tensors
 
 logger = logging.getLogger(__name__)
-Tensors = dict[str, np.ndarray]
 
 # Datatypes the image preprocessor takes raw pixels in (after BYTES, for encoded images).
 PIXEL_DATATYPES = (
     "FP32", "FP64", "FP16", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
 )
-
-
-@dataclass(frozen=True)
-class RequestInput:
-    """One input as requests name it; the first datatype is the one model metadata advertises."""
-
-    name: str
-    datatypes: tuple[str, ...]
-    shape: list[int]
-
-
-def check_tensor(spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
-    """Validate one batched input against its schema; returns it in the schema dtype."""
-    if arr.ndim != len(spec.shape):
-        raise InvalidInputError(
-            f"input {spec.name!r}: expected shape {spec.shape} ({len(spec.shape)} dims, -1 = any), "
-            f"got {list(arr.shape)}"
-        )
-    for got, want in zip(arr.shape, spec.shape):
-        if want != -1 and got != want:
-            raise InvalidInputError(f"input {spec.name!r}: expected shape {spec.shape} (-1 = any), got {list(arr.shape)}")
-    if arr.shape[0] == 0:
-        raise InvalidInputError(f"input {spec.name!r}: empty batch")
-    dtype = spec.numpy_dtype
-    if arr.dtype == dtype:
-        return arr
-    if arr.dtype == object or arr.dtype.kind in "SU":
-        raise InvalidInputError(f"input {spec.name!r}: expected datatype {spec.datatype}, got {arr.dtype}")
-    if dtype.kind in "iu" and arr.dtype.kind == "f" and not np.all(np.mod(arr, 1) == 0):
-        raise InvalidInputError(f"input {spec.name!r}: expected datatype {spec.datatype}, got fractional numbers")
-    if dtype.kind in "iuf" and arr.size and not np.can_cast(arr.dtype, dtype, casting="safe"):
-        # Narrowing (v1 numbers arrive as int64/float64): only if every value fits.
-        info = np.iinfo(dtype) if dtype.kind in "iu" else np.finfo(dtype)
-        if arr.dtype.kind == "b" or arr.min() < info.min or arr.max() > info.max:
-            raise InvalidInputError(
-                f"input {spec.name!r}: values do not fit {spec.datatype} (range {info.min} to {info.max})"
-            )
-    return arr.astype(dtype)
-
-
-class Preprocessor:
-    name: ClassVar[str]
-
-    def __init__(self, manifest: Manifest, params: dict[str, Any], limits: Optional[Limits] = None) -> None:
-        self.inputs = manifest.inputs
-        self.params = params
-        self.limits = limits or Limits()
-
-    @property
-    def request_inputs(self) -> list[RequestInput]:
-        """The inputs requests send (names and accepted datatypes), which may differ from the graph's."""
-        raise NotImplementedError
-
-    def __call__(self, tensors: Tensors, *, strict_dtypes: bool) -> Tensors:
-        raise NotImplementedError
 
 
 class TensorPreprocessor(Preprocessor):
@@ -111,8 +65,6 @@ class TensorPreprocessor(Preprocessor):
             arr = tensors[spec.name]
             if strict_dtypes and arr.dtype != spec.numpy_dtype and arr.dtype != object:
                 # OIP requests declare their datatype: a mismatch is the client's error.
-                from maas_ray.serving.protocol import datatype_of
-
                 raise InvalidInputError(
                     f"input {spec.name!r}: expected datatype {spec.datatype}, got {datatype_of(arr)}"
                 )
@@ -135,8 +87,15 @@ class ImagePreprocessor(Preprocessor):
 
     name = "image"
 
-    def __init__(self, manifest: Manifest, params: dict[str, Any], limits: Optional[Limits] = None) -> None:
-        super().__init__(manifest, params, limits)
+    def __init__(
+        self,
+        manifest: Manifest,
+        params: Mapping[str, Any],
+        *,
+        limits: Optional[Limits] = None,
+        files: Optional[Mapping[str, bytes]] = None,
+    ) -> None:
+        super().__init__(manifest, params, limits=limits, files=files)
         if len(self.inputs) != 1:
             raise ConfigError(f"image preprocessor needs a one-input model, {manifest.model} has {len(self.inputs)}")
         try:
@@ -230,22 +189,6 @@ class ImagePreprocessor(Preprocessor):
         return {self.spec.name: check_tensor(self.spec, np.ascontiguousarray(x))}
 
 
-class Postprocessor:
-    name: ClassVar[str]
-
-    def __init__(self, manifest: Manifest, params: dict[str, Any]) -> None:
-        self.outputs = manifest.outputs
-        self.params = params
-
-    @property
-    def response_outputs(self) -> list[TensorSpec]:
-        """What the infer route returns (names, datatypes, shapes), after postprocessing."""
-        raise NotImplementedError
-
-    def __call__(self, outputs: Tensors) -> Tensors:
-        raise NotImplementedError
-
-
 class TensorPostprocessor(Postprocessor):
     """Pass the model outputs through unchanged."""
 
@@ -268,8 +211,15 @@ class ClassificationPostprocessor(Postprocessor):
 
     name = "classification"
 
-    def __init__(self, manifest: Manifest, params: dict[str, Any]) -> None:
-        super().__init__(manifest, params)
+    def __init__(
+        self,
+        manifest: Manifest,
+        params: Mapping[str, Any],
+        *,
+        limits: Optional[Limits] = None,
+        files: Optional[Mapping[str, bytes]] = None,
+    ) -> None:
+        super().__init__(manifest, params, limits=limits, files=files)
         self.labels = params.get("labels")
         self.top_k = int(params.get("top_k", 3))
         self.softmax = bool(params.get("apply_softmax", True))
@@ -319,30 +269,172 @@ class ClassificationPostprocessor(Postprocessor):
         }
 
 
-PREPROCESSORS: dict[str, type[Preprocessor]] = {c.name: c for c in (TensorPreprocessor, ImagePreprocessor, TextPreprocessor)}
-POSTPROCESSORS: dict[str, type[Postprocessor]] = {c.name: c for c in (TensorPostprocessor, ClassificationPostprocessor)}
+KINDS = ("preprocessor", "postprocessor")
+_BASES: dict[str, type[Processor]] = {"preprocessor": Preprocessor, "postprocessor": Postprocessor}
+
+BUILTINS: dict[str, dict[str, type[Processor]]] = {
+    "preprocessor": {c.name: c for c in (TensorPreprocessor, ImagePreprocessor, TextPreprocessor)},
+    "postprocessor": {c.name: c for c in (TensorPostprocessor, ClassificationPostprocessor)},
+}
+"""Built-in processor names -> classes, per kind: the plug-ins that ship with maas_ray."""
+PREPROCESSORS: dict[str, type[Processor]] = BUILTINS["preprocessor"]
+POSTPROCESSORS: dict[str, type[Processor]] = BUILTINS["postprocessor"]
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_IMPORT_PATH = re.compile(rf"^({_IDENT}(?:\.{_IDENT})*):({_IDENT}(?:\.{_IDENT})*)$")
+
+
+def resolve_processor(kind: str, name: str) -> type[Processor]:
+    """The class a processor name stands for: a built-in name (``image``) or an import path
+    (``package.module:Class``) to a subclass of the kind's base class (Preprocessor or
+    Postprocessor, from :mod:`maas_ray.serving.plugins`). Imports the module (in this process).
+
+    Raises ConfigError naming the value: unknown name, malformed path, module not importable
+    (or raising at import), no such attribute, not a class, wrong base class.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    builtins = BUILTINS[kind]
+    base = _BASES[kind]
+    if type(name) is not str:
+        raise ConfigError(f"{kind} name must be a string, got {type(name).__name__}")
+    if ":" not in name:
+        if name in builtins:
+            return builtins[name]
+        raise ConfigError(
+            f"unknown {kind} {name!r}; built-ins: {sorted(builtins)}, or a plug-in as 'package.module:Class'"
+        )
+    match = _IMPORT_PATH.match(name)
+    if match is None:
+        raise ConfigError(f"{kind} {name!r}: not an import path of the form 'package.module:Class'")
+    module_name, qualname = match.groups()
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - ImportError, or anything the module raises at import
+        raise ConfigError(
+            f"{kind} {name!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    where = module_name
+    for attr in qualname.split("."):
+        if not hasattr(obj, attr):
+            raise ConfigError(f"{kind} {name!r}: {where!r} has no attribute {attr!r}")
+        obj = getattr(obj, attr)
+        where = f"{where}:{attr}" if where == module_name else f"{where}.{attr}"
+    if not isinstance(obj, type):
+        raise ConfigError(f"{kind} {name!r}: not a class but {type(obj).__name__}")
+    if not issubclass(obj, base):
+        raise ConfigError(
+            f"{kind} {name!r}: {obj.__qualname__} does not subclass {base.__module__}.{base.__qualname__}"
+        )
+    if obj.__call__ is base.__call__:
+        raise ConfigError(f"{kind} {name!r}: {obj.__qualname__} does not define __call__")
+    return obj
+
+
+def _check_declarations(kind: str, name: str, proc: Processor) -> None:
+    """A processor's declared inputs/outputs are what validation, metadata and the codecs
+    use: check their form once, at load, so a plug-in's mistake names the plug-in."""
+    attr = "request_inputs" if kind == "preprocessor" else "response_outputs"
+    item_type = RequestInput if kind == "preprocessor" else TensorSpec
+    defined = attr in getattr(proc, "__dict__", {}) or any(attr in vars(k) for k in type(proc).__mro__)
+    try:
+        declared = getattr(proc, attr) if defined else None
+    except Exception as exc:  # noqa: BLE001 - a plug-in's property may raise anything
+        raise ConfigError(f"{kind} {name!r}: {attr} raised {type(exc).__name__}: {exc}") from exc
+    if declared is None:
+        raise ConfigError(f"{kind} {name!r}: declares no {attr}")
+    if isinstance(declared, (str, bytes)) or not hasattr(declared, "__iter__"):
+        raise ConfigError(f"{kind} {name!r}: {attr} must be a list of {item_type.__name__}, got {declared!r}")
+    declared = list(declared)
+    if not declared:
+        raise ConfigError(f"{kind} {name!r}: {attr} is empty")
+    seen: set[str] = set()
+    for item in declared:
+        if not isinstance(item, item_type):
+            raise ConfigError(
+                f"{kind} {name!r}: {attr} must hold {item_type.__name__}s, got {type(item).__name__}: {item!r}"
+            )
+        if item.name in seen:
+            raise ConfigError(f"{kind} {name!r}: {attr} names {item.name!r} twice")
+        seen.add(item.name)
+        datatypes = item.datatypes if isinstance(item, RequestInput) else (item.datatype,)
+        unknown = [d for d in datatypes if d not in OIP_TO_NUMPY]
+        if not datatypes or unknown:
+            raise ConfigError(
+                f"{kind} {name!r}: {attr} {item.name!r} has datatypes {list(datatypes)}; "
+                f"each must be one of {sorted(OIP_TO_NUMPY)}"
+            )
+        shape = item.shape
+        if not isinstance(shape, (list, tuple)) or any(type(d) is not int or d < -1 or d == 0 for d in shape):
+            raise ConfigError(
+                f"{kind} {name!r}: {attr} {item.name!r} has shape {shape!r}; want a list of sizes (-1 = any)"
+            )
+
+
+def make_processor(
+    kind: str,
+    manifest: Manifest,
+    override: Optional[ProcessorSpec] = None,
+    *,
+    limits: Optional[Limits] = None,
+    files: Optional[Mapping[str, bytes]] = None,
+) -> Processor:
+    """Resolve the version's processor of ``kind`` (``override`` from the app config, else the
+    manifest's) and build it with the one constructor contract
+    ``cls(manifest, params, *, limits, files)``; its declarations are checked before it is
+    handed out. ``files``: the version's verified extra files (the text preprocessor reads its
+    tokenizer.json from them)."""
+    spec = override or getattr(manifest, kind)
+    cls = resolve_processor(kind, spec.name)
+    try:
+        proc = cls(manifest, spec.params, limits=limits, files=files if files is not None else {})
+    except MaasError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a plug-in's constructor may raise anything
+        raise ConfigError(
+            f"{kind} {spec.name!r} for {manifest.model}:{manifest.version} failed to start: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    _check_declarations(kind, spec.name, proc)
+    return proc
 
 
 def make_preprocessor(
     manifest: Manifest,
-    override: ProcessorSpec | None = None,
+    override: Optional[ProcessorSpec] = None,
     *,
     limits: Optional[Limits] = None,
-    files: dict[str, bytes] | None = None,
+    files: Optional[Mapping[str, bytes]] = None,
 ) -> Preprocessor:
-    """``files``: the version's verified extra files, for preprocessors that declare
-    ``needs_files`` (the text preprocessor reads its tokenizer.json from them)."""
-    spec = override or manifest.preprocessor
-    if spec.name not in PREPROCESSORS:
-        raise ConfigError(f"unknown preprocessor {spec.name!r}; known: {sorted(PREPROCESSORS)}")
-    cls = PREPROCESSORS[spec.name]
-    if getattr(cls, "needs_files", False):
-        return cls(manifest, spec.params, limits, files=files)
-    return cls(manifest, spec.params, limits)
+    return cast(Preprocessor, make_processor("preprocessor", manifest, override, limits=limits, files=files))
 
 
-def make_postprocessor(manifest: Manifest, override: ProcessorSpec | None = None) -> Postprocessor:
-    spec = override or manifest.postprocessor
-    if spec.name not in POSTPROCESSORS:
-        raise ConfigError(f"unknown postprocessor {spec.name!r}; known: {sorted(POSTPROCESSORS)}")
-    return POSTPROCESSORS[spec.name](manifest, spec.params)
+def make_postprocessor(
+    manifest: Manifest,
+    override: Optional[ProcessorSpec] = None,
+    *,
+    limits: Optional[Limits] = None,
+    files: Optional[Mapping[str, bytes]] = None,
+) -> Postprocessor:
+    return cast(Postprocessor, make_processor("postprocessor", manifest, override, limits=limits, files=files))
+
+
+__all__ = [
+    "BUILTINS",
+    "ClassificationPostprocessor",
+    "ImagePreprocessor",
+    "POSTPROCESSORS",
+    "PREPROCESSORS",
+    "Postprocessor",
+    "Preprocessor",
+    "RequestInput",
+    "TensorPostprocessor",
+    "TensorPreprocessor",
+    "Tensors",
+    "TextPreprocessor",
+    "check_tensor",
+    "make_postprocessor",
+    "make_preprocessor",
+    "make_processor",
+    "resolve_processor",
+]

@@ -11,39 +11,35 @@ No torch here: ``tokenizers`` is a Rust library with a thin Python binding.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 
 from maas_ray.errors import ConfigError, InvalidInputError
 from maas_ray.registry.manifest import Manifest
+from maas_ray.serving.config import Limits
+from maas_ray.serving.plugins import Preprocessor
+from maas_ray.serving.types import RequestInput, Tensors
 
-if TYPE_CHECKING:
-    from maas_ray.serving.config import Limits
-    from maas_ray.serving.processors import RequestInput
 
-
-class TextPreprocessor:
+class TextPreprocessor(Preprocessor):
     """Params: tokenizer_file (an extra file of the version, default ``tokenizer.json``),
     max_seq_len (pad/truncate to this many tokens; default the tokenizer's own padding),
     input_name (what requests call the texts; default ``text``)."""
 
     name: ClassVar[str] = "text"
-    needs_files: ClassVar[bool] = True  # make_preprocessor passes the version's extra files
 
     def __init__(
         self,
         manifest: Manifest,
-        params: dict[str, Any],
-        limits: Optional["Limits"] = None,
+        params: Mapping[str, Any],
         *,
+        limits: Optional[Limits] = None,
         files: Optional[Mapping[str, bytes]] = None,
     ) -> None:
-        from tokenizers import Tokenizer
+        super().__init__(manifest, params, limits=limits, files=files)
+        from tokenizers import Tokenizer  # only text models need it
 
-        self.inputs = manifest.inputs
-        self.params = params
-        self.limits = limits
         self.input_name = str(params.get("input_name", "text"))
         if len(self.inputs) != 1 or self.inputs[0].datatype not in ("INT64", "INT32"):
             raise ConfigError(
@@ -52,13 +48,13 @@ class TextPreprocessor:
             )
         self.spec = self.inputs[0]
         name = params.get("tokenizer_file", "tokenizer.json")
-        if not files or name not in files:
+        if name not in self.files:
             raise ConfigError(
                 f"text preprocessor: {manifest.model}:{manifest.version} has no extra file {name!r} "
-                f"(files: {sorted(files or {})})"
+                f"(files: {sorted(self.files)})"
             )
         try:
-            self.tokenizer = Tokenizer.from_str(files[name].decode("utf-8"))
+            self.tokenizer = Tokenizer.from_str(self.files[name].decode("utf-8"))
         except Exception as exc:  # tokenizers raises a bare Exception on a bad file
             raise ConfigError(f"text preprocessor: cannot read {name!r}: {exc}") from exc
         max_len = params.get("max_seq_len")
@@ -70,12 +66,10 @@ class TextPreprocessor:
             self.tokenizer.enable_truncation(max_length=int(max_len))
 
     @property
-    def request_inputs(self) -> list["RequestInput"]:
-        from maas_ray.serving.processors import RequestInput  # processors imports this module
-
+    def request_inputs(self) -> list[RequestInput]:
         return [RequestInput(self.input_name, ("BYTES",), [-1])]  # one UTF-8 string per item
 
-    def __call__(self, tensors: dict[str, np.ndarray], *, strict_dtypes: bool) -> dict[str, np.ndarray]:
+    def __call__(self, tensors: Tensors, *, strict_dtypes: bool) -> Tensors:
         if len(tensors) != 1:
             raise InvalidInputError(f"expected one input (texts), got {sorted(tensors)}")
         arr = next(iter(tensors.values()))

@@ -1,8 +1,16 @@
-"""Distributed data-parallel training with Ray Train, export and publish."""
+"""Distributed data-parallel training with Ray Train, export and publish.
+
+torch is an optional extra (``pip install 'maas-ray[train]'``): only training needs it, so
+serving nodes and the registry, keys, rollout and optimize commands run without it.
+"""
 
 from typing import Any
 
+from maas_ray.errors import DependencyError
+
 __all__ = ["TrainConfig", "TrainReport", "train_and_publish"]
+
+TORCH_INSTALL_HINT = "pip install 'maas-ray[train]'"
 
 
 def __getattr__(name: str) -> Any:
@@ -13,7 +21,14 @@ def __getattr__(name: str) -> Any:
 
         return TrainConfig
     if name in ("TrainReport", "train_and_publish"):
-        from maas_ray.train import pipeline
-
+        try:
+            from maas_ray.train import pipeline
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").partition(".")[0] != "torch":
+                raise
+            raise DependencyError(
+                f"training needs torch, which is not installed: {TORCH_INSTALL_HINT} "
+                "(on CPU-only machines install the CPU wheel of torch first, as .ci/setup.sh does)"
+            ) from exc
         return getattr(pipeline, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from maas_ray.errors import ConfigError, format_validation_error
-from maas_ray.registry.manifest import check_name
+from maas_ray.registry.manifest import ModelName
 
 # Kept here (not imported from model.py / data.py) so validating a config imports no torch.
 BUILTIN_DATA = ("digits", "digits-images", "text-order")
@@ -77,7 +77,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model_name: str = Field(default="digits", description="Registry model to publish to.")
+    model_name: ModelName = Field(default="digits", description="Registry model to publish to.")
     model: str = Field(
         default="mlp",
         description="Model: a built-in family ('mlp', 'cnn', 'text-transformer') or an import path "
@@ -174,11 +174,6 @@ class TrainConfig(BaseModel):
         default=2 * 1024**3, ge=1,
         description="Export weights to an ONNX external data file above this size (protobuf's 2 GB cap).",
     )
-
-    @field_validator("model_name")
-    @classmethod
-    def _model_name(cls, v: str) -> str:
-        return check_name("model", v)
 
     @field_validator("model")
     @classmethod

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from maas_ray.errors import ConfigError, IntegrityError, MaasError
+from maas_ray.errors import ConfigError, IntegrityError, TrainingError
 from maas_ray.registry import ONNX_EXTERNAL_DATA, ExtraFile, Manifest, ParentRef, ProcessorSpec, Registry
 from maas_ray.train.config import TrainConfig
 from maas_ray.train.data import load_splits, stream_splits, use_ray_data
@@ -248,10 +248,10 @@ def train_and_publish(
     ray.kill(loop_config["progress"].actor)
     wall = time.perf_counter() - t0
     if result.error is not None:
-        raise MaasError(f"training failed: {result.error}") from result.error
+        raise TrainingError(f"training failed: {result.error}") from result.error
     best = result.get_best_checkpoint("val_accuracy", "max") or result.checkpoint
     if best is None:
-        raise MaasError("training produced no checkpoint")
+        raise TrainingError("training produced no checkpoint")
     with best.as_directory() as path:
         state = load_state(path)
 
@@ -270,7 +270,7 @@ def train_and_publish(
         test_acc = accuracy(model, torch.from_numpy(splits.x_test), torch.from_numpy(splits.y_test))  # once
         x_parity = splits.x_val
     if test_acc < cfg.min_test_accuracy:
-        raise MaasError(f"test accuracy {test_acc:.4f} is below min_test_accuracy {cfg.min_test_accuracy}")
+        raise TrainingError(f"test accuracy {test_acc:.4f} is below min_test_accuracy {cfg.min_test_accuracy}")
     exported = export_onnx(model, splits.spec, external_data_threshold_bytes=cfg.external_data_threshold_bytes)
     diff = parity_check(model, exported, x_parity, cfg.parity_tolerance)
 

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from tests.conftest import TEST_ENV
+from tests.helpers import TEST_ENV
+from tests.helpers.s3 import moto_s3
 
 NUM_CPUS = 4  # logical CPUs on a 2-core box: room for the ingress, two versions and a scale-up
 
@@ -48,6 +49,14 @@ def trained(ray_cluster, registry_root, tmp_path_factory):
         reg,
     )
     return first, second
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 for the module, bucket ``tests.helpers.s3.BUCKET``; yields
+    ``host:port``, with fake AWS credentials in the environment meanwhile."""
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

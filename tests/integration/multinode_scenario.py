@@ -44,6 +44,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from maas_ray.runtime import QUICK_TRAIN_REPORTS_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD_PORT = 8366
 HTTP_PORT = 8300
@@ -57,7 +59,7 @@ TRAIN_CPUS_PER_WORKER = 1.5  # > half a worker node (2 CPUs) and > the head (1 C
 # workers and Serve replicas inherit them (the `maas train` CLI sets the first one only in
 # its own process, too late for the already running cluster).
 CLUSTER_ENV = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    **QUICK_TRAIN_REPORTS_ENV,
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_DEDUP_LOGS": "1",

@@ -8,9 +8,7 @@ import pytest
 
 from maas_ray.registry import Registry
 from maas_ray.serving.deploy import deploy
-from tests.conftest import HTTP_PORT
-from tests.helpers import linear_onnx
-from tests.load import background
+from tests.helpers import HTTP_PORT, background, linear_onnx
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 URL = f"http://127.0.0.1:{HTTP_PORT}"

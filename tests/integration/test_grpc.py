@@ -18,10 +18,8 @@ import pytest
 from maas_ray.registry import Registry
 from maas_ray.serving.deploy import deploy
 from maas_ray.serving.grpc import SERVICER_FUNCTION
-from tests.conftest import HTTP_PORT
-from tests.helpers import linear_onnx
-from tests.integration.test_hardening import _create_key, _replica_pids, _scrape, _wait_until
-from tests.load import background
+from maas_ray.serving.metric_names import RAY_REQUESTS_TOTAL
+from tests.helpers import HTTP_PORT, background, create_key, linear_onnx, replica_pids, scrape, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 GRPC_PORT = int(os.environ.get("MAAS_TEST_GRPC_PORT", "9000"))
@@ -40,8 +38,8 @@ def served(ray_cluster, registry_root, tmp_path_factory):
     reg.publish("other", linear_onnx(4, 3, seed=13))
     keys_file = str(tmp_path_factory.mktemp("grpc-keys") / "keys.json")
     keys = {
-        "all": _create_key(keys_file, "--name", "ops", "--all-models"),
-        "other": _create_key(keys_file, "--name", "app", "--models", "other"),
+        "all": create_key(keys_file, "--name", "ops", "--all-models"),
+        "other": create_key(keys_file, "--name", "app", "--models", "other"),
     }
     versions = sorted(weights)
     args = {
@@ -66,7 +64,7 @@ def served(ray_cluster, registry_root, tmp_path_factory):
 
     client = tg.InferenceServerClient(f"127.0.0.1:{GRPC_PORT}")
     headers = {"authorization": f"Bearer {keys['all']}"}
-    _wait_until(lambda: client.is_model_ready("tiny", headers=headers), timeout_s=60)
+    wait_until(lambda: client.is_model_ready("tiny", headers=headers), timeout_s=60)
     yield client, headers, keys, versions
     client.close()
     serve.shutdown()
@@ -213,7 +211,7 @@ def test_metrics_count_grpc_requests(served):
     client, headers, _, _ = served
     bad = {"app": "grpcapp", "model": "other", "protocol": "grpc", "status": "400"}
     ok = {**bad, "status": "200"}
-    before = (_scrape("ray_maas_requests_total", **bad), _scrape("ray_maas_requests_total", **ok))
+    before = (scrape(RAY_REQUESTS_TOTAL, **bad), scrape(RAY_REQUESTS_TOTAL, **ok))
     x = np.zeros((1, 4), dtype=np.float32)
     for _ in range(5):
         client.infer("other", [_input(x)], headers=headers)
@@ -222,7 +220,7 @@ def test_metrics_count_grpc_requests(served):
             client.infer("other", [_input(x, "nope")], headers=headers)
     deadline = time.monotonic() + 30  # replicas flush every second, Ray exports every second here
     while True:
-        now = (_scrape("ray_maas_requests_total", **bad), _scrape("ray_maas_requests_total", **ok))
+        now = (scrape(RAY_REQUESTS_TOTAL, **bad), scrape(RAY_REQUESTS_TOTAL, **ok))
         if (now[0] == before[0] + 3 and now[1] >= before[1] + 5) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -263,7 +261,7 @@ def test_killing_an_ingress_replica_under_load_fails_at_most_the_requests_in_fli
                 except httpx.HTTPError as exc:
                     results.append(("http", repr(exc)))
 
-    pids = _replica_pids("grpcapp", "Ingress")
+    pids = replica_pids("grpcapp", "Ingress")
     assert len(pids) == 2, pids
     victim = next(iter(pids))
     with background(grpc_load, grpc_load, http_load, http_load):

@@ -24,22 +24,17 @@ import pytest
 
 from maas_ray.registry import Registry
 from maas_ray.serving.deploy import deploy
-from tests.conftest import HTTP_PORT
-from tests.helpers import linear_onnx
-from tests.load import background
+from maas_ray.serving.metric_names import (
+    RAY_ERRORS_TOTAL,
+    RAY_REQUESTS_TOTAL,
+    RAY_STAGE_LATENCY_COUNT,
+    RAY_STAGE_LATENCY_SUM,
+    RAY_VERSION_STATE,
+)
+from tests.helpers import HTTP_PORT, background, create_key, linear_onnx, replica_pids, scrape, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 URL = f"http://127.0.0.1:{HTTP_PORT}"
-
-
-def _create_key(keys_file: str, *flags: str) -> str:
-    """A new API key through the real CLI (`maas keys create`); returns the printed key."""
-    from maas_ray.cli import main
-
-    out = io.StringIO()
-    with redirect_stdout(out):
-        assert main(["keys", "create", "--file", keys_file, *flags]) == 0
-    return next(tok for tok in out.getvalue().split() if tok.startswith("mk_"))
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +54,9 @@ def hardened(trained, registry_root, tmp_path_factory):
 
     keys_file = str(tmp_path_factory.mktemp("keys") / "keys.json")
     keys = {
-        "admin": _create_key(keys_file, "--name", "ops", "--all-models", "--admin"),
-        "digits": _create_key(keys_file, "--name", "app", "--models", "digits"),
-        "revoked": _create_key(keys_file, "--name", "gone", "--all-models"),
+        "admin": create_key(keys_file, "--name", "ops", "--all-models", "--admin"),
+        "digits": create_key(keys_file, "--name", "app", "--models", "digits"),
+        "revoked": create_key(keys_file, "--name", "gone", "--all-models"),
     }
     secure = {
         "registry_root": registry_root,
@@ -98,16 +93,9 @@ def hardened(trained, registry_root, tmp_path_factory):
     })
     with httpx.Client(base_url=URL, timeout=60) as client:
         client.headers["authorization"] = f"Bearer {keys['admin']}"
-        _wait_until(lambda: client.get("/v2/models/guarded/versions/1/ready").status_code == 200)
+        wait_until(lambda: client.get("/v2/models/guarded/versions/1/ready").status_code == 200)
         yield client, keys, keys_file, broken
     serve.shutdown()
-
-
-def _wait_until(predicate, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.2)
 
 
 def _raw_post(path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
@@ -155,7 +143,7 @@ def test_keys_401_403_and_revocation(hardened):
     key_id = keys["revoked"].split("_")[1]
     with redirect_stdout(io.StringIO()):
         assert main(["keys", "revoke", key_id, "--file", keys_file]) == 0
-    _wait_until(lambda: httpx.post(f"{URL}/v2/models/digits/infer", json=body, headers=revoked).status_code == 401)
+    wait_until(lambda: httpx.post(f"{URL}/v2/models/digits/infer", json=body, headers=revoked).status_code == 401)
     # health probes need no key
     assert httpx.get(f"{URL}/v2/health/live").status_code == 200
 
@@ -294,23 +282,6 @@ def test_serving_replicas_never_import_torch(hardened):
     assert info["torch_imported"] is False
 
 
-def _replica_pids(app: str, deployment: str) -> set:
-    """The pids of a deployment's live replicas, from Ray's named actors (every replica, not the
-    ones a handle's router happens to pick: 16 routed calls once all went to one of two)."""
-    import ray
-
-    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
-    pids = set()
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["name"].startswith(prefix):
-            try:
-                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-                pids.add(ray.get(handle.__ray_call__.remote(lambda _: os.getpid()), timeout=10))
-            except Exception:  # the killed replica, until Serve removes it
-                pass
-    return pids
-
-
 def test_killing_an_inference_replica_under_load_fails_no_request(hardened):
     """SIGKILL one of the two fused inference replicas while 4 clients keep sending."""
     client, _, _, _ = hardened
@@ -328,14 +299,14 @@ def test_killing_an_inference_replica_under_load_fails_no_request(hardened):
 
     with background(*[load] * 4):
         time.sleep(2)
-        before = _replica_pids("secure", "guarded-v1")
+        before = replica_pids("secure", "guarded-v1")
         assert len(before) == 2, before
         victim = next(iter(before))
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         # capacity is back when two live replicas answer again, one of them new
         while time.monotonic() < killed_at + 60:
-            now = _replica_pids("secure", "guarded-v1")
+            now = replica_pids("secure", "guarded-v1")
             if len(now) == 2 and victim not in now:
                 break
             time.sleep(0.5)
@@ -388,21 +359,6 @@ def test_schemathesis_fuzzes_the_openapi_surface_without_5xx(hardened):
     assert client.post("/v2/models/digits/infer", json=v2(np.zeros((1, 64)))).status_code == 200
 
 
-def _scrape(series: str, **labels: str) -> float:
-    """Sum of one metric over every Ray process, from the node's real Prometheus endpoint."""
-    import ray
-    from prometheus_client.parser import text_string_to_metric_families
-
-    port = ray.nodes()[0]["MetricsExportPort"]
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == series and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
 def test_prometheus_endpoint_counts_real_requests(hardened):
     client, _, _, _ = hardened
     ok = {"app": "secure", "model": "digits", "protocol": "http_v2", "status": "200"}
@@ -412,9 +368,9 @@ def test_prometheus_endpoint_counts_real_requests(hardened):
     hop = {"app": "secure", "model": "guarded", "version": "1", "stage": "hop"}
 
     def counts() -> tuple:
-        return (_scrape("ray_maas_requests_total", **ok), _scrape("ray_maas_errors_total", **bad),
-                _scrape("ray_maas_stage_latency_seconds_count", **stage),
-                _scrape("ray_maas_stage_latency_seconds_count", **hop))
+        return (scrape(RAY_REQUESTS_TOTAL, **ok), scrape(RAY_ERRORS_TOTAL, **bad),
+                scrape(RAY_STAGE_LATENCY_COUNT, **stage),
+                scrape(RAY_STAGE_LATENCY_COUNT, **hop))
 
     # earlier tests' last requests may still be on their way (1 s flush + 1 s export): settle first
     before, previous = counts(), None
@@ -435,5 +391,5 @@ def test_prometheus_endpoint_counts_real_requests(hardened):
             break
         time.sleep(0.5)
     assert now == expected
-    assert _scrape("ray_maas_stage_latency_seconds_sum", **hop) > 0
-    assert _scrape("ray_maas_version_state", app="secure", model="guarded", version="2", state="failed") >= 1
+    assert scrape(RAY_STAGE_LATENCY_SUM, **hop) > 0
+    assert scrape(RAY_VERSION_STATE, app="secure", model="guarded", version="2", state="failed") >= 1

@@ -11,6 +11,20 @@ import uuid
 
 import pytest
 
+from maas_ray.serving.metric_names import (
+    RAY_BATCH_SIZE_BUCKET,
+    RAY_BATCH_SIZE_COUNT,
+    RAY_BATCH_SIZE_SUM,
+    RAY_ERRORS_TOTAL,
+    RAY_IN_FLIGHT,
+    RAY_REQUEST_LATENCY_BUCKET,
+    RAY_REQUEST_LATENCY_COUNT,
+    RAY_REQUESTS_TOTAL,
+    RAY_STAGE_LATENCY_BUCKET,
+    RAY_STAGE_LATENCY_SUM,
+    RAY_VERSION_STATE,
+)
+
 pytestmark = pytest.mark.integration
 
 OK, NOT_FOUND, BAD_INPUT = 25, 3, 2
@@ -78,31 +92,31 @@ def expected(app: str) -> dict:
 
     ok = {"version": "1", "protocol": "http_v2", "status": "200"}
     want = {
-        key("ray_maas_requests_total", **ok): OK,
-        key("ray_maas_requests_total", version="none", protocol="http_v1", status="404"): NOT_FOUND,
-        key("ray_maas_requests_total", version="1", protocol="http_v2", status="400"): BAD_INPUT,
-        key("ray_maas_errors_total", version="none", error="ModelNotFoundError"): NOT_FOUND,
-        key("ray_maas_errors_total", version="1", error="InvalidInputError"): BAD_INPUT,
-        key("ray_maas_requests_in_flight"): 2,
-        key("ray_maas_request_latency_seconds_bucket", **ok, le="0.0025"): 0,
-        key("ray_maas_request_latency_seconds_bucket", **ok, le="0.005"): OK,
-        key("ray_maas_request_latency_seconds_bucket", **ok, le="+Inf"): OK,
-        key("ray_maas_request_latency_seconds_count", **ok): OK,
-        key("ray_maas_request_latency_seconds_bucket", version="none", protocol="http_v1", status="404",
+        key(RAY_REQUESTS_TOTAL, **ok): OK,
+        key(RAY_REQUESTS_TOTAL, version="none", protocol="http_v1", status="404"): NOT_FOUND,
+        key(RAY_REQUESTS_TOTAL, version="1", protocol="http_v2", status="400"): BAD_INPUT,
+        key(RAY_ERRORS_TOTAL, version="none", error="ModelNotFoundError"): NOT_FOUND,
+        key(RAY_ERRORS_TOTAL, version="1", error="InvalidInputError"): BAD_INPUT,
+        key(RAY_IN_FLIGHT): 2,
+        key(RAY_REQUEST_LATENCY_BUCKET, **ok, le="0.0025"): 0,
+        key(RAY_REQUEST_LATENCY_BUCKET, **ok, le="0.005"): OK,
+        key(RAY_REQUEST_LATENCY_BUCKET, **ok, le="+Inf"): OK,
+        key(RAY_REQUEST_LATENCY_COUNT, **ok): OK,
+        key(RAY_REQUEST_LATENCY_BUCKET, version="none", protocol="http_v1", status="404",
             le="0.00025"): NOT_FOUND,
-        key("ray_maas_stage_latency_seconds_bucket", version="1", stage="inference", le="0.0025"): 0,
-        key("ray_maas_stage_latency_seconds_bucket", version="1", stage="inference", le="0.005"): OK,
-        key("ray_maas_stage_latency_seconds_bucket", version="1", stage="queue", le="0.0001"): OK,
-        key("ray_maas_batch_size_bucket", version="1", le="1.0"): 1,
-        key("ray_maas_batch_size_bucket", version="1", le="4.0"): 3,
-        key("ray_maas_batch_size_bucket", version="1", le="16.0"): 3,
-        key("ray_maas_batch_size_bucket", version="1", le="32.0"): 4,
-        key("ray_maas_batch_size_count", version="1"): len(BATCHES),
-        key("ray_maas_batch_size_sum", version="1"): sum(BATCHES),
-        key("ray_maas_version_state", version="1", state="ready"): 1,
-        key("ray_maas_version_state", version="1", state="failed"): 0,
-        key("ray_maas_version_state", version="2", state="failed"): 1,
-        key("ray_maas_version_state", version="2", state="ready"): 0,
+        key(RAY_STAGE_LATENCY_BUCKET, version="1", stage="inference", le="0.0025"): 0,
+        key(RAY_STAGE_LATENCY_BUCKET, version="1", stage="inference", le="0.005"): OK,
+        key(RAY_STAGE_LATENCY_BUCKET, version="1", stage="queue", le="0.0001"): OK,
+        key(RAY_BATCH_SIZE_BUCKET, version="1", le="1.0"): 1,
+        key(RAY_BATCH_SIZE_BUCKET, version="1", le="4.0"): 3,
+        key(RAY_BATCH_SIZE_BUCKET, version="1", le="16.0"): 3,
+        key(RAY_BATCH_SIZE_BUCKET, version="1", le="32.0"): 4,
+        key(RAY_BATCH_SIZE_COUNT, version="1"): len(BATCHES),
+        key(RAY_BATCH_SIZE_SUM, version="1"): sum(BATCHES),
+        key(RAY_VERSION_STATE, version="1", state="ready"): 1,
+        key(RAY_VERSION_STATE, version="1", state="failed"): 0,
+        key(RAY_VERSION_STATE, version="2", state="failed"): 1,
+        key(RAY_VERSION_STATE, version="2", state="ready"): 0,
     }
     return want
 
@@ -126,7 +140,7 @@ def run_scenario() -> None:
         missing = [k for k in want if k not in got]
         assert not missing, f"not exported from {url} within the deadline: {missing}"
         assert {k: got[k] for k in want} == pytest.approx(want)
-        sums = {k[1]: v for k, v in got.items() if k[0] == "ray_maas_stage_latency_seconds_sum"}
+        sums = {k[1]: v for k, v in got.items() if k[0] == RAY_STAGE_LATENCY_SUM}
         assert sums[frozenset({"app": app, "model": "digits", "version": "1", "stage": "inference"}.items())] \
             == pytest.approx(OK * STAGES["inference"])  # exact sum, not bucket midpoints
     finally:

@@ -26,7 +26,7 @@ def copy_registry(trained, registry_root, tmp_path):
 @pytest.mark.parametrize("settings", [{"method": "int8", "static": True}, {"method": "fp16"}])
 def test_trained_version_optimizes_and_serves(copy_registry, settings):
     from maas_ray.serving.config import ModelConfig
-    from maas_ray.serving.deployments import LocalPipeline
+    from maas_ray.serving.replicas import LocalPipeline
 
     reg = copy_registry
     parent = reg.describe("digits", 1)
@@ -42,15 +42,21 @@ def test_trained_version_optimizes_and_serves(copy_registry, settings):
 
     def served(version: int) -> np.ndarray:
         pipeline = LocalPipeline(reg.root, ModelConfig.model_validate({"name": "digits", "versions": [{"version": version}]}), version)
-        return asyncio.run(pipeline.infer({"input": s.x_test[:100]}, True))[0]["label"]
+        return asyncio.run(pipeline.infer({"input": pixels}, True))[0]["label"].astype(int)
 
     # Served through the parent's own preprocessor and postprocessor: the child answers like the parent.
-    # Open (2026-11-24): static INT8 agrees on only 0.85 of these rows when served through the
-    # digits image preprocessor, although its test accuracy (fed raw features) is within 0.01;
-    # until that is explained only fp16 is held to the served-agreement bar.
-    agreement = np.mean(served(3) == served(1))
-    if settings["method"] == "fp16":
-        assert agreement >= 0.97
+    # The image preprocessor takes pixels in 0..16 (pixel_max) and scales them to the 0..1 features
+    # the model was trained and calibrated on: feed it pixels. (Fed the 0..1 features themselves,
+    # every input arrived 16x too dark: the parent itself read only 0.36 of these rows right, and
+    # static INT8, calibrated on 0..1, agreed with it on 0.85 -- the gap once recorded here as an
+    # open INT8 question. In pixel units both methods measured 1.00 agreement and 0.97 accuracy.)
+    pixels = s.x_test[:100] * 16
+    child, parent_labels = served(3), served(1)
+    assert np.mean(parent_labels == s.y_test[:100]) >= 0.9  # the inputs are what the model expects
+    agreement = np.mean(child == parent_labels)
+    # fp16 only rounds weights; static INT8 also rounds activations, which can flip a near-tie row
+    # or two: 0.95 still fails a mis-calibrated child (wrong-range activations) by a wide margin.
+    assert agreement >= (0.97 if settings["method"] == "fp16" else 0.95), (settings, agreement)
 
 
 def test_impossible_threshold_publishes_nothing(copy_registry):

@@ -11,8 +11,7 @@ import pytest
 
 from maas_ray.registry import ProcessorSpec, Registry
 from maas_ray.serving.deploy import deploy
-from tests.conftest import HTTP_PORT
-from tests.helpers import fails_on_batches_onnx, linear_onnx, slow_onnx
+from tests.helpers import HTTP_PORT, fails_on_batches_onnx, linear_onnx, slow_onnx
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 URL = f"http://127.0.0.1:{HTTP_PORT}"

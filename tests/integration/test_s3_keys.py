@@ -14,13 +14,13 @@ from maas_ray.cli import main
 from maas_ray.errors import ConfigError, UnauthenticatedError
 from maas_ray.serving.config import AuthConfig
 from maas_ray.serving.keys import KeyStore, hash_key, read_key_file
-from tests.integration.test_s3_registry import BUCKET, s3_endpoint  # noqa: F401  (the moto fixture)
+from tests.helpers.s3 import BUCKET
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def keys_uri(s3_endpoint) -> str:  # noqa: F811
+def keys_uri(s3_endpoint) -> str:
     return f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}/auth/keys.json?endpoint_override={s3_endpoint}&scheme=http"
 
 

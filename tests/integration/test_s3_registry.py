@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import uuid
 
 import numpy as np
@@ -20,48 +19,9 @@ from maas_ray.errors import IntegrityError, ModelNotFoundError, VersionNotFoundE
 from maas_ray.registry import ProcessorSpec, Registry
 from maas_ray.registry.store import MODEL_FILE
 from tests.helpers import linear_onnx
+from tests.helpers.s3 import BUCKET, CREDENTIALS
 
 pytestmark = pytest.mark.integration
-
-BUCKET = "maas-test"
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1 with one bucket; yields ``host:port``.
-
-    Sets fake credentials in the environment for the module (pyarrow's
-    ``from_uri`` reads them from there only) and restores it afterwards.
-    """
-    moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (dev extra)")
-    with pytest.MonkeyPatch.context() as mp_env:
-        for key, value in CREDENTIALS.items():
-            mp_env.setenv(key, value)
-        for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-            mp_env.delenv(key, raising=False)  # a developer's real settings must not leak in
-        port = _free_port()
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        try:
-            endpoint = f"127.0.0.1:{port}"
-            fs = pafs.S3FileSystem(
-                endpoint_override=endpoint, scheme="http", allow_bucket_creation=True
-            )
-            fs.create_dir(BUCKET)
-            yield endpoint
-        finally:
-            server.stop()
 
 
 @pytest.fixture

@@ -11,13 +11,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import HTTP_PORT
-
-from maas_ray.cli.quickstart import digit_png
 from maas_ray.registry import Registry
 from maas_ray.serving.deploy import deploy
-from tests.helpers import linear_onnx
-from tests.load import background
+from tests.helpers import HTTP_PORT, background, digit_png, linear_onnx
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PORT = HTTP_PORT

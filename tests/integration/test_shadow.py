@@ -4,12 +4,11 @@ calls, errors and agreement reach Ray's Prometheus endpoint; the share changes l
 import time
 
 import httpx
-import numpy as np
 import pytest
 
 from maas_ray.serving.deploy import deploy
-from tests.conftest import HTTP_PORT
-from tests.integration.test_hardening import _scrape
+from maas_ray.serving.metric_names import RAY_REQUESTS_TOTAL, RAY_SHADOW_AGREEMENT_BUCKET, RAY_SHADOW_AGREEMENT_COUNT
+from tests.helpers import HTTP_PORT, scrape
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 URL = f"http://127.0.0.1:{HTTP_PORT}"
@@ -37,10 +36,10 @@ def _config(registry_root, share):
 
 def _shadow_counts():
     tags = {"app": "shadowed", "model": "digits", "version": "2"}
-    return (_scrape("ray_maas_requests_total", **tags, protocol="shadow", status="200"),
-            _scrape("ray_maas_shadow_agreement_count", **tags),
-            _scrape("ray_maas_shadow_agreement_count", **tags)
-            - _scrape("ray_maas_shadow_agreement_bucket", **tags, le="1e-06"))  # compared minus disagreed
+    return (scrape(RAY_REQUESTS_TOTAL, **tags, protocol="shadow", status="200"),
+            scrape(RAY_SHADOW_AGREEMENT_COUNT, **tags),
+            scrape(RAY_SHADOW_AGREEMENT_COUNT, **tags)
+            - scrape(RAY_SHADOW_AGREEMENT_BUCKET, **tags, le="1e-06"))  # compared minus disagreed
 
 
 def _wait_for(predicate, timeout_s=30.0):

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from maas_ray.cli.quickstart import digit_png
 from maas_ray.registry import Registry
 from maas_ray.serving.deploy import deploy
 from maas_ray.train import TrainConfig, train_and_publish
-from tests.conftest import HTTP_PORT
+from tests.helpers import HTTP_PORT, digit_png
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 URL = f"http://127.0.0.1:{HTTP_PORT}"
@@ -148,7 +147,7 @@ def test_cnn_from_a_folder_of_pngs_answers_pngs(ray_cluster, tmp_path):
     from PIL import Image
 
     from maas_ray.serving.config import ModelConfig
-    from maas_ray.serving.deployments import LocalPipeline
+    from maas_ray.serving.replicas import LocalPipeline
 
     x, y = load_digits(return_X_y=True)
     for i in range(900):

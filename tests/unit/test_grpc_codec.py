@@ -1,4 +1,4 @@
-"""protocol.decode_grpc / encode_grpc_outputs without Ray: round trips for every datatype (typed
+"""decode_grpc / encode_grpc_outputs without Ray: round trips for every datatype (typed
 contents and raw_input_contents), and hostile messages answered with exact 400/413s."""
 
 from __future__ import annotations
@@ -12,14 +12,17 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from maas_ray.errors import InvalidInputError, PayloadTooLargeError
 from maas_ray.registry.manifest import OIP_TO_NUMPY
-from maas_ray.serving import protocol
+from maas_ray.serving.codecs.common import MAX_ID_CHARS
+from maas_ray.serving.codecs.grpc import GRPC_CONTENTS, decode_grpc, encode_grpc_outputs
+from maas_ray.serving.codecs.v2 import decode_v2
 from maas_ray.serving.config import Limits
+from maas_ray.serving.types import RequestSchema
 
 pytestmark = pytest.mark.unit
 
 LIMITS = Limits()
 ALL = frozenset(OIP_TO_NUMPY)
-SCHEMA = protocol.RequestSchema(inputs={"x": ALL}, outputs=("y", "z"))
+SCHEMA = RequestSchema(inputs={"x": ALL}, outputs=("y", "z"))
 
 
 def _sample(datatype: str) -> np.ndarray:
@@ -43,7 +46,7 @@ def _request(arr: np.ndarray, datatype: str, raw: bool) -> service_pb2.ModelInfe
         else:
             req.raw_input_contents.append(np.ascontiguousarray(arr, arr.dtype.newbyteorder("<")).tobytes())
     else:
-        field = protocol.GRPC_CONTENTS.get(datatype)  # FP16 has no typed contents field
+        field = GRPC_CONTENTS.get(datatype)  # FP16 has no typed contents field
         if field is not None:
             getattr(tensor.contents, field).extend(arr.reshape(-1).tolist())
     return req
@@ -55,9 +58,9 @@ def test_round_trip_every_datatype(datatype, raw):
     arr = _sample(datatype)
     if datatype == "FP16" and not raw:
         with pytest.raises(InvalidInputError, match="raw_input_contents only"):
-            protocol.decode_grpc(_request(arr, "FP16", False), SCHEMA, LIMITS)
+            decode_grpc(_request(arr, "FP16", False), SCHEMA, LIMITS)
         return
-    decoded = protocol.decode_grpc(_request(arr, datatype, raw), SCHEMA, LIMITS)
+    decoded = decode_grpc(_request(arr, datatype, raw), SCHEMA, LIMITS)
     assert decoded.id == "abc" and decoded.outputs is None
     got = decoded.tensors["x"]
     assert got.shape == arr.shape
@@ -67,7 +70,7 @@ def test_round_trip_every_datatype(datatype, raw):
         assert got.dtype == arr.dtype
         np.testing.assert_array_equal(got, arr)
     # and back: the raw output bytes tritonclient's InferResult.as_numpy reads
-    [(name, dt, shape, raw_out)] = protocol.encode_grpc_outputs({"y": got}, decoded)
+    [(name, dt, shape, raw_out)] = encode_grpc_outputs({"y": got}, decoded)
     assert (name, dt, shape) == ("y", datatype, list(arr.shape))
     if datatype == "BYTES":
         back = deserialize_bytes_tensor(raw_out)
@@ -80,15 +83,15 @@ def test_requested_outputs_and_parameters():
     req = _request(np.zeros((1, 2), np.float32), "FP32", True)
     req.outputs.add(name="z")
     req.parameters["session"].string_param = "u1"
-    decoded = protocol.decode_grpc(req, SCHEMA, LIMITS)
+    decoded = decode_grpc(req, SCHEMA, LIMITS)
     assert decoded.outputs == ["z"] and decoded.parameters == {"session": "u1"}
-    outs = protocol.encode_grpc_outputs({"y": np.zeros(1, np.float32), "z": np.ones(1, np.int64)}, decoded)
+    outs = encode_grpc_outputs({"y": np.zeros(1, np.float32), "z": np.ones(1, np.int64)}, decoded)
     assert [o[0] for o in outs] == ["z"]
 
 
 def _fails(req, exc=InvalidInputError) -> str:
     with pytest.raises(exc) as info:
-        protocol.decode_grpc(req, SCHEMA, LIMITS)
+        decode_grpc(req, SCHEMA, LIMITS)
     return info.value.message
 
 
@@ -96,13 +99,13 @@ def test_same_messages_as_json_decoder():
     """Where the fields match, gRPC says exactly what HTTP says."""
     body = b'{"inputs": [{"name": "nope", "datatype": "FP32", "shape": [1], "data": [1.0]}]}'
     with pytest.raises(InvalidInputError) as http:
-        protocol.decode_v2(body, None, SCHEMA, LIMITS)
+        decode_v2(body, None, SCHEMA, LIMITS)
     req = _request(np.zeros(1, np.float32), "FP32", False)
     req.inputs[0].name = "nope"
     assert _fails(req) == http.value.message
     body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, -2], "data": [1.0]}]}'
     with pytest.raises(InvalidInputError) as http:
-        protocol.decode_v2(body, None, SCHEMA, LIMITS)
+        decode_v2(body, None, SCHEMA, LIMITS)
     req = _request(np.zeros(1, np.float32), "FP32", False)
     req.inputs[0].shape[:] = [1, -2]
     assert _fails(req) == http.value.message
@@ -160,7 +163,7 @@ def test_hostile_messages():
     shm.inputs[0].parameters["shared_memory_region"].string_param = "r"
     assert "not supported by this server" in _fails(shm)
     long_id = _request(np.zeros(1, np.float32), "FP32", True)
-    long_id.id = "i" * (protocol.MAX_ID_CHARS + 1)
+    long_id.id = "i" * (MAX_ID_CHARS + 1)
     assert _fails(long_id).startswith("id: expected a string of at most")
 
 

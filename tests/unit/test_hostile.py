@@ -11,9 +11,12 @@ import pytest
 
 from maas_ray.errors import InvalidInputError
 from maas_ray.registry.manifest import Manifest, ProcessorSpec, TensorSpec
-from maas_ray.serving import protocol
+from maas_ray.serving.codecs.common import parse_version_ref
+from maas_ray.serving.codecs.v1 import decode_v1, encode_v1
+from maas_ray.serving.codecs.v2 import decode_v2, encode_v2
 from maas_ray.serving.config import Limits
 from maas_ray.serving.processors import make_postprocessor, make_preprocessor
+from maas_ray.serving.types import RequestSchema
 from tests.hostile import CASES, HEADER, VALID
 
 pytestmark = pytest.mark.unit
@@ -30,17 +33,17 @@ DIGITS = Manifest(
 LIMITS = Limits()
 PRE = make_preprocessor(DIGITS, limits=LIMITS)
 POST = make_postprocessor(DIGITS)
-SCHEMA = protocol.RequestSchema.of(PRE, POST)
+SCHEMA = RequestSchema.of(PRE, POST)
 
 
 def serve(case):
     """What the ingress does before inference: version ref, decode, preprocess."""
     if case.version is not None:
-        protocol.parse_version_ref(case.version)
+        parse_version_ref(case.version)
     if case.route == "v2":
-        request = protocol.decode_v2(case.body, case.headers.get(HEADER), SCHEMA, LIMITS)
+        request = decode_v2(case.body, case.headers.get(HEADER), SCHEMA, LIMITS)
         return request, PRE(request.tensors, strict_dtypes=True)
-    return None, PRE(protocol.decode_v1(case.body, SCHEMA, LIMITS), strict_dtypes=False)
+    return None, PRE(decode_v1(case.body, SCHEMA, LIMITS), strict_dtypes=False)
 
 
 def test_corpus_is_large_and_names_are_unique():
@@ -69,10 +72,10 @@ def test_valid_requests_still_decode(case):
     assert x.dtype == np.float32 and x.shape[1:] == (64,) and x.shape[0] >= 1
     outputs = POST({"logits": x[:, :10]})
     if request is not None:
-        body, header_length = protocol.encode_v2("digits", 1, outputs, request)
+        body, header_length = encode_v2("digits", 1, outputs, request)
         assert isinstance(body, bytes)
     else:
-        assert b"predictions" in protocol.encode_v1(outputs, 1)
+        assert b"predictions" in encode_v1(outputs, 1)
 
 
 HOSTILE_VALUES = [None, True, False, -1, 0, 2**63, 2**64 - 1, 1.5, 1e308, 3.5e38, 70000.0, "", "x", "FP32", "BYTES",

@@ -1,6 +1,7 @@
 """The ingress's ASGI app without Ray: route matching, limits, timeouts, JSON errors everywhere.
 
-A fake Ingress stands in for the deployment (this module's only collaborator); the real
+A fake :class:`~maas_ray.serving.core.InferenceService` stands in for the ingress core (this
+module's only collaborator); the real
 app over real Serve HTTP is covered in tests/integration/test_serving.py and test_hardening.py.
 """
 
@@ -16,7 +17,7 @@ from maas_ray.errors import ModelNotFoundError, RateLimitedError, Unauthenticate
 from maas_ray.serving.config import Limits
 from maas_ray.serving.http import HttpApp, build_api
 from maas_ray.serving.limits import RequestDeadlines
-from maas_ray.serving.protocol import RequestSchema
+from maas_ray.serving.types import RequestSchema
 
 pytestmark = pytest.mark.unit
 SCHEMA = RequestSchema({"input": frozenset({"FP32"})}, ("y",))
@@ -35,8 +36,10 @@ class FakeMetrics:
 
 
 class FakeIngress:
+    """An InferenceService: pick records (model, version, key), run adds strict."""
+
     key_header = "x-request-key"
-    slots = {"m": {}, "slow": {}}
+    model_names = ["m", "slow"]
 
     def __init__(self, limits=None):
         self.limits = limits or Limits(max_body_bytes=2048, request_timeout_s=0.5)
@@ -50,12 +53,16 @@ class FakeIngress:
         if api_key == "greedy":
             raise RateLimitedError("over the rate limit", 2.5)
 
-    async def infer(self, model, version, key, decode, strict):
-        self.calls.append((model, version, key, strict))
+    async def pick(self, model, version, key):
+        self.calls.append((model, version, key, None))
         if model == "missing":
             raise ModelNotFoundError(f"model {model!r} is not served here")
         if model == "bug":
             raise RuntimeError("boom")
+        return SimpleNamespace(number=3, schema=SCHEMA)
+
+    async def run(self, model, slot, tensors, strict, decode_s=0.0):
+        self.calls[-1] = self.calls[-1][:3] + (strict,)
         if model == "hang":
             await asyncio.sleep(5)
         if model == "slow":
@@ -64,10 +71,9 @@ class FakeIngress:
                 await asyncio.sleep(5)
             finally:
                 watchdog.cancel()
-        request = decode(SCHEMA)
-        tensors = request if isinstance(request, dict) else request.tensors
         y = tensors["input"].sum(axis=1)
-        return SimpleNamespace(version=3, outputs={"y": y}, stages={"inference": 0.001}, after_response=None), request
+        return SimpleNamespace(version=slot.number, outputs={"y": y}, stages={"inference": 0.001},
+                               after_response=None)
 
     async def metadata(self, model, version):
         if model == "missing":
@@ -79,6 +85,9 @@ class FakeIngress:
 
     async def server_ready(self):
         return True
+
+    def server_metadata(self):
+        return {"name": "maas-ray", "version": "0", "extensions": []}
 
     def index(self):
         return [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
@@ -240,10 +249,7 @@ def test_a_grpc_infer_cancelled_or_timed_out_is_counted_like_http():
     """The same ingress behind gRPC: a cancelled RPC is 499, one past the timeout is 504."""
     from tritonclient.grpc import service_pb2
 
-    from maas_ray.serving.grpc import GrpcInferenceMixin
-
-    class GrpcFake(GrpcInferenceMixin, FakeIngress):
-        pass
+    from maas_ray.serving.grpc import GrpcService
 
     class Context:
         code = details = None
@@ -265,7 +271,8 @@ def test_a_grpc_infer_cancelled_or_timed_out_is_counted_like_http():
         req.inputs.add(name="input", datatype="FP32", shape=[1, 2]).contents.fp32_contents.extend([1, 2])
         return req
 
-    ingress = GrpcFake()
+    core = FakeIngress()
+    ingress = GrpcService(core)
 
     async def cancelled():
         task = asyncio.ensure_future(ingress.ModelInfer(rpc("hang"), Context()))
@@ -278,5 +285,5 @@ def test_a_grpc_infer_cancelled_or_timed_out_is_counted_like_http():
     context = Context()
     asyncio.run(ingress.ModelInfer(rpc("slow"), context))
     assert context.code.name == "DEADLINE_EXCEEDED" and "request_timeout_s=0.5" in context.details
-    assert ingress.metrics.finished == [("hang", None, "grpc", 499, "ClientDisconnected"),
-                                        ("slow", None, "grpc", 504, "RequestTimeoutError")]
+    assert core.metrics.finished == [("hang", None, "grpc", 499, "ClientDisconnected"),
+                                     ("slow", None, "grpc", 504, "RequestTimeoutError")]

@@ -15,6 +15,22 @@ import pytest
 import yaml
 
 from maas_ray.serving import metrics as m
+from maas_ray.serving.metric_names import (
+    BATCH_SIZE,
+    BUCKET,
+    COUNT,
+    ERRORS,
+    HISTOGRAM_PARTS,
+    IN_FLIGHT,
+    REQUEST_LATENCY,
+    REQUESTS,
+    SHADOW_AGREEMENT,
+    SHADOW_DIFF,
+    SHADOW_DROPPED,
+    STAGE_LATENCY,
+    SUM,
+    VERSION_STATE,
+)
 from maas_ray.serving.metrics import LATENCY_BUCKETS, STAGES, ServingMetrics
 
 pytestmark = pytest.mark.unit
@@ -78,12 +94,11 @@ def test_no_ray_objects_before_first_use(fake):
     assert FakeMetric.registry == {}  # latencies too wait for the flush thread
     sm.flush()
     assert set(FakeMetric.registry) == {
-        "maas_requests", "maas_errors", "maas_requests_in_flight", "maas_version_state",
-        "maas_request_latency_seconds", "maas_shadow_agreement", "maas_shadow_dropped",
-        *(f"{h}_{p}" for h in ("maas_stage_latency_seconds", "maas_batch_size", "maas_shadow_max_abs_diff")
-          for p in ("bucket", "sum", "count")),
+        REQUESTS, ERRORS, IN_FLIGHT, VERSION_STATE,
+        REQUEST_LATENCY, SHADOW_AGREEMENT, SHADOW_DROPPED,
+        *(h + part for h in (STAGE_LATENCY, BATCH_SIZE, SHADOW_DIFF) for part in HISTOGRAM_PARTS),
     }
-    assert FakeMetric.registry["maas_requests"].calls == 1
+    assert FakeMetric.registry[REQUESTS].calls == 1
 
 
 def test_requests_errors_and_in_flight(fake):
@@ -94,22 +109,22 @@ def test_requests_errors_and_in_flight(fake):
     sm.request_finished("digits", None, "http_v1", 404, "ModelNotFoundError", 0.0002)
     sm.flush()
     req = {"app": "app", "model": "digits"}
-    assert value("maas_requests", **req, version="1", protocol="http_v2", status="200") == 1
-    assert value("maas_requests", **req, version="none", protocol="http_v1", status="404") == 1
-    assert value("maas_errors", **req, version="none", error="ModelNotFoundError") == 1
-    assert len(FakeMetric.registry["maas_errors"].values) == 1  # the 200 is no error
-    assert value("maas_requests_in_flight", **req) == 1
+    assert value(REQUESTS, **req, version="1", protocol="http_v2", status="200") == 1
+    assert value(REQUESTS, **req, version="none", protocol="http_v1", status="404") == 1
+    assert value(ERRORS, **req, version="none", error="ModelNotFoundError") == 1
+    assert len(FakeMetric.registry[ERRORS].values) == 1  # the 200 is no error
+    assert value(IN_FLIGHT, **req) == 1
 
     # Counters get deltas: only what happened since the last flush, and nothing when idle.
     sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
     sm.request_finished("digits", 1, "http_v2", 503, None, 0.001)
     sm.flush()
-    calls = FakeMetric.registry["maas_requests"].calls
+    calls = FakeMetric.registry[REQUESTS].calls
     sm.flush()
-    assert FakeMetric.registry["maas_requests"].calls == calls
-    assert value("maas_requests", **req, version="1", protocol="http_v2", status="200") == 2
-    assert value("maas_errors", **req, version="1", error="unknown") == 1
-    assert value("maas_requests_in_flight", **req) == -1  # started 3, finished 4
+    assert FakeMetric.registry[REQUESTS].calls == calls
+    assert value(REQUESTS, **req, version="1", protocol="http_v2", status="200") == 2
+    assert value(ERRORS, **req, version="1", error="unknown") == 1
+    assert value(IN_FLIGHT, **req) == -1  # started 3, finished 4
 
 
 def test_unknown_model_names_share_one_label(fake):
@@ -119,9 +134,9 @@ def test_unknown_model_names_share_one_label(fake):
         sm.request_started(name)
         sm.request_finished(name, None, "http_v2", 404, "ModelNotFoundError", 0.001)
     sm.flush()
-    errors = FakeMetric.registry["maas_errors"].values
+    errors = FakeMetric.registry[ERRORS].values
     assert {dict(k)["model"]: v for k, v in errors.items()} == {m.UNKNOWN_MODEL: 2, "digits": 1}
-    assert value("maas_requests_in_flight", app="app", model=m.UNKNOWN_MODEL) == 0
+    assert value(IN_FLIGHT, app="app", model=m.UNKNOWN_MODEL) == 0
 
 
 def test_request_latency_is_one_native_observation_per_request(fake):
@@ -133,12 +148,12 @@ def test_request_latency_is_one_native_observation_per_request(fake):
     assert FakeMetric.registry == {}  # nothing Ray-side on the request path
     sm.flush()
     tags = {"app": "app", "model": "digits", "version": "2", "protocol": "http_v2", "status": "200"}
-    assert value("maas_request_latency_seconds", **tags) == observations
-    assert value("maas_request_latency_seconds", app="app", model=m.UNKNOWN_MODEL, version="none",
+    assert value(REQUEST_LATENCY, **tags) == observations
+    assert value(REQUEST_LATENCY, app="app", model=m.UNKNOWN_MODEL, version="none",
                  protocol="http_v1", status="404") == [0.0002]
-    assert FakeMetric.registry["maas_request_latency_seconds"].boundaries == list(LATENCY_BUCKETS)
+    assert FakeMetric.registry[REQUEST_LATENCY].boundaries == list(LATENCY_BUCKETS)
     sm.flush()
-    assert FakeMetric.registry["maas_request_latency_seconds"].calls == 7  # a flush re-records nothing
+    assert FakeMetric.registry[REQUEST_LATENCY].calls == 7  # a flush re-records nothing
 
 
 def test_request_latencies_are_interleaved_across_series_in_a_flush(fake):
@@ -193,12 +208,12 @@ def test_latencies_beyond_the_buffer_are_dropped_and_logged(fake, caplog, monkey
         sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
     sm.flush()
     tags = {"app": "app", "model": "digits", "version": "1", "protocol": "http_v2", "status": "200"}
-    assert len(value("maas_request_latency_seconds", **tags)) == 3
-    assert value("maas_requests", **tags) == 5  # the counter still counts every request
+    assert len(value(REQUEST_LATENCY, **tags)) == 3
+    assert value(REQUESTS, **tags) == 5  # the counter still counts every request
     assert "2 request latencies over 3" in caplog.text
     sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)  # the buffer empties at each flush
     sm.flush()
-    assert len(value("maas_request_latency_seconds", **tags)) == 4
+    assert len(value(REQUEST_LATENCY, **tags)) == 4
 
 
 def test_a_failing_latency_observation_never_reaches_the_request_or_the_flush(fake, caplog):
@@ -213,7 +228,7 @@ def test_a_failing_latency_observation_never_reaches_the_request_or_the_flush(fa
     sm.flush()  # does not raise, and the counters still go out
     sm.request_finished("digits", 1, "http_v2", 200, None, 0.001)
     sm.flush()
-    assert value("maas_requests", app="app", model="digits", version="1", protocol="http_v2", status="200") == 3
+    assert value(REQUESTS, app="app", model="digits", version="1", protocol="http_v2", status="200") == 3
     assert caplog.text.count("recording request latencies failed") == 1  # at most once a minute
 
 
@@ -224,7 +239,7 @@ def test_stage_histogram_buckets_are_cumulative_and_exact(fake):
         sm.request_finished("digits", 2, "http_v2", 200, None, s, {"inference": s})
     sm.flush()
     tags = {"app": "app", "model": "digits", "version": "2", "stage": "inference"}
-    buckets = {le: value("maas_stage_latency_seconds_bucket", **tags, le=le)
+    buckets = {le: value(STAGE_LATENCY + BUCKET, **tags, le=le)
                for le in [repr(b) for b in LATENCY_BUCKETS] + ["+Inf"]}
     assert buckets["0.0001"] == 2  # le is inclusive
     assert buckets["0.00025"] == 2
@@ -236,8 +251,8 @@ def test_stage_histogram_buckets_are_cumulative_and_exact(fake):
     assert buckets["30.0"] == 6
     assert buckets["+Inf"] == 7
     assert list(buckets.values()) == sorted(buckets.values())
-    assert value("maas_stage_latency_seconds_count", **tags) == 7
-    assert value("maas_stage_latency_seconds_sum", **tags) == pytest.approx(sum(observations))
+    assert value(STAGE_LATENCY + COUNT, **tags) == 7
+    assert value(STAGE_LATENCY + SUM, **tags) == pytest.approx(sum(observations))
 
 
 def test_stages_and_batches(fake):
@@ -251,13 +266,13 @@ def test_stages_and_batches(fake):
     sm.flush()
     base = {"app": "app", "model": "digits", "version": "1"}
     for stage, seconds in stages.items():
-        assert value("maas_stage_latency_seconds_count", **base, stage=stage) == 2
-        assert value("maas_stage_latency_seconds_sum", **base, stage=stage) == pytest.approx(2 * seconds)
-    assert value("maas_stage_latency_seconds_bucket", **base, stage="inference", le="0.0025") == 0
-    assert value("maas_stage_latency_seconds_bucket", **base, stage="inference", le="0.005") == 2
-    assert [value("maas_batch_size_bucket", **base, le=le) for le in ("1.0", "2.0", "4.0", "32.0", "1024.0", "+Inf")] \
+        assert value(STAGE_LATENCY + COUNT, **base, stage=stage) == 2
+        assert value(STAGE_LATENCY + SUM, **base, stage=stage) == pytest.approx(2 * seconds)
+    assert value(STAGE_LATENCY + BUCKET, **base, stage="inference", le="0.0025") == 0
+    assert value(STAGE_LATENCY + BUCKET, **base, stage="inference", le="0.005") == 2
+    assert [value(BATCH_SIZE + BUCKET, **base, le=le) for le in ("1.0", "2.0", "4.0", "32.0", "1024.0", "+Inf")] \
         == [1, 1, 2, 3, 3, 4]
-    assert value("maas_batch_size_sum", **base) == 2036
+    assert value(BATCH_SIZE + SUM, **base) == 2036
 
 
 def test_gauges_are_refreshed_every_flush(fake):
@@ -266,8 +281,8 @@ def test_gauges_are_refreshed_every_flush(fake):
     sm.request_finished("digits", 1, "http_v2", 200, None, 0.001, {"inference": 0.001})
     sm.version_state("digits", 1, "ready")
     sm.flush()
-    bucket = FakeMetric.registry["maas_stage_latency_seconds_bucket"]
-    state = FakeMetric.registry["maas_version_state"]
+    bucket = FakeMetric.registry[STAGE_LATENCY + BUCKET]
+    state = FakeMetric.registry[VERSION_STATE]
     before = (bucket.calls, state.calls)
     sm.flush()
     assert bucket.calls == 2 * before[0] and state.calls == 2 * before[1]
@@ -280,9 +295,9 @@ def test_version_state(fake):
     sm.version_state("digits", 1, "ready")
     sm.flush()
     base = {"app": "app", "model": "digits"}
-    assert {s: value("maas_version_state", **base, version="1", state=s) for s in m.VERSION_STATES} == \
+    assert {s: value(VERSION_STATE, **base, version="1", state=s) for s in m.VERSION_STATES} == \
         {"ready": 1, "failed": 0, "loading": 0}
-    assert value("maas_version_state", **base, version="2", state="failed") == 1
+    assert value(VERSION_STATE, **base, version="2", state="failed") == 1
     with pytest.raises(ValueError, match="'gone'"):
         sm.version_state("digits", 1, "gone")
 
@@ -323,9 +338,9 @@ def test_concurrent_recording_and_flushing(fake):
         t.join()
     sm.stop()
     tags = {"app": "app", "model": "digits", "version": "1"}
-    assert value("maas_requests", **tags, protocol="http_v2", status="200") == 8000
-    assert value("maas_stage_latency_seconds_count", **tags, stage="queue") == 8000
-    assert value("maas_requests_in_flight", app="app", model="digits") == 0
+    assert value(REQUESTS, **tags, protocol="http_v2", status="200") == 8000
+    assert value(STAGE_LATENCY + COUNT, **tags, stage="queue") == 8000
+    assert value(IN_FLIGHT, app="app", model="digits") == 0
 
 
 def test_flush_interval_must_be_positive():
@@ -363,11 +378,11 @@ def test_shadow_agreement_drops_and_differences(fake):
     sm.shadow_dropped("digits", 2)
     sm.flush()
     tags = {"app": "app", "model": "digits", "version": "2"}
-    assert sorted(value("maas_shadow_agreement", **tags)) == [0.0, 1.0, 1.0, 1.0, 1.0]  # 4 of 5 agreed
-    assert value("maas_shadow_dropped", **tags) == 1
-    assert value("maas_shadow_max_abs_diff_count", **tags) == 1
-    assert value("maas_shadow_max_abs_diff_bucket", **tags, le="0.1") == 1
-    assert value("maas_shadow_max_abs_diff_bucket", **tags, le="0.01") == 0
+    assert sorted(value(SHADOW_AGREEMENT, **tags)) == [0.0, 1.0, 1.0, 1.0, 1.0]  # 4 of 5 agreed
+    assert value(SHADOW_DROPPED, **tags) == 1
+    assert value(SHADOW_DIFF + COUNT, **tags) == 1
+    assert value(SHADOW_DIFF + BUCKET, **tags, le="0.1") == 1
+    assert value(SHADOW_DIFF + BUCKET, **tags, le="0.01") == 0
 
 
 def test_agreement_is_observed_per_item_once_and_spread_evenly(fake):
@@ -376,12 +391,12 @@ def test_agreement_is_observed_per_item_once_and_spread_evenly(fake):
     sm.flush()
     sm.flush()  # nothing new: nothing observed again
     tags = {"app": "app", "model": "digits", "version": "2"}
-    assert value("maas_shadow_agreement", **tags) == [0.0, 1.0] * 5  # any prefix keeps the rate
+    assert value(SHADOW_AGREEMENT, **tags) == [0.0, 1.0] * 5  # any prefix keeps the rate
     sm.shadow("digits", 2, compared=3, agreed=3, max_abs_diff=None)
     sm.flush()
-    assert value("maas_shadow_agreement", **tags)[10:] == [1.0, 1.0, 1.0]
+    assert value(SHADOW_AGREEMENT, **tags)[10:] == [1.0, 1.0, 1.0]
     # The bounds put 0 in the first bucket and 1 in +Inf, with Ray's midpoints 5e-7 and 1.0.
-    bounds = FakeMetric.registry["maas_shadow_agreement"].boundaries
+    bounds = FakeMetric.registry[SHADOW_AGREEMENT].boundaries
     assert bounds[0] == m.AGREEMENT_BOUNDS[0] and 0.0 <= bounds[0] < 1.0 and bounds[-1] * 2 == 1.0
 
 

@@ -9,11 +9,13 @@ from PIL import Image
 
 from maas_ray.errors import ConfigError, InferenceError, InvalidInputError
 from maas_ray.registry.manifest import Manifest, ProcessorSpec, TensorSpec
-from maas_ray.serving import protocol
+from maas_ray.serving.codecs.v1 import decode_v1, encode_v1
+from maas_ray.serving.codecs.v2 import decode_v2, encode_v2
 from maas_ray.serving.config import Limits
 from maas_ray.serving.processors import make_postprocessor, make_preprocessor
-from maas_ray.serving.router import TrafficRouter
 from maas_ray.serving.runner import OnnxRunner, rows, run_batch
+from maas_ray.serving.traffic import TrafficRouter
+from maas_ray.serving.types import InferRequest, RequestSchema
 
 pytestmark = pytest.mark.unit
 
@@ -29,14 +31,14 @@ def manifest(shape=(-1, 4), pre="tensor", pre_params=None, post="tensor", post_p
 
 
 LIMITS = Limits()
-SCHEMA = protocol.RequestSchema({"input": frozenset({"FP32"}), "ids": frozenset({"INT64"})}, ("logits",))
+SCHEMA = RequestSchema({"input": frozenset({"FP32"}), "ids": frozenset({"INT64"})}, ("logits",))
 
 
 def test_decode_v2_json_and_binary_extension():
     body = {"id": "r1", "inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3, 4]]},
                                    {"name": "ids", "datatype": "INT64", "shape": [1], "data": [7]}],
             "outputs": [{"name": "logits"}]}
-    req = protocol.decode_v2(json.dumps(body).encode(), None, SCHEMA, LIMITS)
+    req = decode_v2(json.dumps(body).encode(), None, SCHEMA, LIMITS)
     assert req.tensors["input"].dtype == np.float32 and req.tensors["input"].tolist() == [[1, 2], [3, 4]]
     assert (req.id, req.outputs, req.binary_outputs, req.parameters) == ("r1", ["logits"], frozenset(), {})
 
@@ -45,7 +47,7 @@ def test_decode_v2_json_and_binary_extension():
                                      "parameters": {"binary_data_size": raw.nbytes}},
                                     {"name": "input", "datatype": "FP32", "shape": [1], "data": [0.5]}],
                          "parameters": {"binary_data_output": True}}).encode()
-    req = protocol.decode_v2(header + raw.tobytes(), str(len(header)), SCHEMA, LIMITS)
+    req = decode_v2(header + raw.tobytes(), str(len(header)), SCHEMA, LIMITS)
     assert req.tensors["ids"].shape == (2, 3) and req.tensors["ids"].tolist() == [[0, 1, 2], [3, 4, 5]]
     assert req.outputs is None and req.binary_outputs == {"logits"}
 
@@ -71,30 +73,30 @@ def _one(**item):
 )
 def test_decode_v2_rejects_bad_bodies(body, message):
     with pytest.raises(InvalidInputError) as info:
-        protocol.decode_v2(body, None, protocol.RequestSchema({"input": frozenset({"FP32"})}, ("logits",)), LIMITS)
+        decode_v2(body, None, RequestSchema({"input": frozenset({"FP32"})}, ("logits",)), LIMITS)
     assert str(info.value).startswith(message), str(info.value)
 
 
 def test_v1_decode_and_encode():
-    one = protocol.RequestSchema({"input": frozenset({"BYTES", "FP32"})}, ("y",))
-    t = protocol.decode_v1(b'{"instances": [[1, 2], [3, 4]]}', one, LIMITS)
+    one = RequestSchema({"input": frozenset({"BYTES", "FP32"})}, ("y",))
+    t = decode_v1(b'{"instances": [[1, 2], [3, 4]]}', one, LIMITS)
     assert t["input"].shape == (2, 2) and t["input"].dtype == np.int64
-    t = protocol.decode_v1(json.dumps({"instances": [{"b64": base64.b64encode(b"png").decode()}]}).encode(), one, LIMITS)
+    t = decode_v1(json.dumps({"instances": [{"b64": base64.b64encode(b"png").decode()}]}).encode(), one, LIMITS)
     assert t["input"].dtype == object and t["input"][0] == b"png"
-    two = protocol.RequestSchema({"a": frozenset({"INT64"}), "b": frozenset({"FP32"})}, ("y",))
-    t = protocol.decode_v1(b'{"instances": [{"a": 1, "b": [1, 2]}, {"a": 2, "b": [3, 4.5]}]}', two, LIMITS)
+    two = RequestSchema({"a": frozenset({"INT64"}), "b": frozenset({"FP32"})}, ("y",))
+    t = decode_v1(b'{"instances": [{"a": 1, "b": [1, 2]}, {"a": 2, "b": [3, 4.5]}]}', two, LIMITS)
     assert t["a"].tolist() == [1, 2] and t["b"].shape == (2, 2) and t["b"].dtype == np.float64
     with pytest.raises(InvalidInputError, match=r"instances\[0\]: expected the keys \['a', 'b'\], got \['a'\]"):
-        protocol.decode_v1(b'{"instances": [{"a": 1}]}', two, LIMITS)
-    out = protocol.encode_v1({"label": np.array(["a", "b"], dtype=object), "p": np.array([[0.5], [0.25]], np.float32)}, 3)
+        decode_v1(b'{"instances": [{"a": 1}]}', two, LIMITS)
+    out = encode_v1({"label": np.array(["a", "b"], dtype=object), "p": np.array([[0.5], [0.25]], np.float32)}, 3)
     assert json.loads(out) == {"predictions": [{"label": "a", "p": [0.5]}, {"label": "b", "p": [0.25]}],
                                "model_version": "3"}
-    assert json.loads(protocol.encode_v1({"y": np.array([[1.0], [2.0]])}, 1))["predictions"] == [[1.0], [2.0]]
+    assert json.loads(encode_v1({"y": np.array([[1.0], [2.0]])}, 1))["predictions"] == [[1.0], [2.0]]
 
 
 def test_encode_v2_datatypes():
-    req = protocol.InferRequest({}, "id1", None, frozenset(), {})
-    body, length = protocol.encode_v2(
+    req = InferRequest({}, "id1", None, frozenset(), {})
+    body, length = encode_v2(
         "m", 3, {"y": np.zeros((2, 2), np.float32), "l": np.array([b"x", "y"], dtype=object)}, req
     )
     body = json.loads(body)

@@ -9,9 +9,17 @@ import pytest
 
 from maas_ray.errors import InvalidInputError, PayloadTooLargeError
 from maas_ray.registry.manifest import Manifest, ProcessorSpec, TensorSpec
-from maas_ray.serving import protocol
+from maas_ray.serving.codecs.common import parse_version_ref
+from maas_ray.serving.codecs.v1 import decode_v1
+from maas_ray.serving.codecs.v2 import decode_v2, encode_v2
 from maas_ray.serving.config import Limits
-from maas_ray.serving.processors import RequestInput, check_tensor, make_postprocessor, make_preprocessor
+from maas_ray.serving.processors import (
+    RequestInput,
+    check_tensor,
+    make_postprocessor,
+    make_preprocessor,
+)
+from maas_ray.serving.types import InferRequest, RequestSchema
 
 pytestmark = pytest.mark.unit
 
@@ -36,7 +44,7 @@ def test_request_schema_of_tensor_image_and_classification():
     m = manifest(inputs=(("a", "FP32", [-1, 4]), ("b", "INT64", [-1])))
     pre, post = make_preprocessor(m), make_postprocessor(m)
     assert pre.request_inputs == [RequestInput("a", ("FP32",), [-1, 4]), RequestInput("b", ("INT64",), [-1])]
-    assert protocol.RequestSchema.of(pre, post) == protocol.RequestSchema(
+    assert RequestSchema.of(pre, post) == RequestSchema(
         {"a": frozenset({"FP32"}), "b": frozenset({"INT64"})}, ("logits",)
     )
     img = make_preprocessor(manifest(pre="image", pre_params=IMAGE))
@@ -51,7 +59,7 @@ def test_request_schema_of_tensor_image_and_classification():
     assert dynamic.response_outputs[1].shape == [-1, -1] and dynamic.response_outputs[2].shape == [-1, 3]
 
 
-SCHEMA = protocol.RequestSchema({"x": frozenset({"FP32"}), "s": frozenset({"BYTES"})}, ("y", "z"))
+SCHEMA = RequestSchema({"x": frozenset({"FP32"}), "s": frozenset({"BYTES"})}, ("y", "z"))
 
 
 def body(*inputs, **top):
@@ -66,7 +74,7 @@ S = {"name": "s", "datatype": "BYTES", "shape": [1], "data": ["hi"]}
 
 
 def decode(raw, header=None, schema=SCHEMA, limits=LIMITS):
-    return protocol.decode_v2(raw, header, schema, limits)
+    return decode_v2(raw, header, schema, limits)
 
 
 def test_decode_v2_nested_flat_and_zero_sized_shapes():
@@ -126,8 +134,8 @@ def test_encode_v2_binary_outputs_read_by_tritonclient():
         "probabilities": np.array([[0.25, 0.75], [1.0, 0.0]], np.float32),
         "ids": np.array([[1, 2, 3]], np.int64),
     }
-    req = protocol.InferRequest({}, "r9", ["probabilities", "label", "ids"], frozenset({"label", "probabilities"}), {})
-    payload, length = protocol.encode_v2("digits", 2, outputs, req)
+    req = InferRequest({}, "r9", ["probabilities", "label", "ids"], frozenset({"label", "probabilities"}), {})
+    payload, length = encode_v2("digits", 2, outputs, req)
     assert length is not None and json.loads(payload[:length])["outputs"][0]["parameters"] == {"binary_data_size": 16}
     result = httpclient.InferResult.from_response_body(payload, header_length=length)
     np.testing.assert_array_equal(result.as_numpy("probabilities"), outputs["probabilities"])
@@ -135,13 +143,13 @@ def test_encode_v2_binary_outputs_read_by_tritonclient():
     np.testing.assert_array_equal(result.as_numpy("ids"), outputs["ids"])  # inline JSON
     assert result.get_response()["id"] == "r9" and result.get_response()["model_version"] == "2"
     # only what was asked for
-    payload, length = protocol.encode_v2("digits", 2, outputs, protocol.InferRequest({}, None, ["ids"], frozenset(), {}))
+    payload, length = encode_v2("digits", 2, outputs, InferRequest({}, None, ["ids"], frozenset(), {}))
     assert length is None and [o["name"] for o in json.loads(payload)["outputs"]] == ["ids"]
 
 
 def test_tritonclient_requests_decode():
     httpclient = pytest.importorskip("tritonclient.http")
-    schema = protocol.RequestSchema({"x": frozenset({"FP32"}), "s": frozenset({"BYTES"})}, ("y", "z"))
+    schema = RequestSchema({"x": frozenset({"FP32"}), "s": frozenset({"BYTES"})}, ("y", "z"))
     xs = np.arange(6, dtype=np.float32).reshape(2, 3)
     ss = np.array([b"png", b"\x00\xff"], dtype=object)
     for binary in (True, False):
@@ -152,31 +160,31 @@ def test_tritonclient_requests_decode():
         for outputs in (None, [httpclient.InferRequestedOutput("z", binary_data=True)]):
             raw, json_size = httpclient.InferenceServerClient.generate_request_body(
                 [a, b], outputs=outputs, request_id="q1")
-            r = protocol.decode_v2(raw, None if json_size is None else str(json_size), schema, LIMITS)
+            r = decode_v2(raw, None if json_size is None else str(json_size), schema, LIMITS)
             np.testing.assert_array_equal(r.tensors["x"], xs)
             assert r.id == "q1"
             assert r.binary_outputs == ({"y", "z"} if outputs is None else {"z"})
 
 
 def test_decode_v1_columnar_multi_input_and_limits():
-    two = protocol.RequestSchema({"a": frozenset({"INT64"}), "b": frozenset({"BYTES"})}, ("y",))
-    t = protocol.decode_v1(b'{"inputs": {"a": [1, 2], "b": ["p", "q"]}}', two, LIMITS)
+    two = RequestSchema({"a": frozenset({"INT64"}), "b": frozenset({"BYTES"})}, ("y",))
+    t = decode_v1(b'{"inputs": {"a": [1, 2], "b": ["p", "q"]}}', two, LIMITS)
     assert t["a"].tolist() == [1, 2] and t["b"].tolist() == ["p", "q"]
     with pytest.raises(InvalidInputError, match=r"instances\.b: input 'b' takes numbers|instances\.a: input 'a' takes"):
-        protocol.decode_v1(b'{"instances": [{"a": "x", "b": "y"}]}', two, LIMITS)
+        decode_v1(b'{"instances": [{"a": "x", "b": "y"}]}', two, LIMITS)
     small = Limits(max_tensor_elements=4)
-    one = protocol.RequestSchema({"a": frozenset({"FP32"})}, ("y",))
+    one = RequestSchema({"a": frozenset({"FP32"})}, ("y",))
     with pytest.raises(PayloadTooLargeError, match="over max_tensor_elements"):
-        protocol.decode_v1(b'{"instances": [[1, 2, 3], [4, 5, 6]]}', one, small)
+        decode_v1(b'{"instances": [[1, 2, 3], [4, 5, 6]]}', one, small)
     with pytest.raises(InvalidInputError, match="takes numbers"):
-        protocol.decode_v1(b'{"instances": ["a"]}', one, LIMITS)
+        decode_v1(b'{"instances": ["a"]}', one, LIMITS)
 
 
 def test_parse_version_ref():
-    assert protocol.parse_version_ref("12") == 12 and protocol.parse_version_ref("candidate") == "candidate"
+    assert parse_version_ref("12") == 12 and parse_version_ref("candidate") == "candidate"
     for bad in ("\u00b2", "1" * 40, "", "a/b", "-1", "x" * 200):
         with pytest.raises(InvalidInputError, match="^version: "):
-            protocol.parse_version_ref(bad)
+            parse_version_ref(bad)
 
 
 def test_check_tensor_casts_only_what_fits():

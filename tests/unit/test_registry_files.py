@@ -132,7 +132,7 @@ def test_a_version_with_external_data_is_served(reg):
     import torch
 
     from maas_ray.serving.config import ModelConfig
-    from maas_ray.serving.deployments import load_batched_runner
+    from maas_ray.serving.replicas import load_batched_runner
     from maas_ray.train.data import DataSpec
     from maas_ray.train.export import EXTERNAL_DATA_FILE, export_onnx
 

@@ -8,6 +8,13 @@ from pydantic import ValidationError
 from maas_ray.cli.rollout import parse_duration
 from maas_ray.rollout.controller import RolloutConfig
 from maas_ray.rollout.evidence import DISAGREED_LE, Snapshot, judge, quantile
+from maas_ray.serving.metric_names import (
+    RAY_REQUEST_LATENCY_BUCKET,
+    RAY_REQUEST_LATENCY_COUNT,
+    RAY_REQUESTS_TOTAL,
+    RAY_SHADOW_AGREEMENT_BUCKET,
+    RAY_SHADOW_AGREEMENT_COUNT,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -25,10 +32,10 @@ def _window(version_requests):
     values = {}
     for version, rows in version_requests.items():
         for protocol, status, count, le in rows:
-            key = ("ray_maas_request_latency_seconds_count", str(version), protocol, str(status), None)
+            key = (RAY_REQUEST_LATENCY_COUNT, str(version), protocol, str(status), None)
             values[key] = values.get(key, 0) + count
             for bound in (0.001, 0.01, 0.1, math.inf):
-                bkey = ("ray_maas_request_latency_seconds_bucket", str(version), protocol, str(status),
+                bkey = (RAY_REQUEST_LATENCY_BUCKET, str(version), protocol, str(status),
                         "+Inf" if math.isinf(bound) else repr(bound))
                 values[bkey] = values.get(bkey, 0) + (count if bound >= le else 0)
     return Snapshot(values)
@@ -39,10 +46,10 @@ def test_judge_names_each_failed_guard_with_numbers():
         1: [("http_v2", 200, 100, 0.001)],
         2: [("http_v2", 200, 18, 0.1), ("shadow", 500, 2, 0.1)],
     })
-    window.values[("ray_maas_shadow_agreement_count", "2", None, None, None)] = 10
-    window.values[("ray_maas_shadow_agreement_bucket", "2", None, None, "1e-06")] = 1  # disagreed
-    window.values[("ray_maas_shadow_agreement_bucket", "2", None, None, "0.5")] = 1  # cumulative
-    window.values[("ray_maas_shadow_agreement_bucket", "2", None, None, "+Inf")] = 10
+    window.values[(RAY_SHADOW_AGREEMENT_COUNT, "2", None, None, None)] = 10
+    window.values[(RAY_SHADOW_AGREEMENT_BUCKET, "2", None, None, "1e-06")] = 1  # disagreed
+    window.values[(RAY_SHADOW_AGREEMENT_BUCKET, "2", None, None, "0.5")] = 1  # cumulative
+    window.values[(RAY_SHADOW_AGREEMENT_BUCKET, "2", None, None, "+Inf")] = 10
     ev = judge(window, 2, 1, max_error_rate=0.05, max_p99_ratio=1.3, min_agreement=0.95, min_requests=5)
     assert ev.candidate_requests == 20 and ev.error_rate == pytest.approx(0.1) and ev.agreement == pytest.approx(0.9)
     assert [f.split()[0] for f in ev.failed] == ["error", "p99", "agreement"]
@@ -73,16 +80,16 @@ def test_agreement_reads_the_disagreement_bucket_however_le_is_written():
 
     assert DISAGREED_LE == AGREEMENT_BOUNDS[0]  # evidence.py writes the bound out (no serving import)
     for le in ("1e-06", "1e-6", "0.000001"):
-        window = Snapshot({("ray_maas_shadow_agreement_count", "3", None, None, None): 40,
-                           ("ray_maas_shadow_agreement_bucket", "3", None, None, le): 4,
-                           ("ray_maas_shadow_agreement_bucket", "3", None, None, "0.5"): 4,
-                           ("ray_maas_shadow_agreement_bucket", "3", None, None, "+Inf"): 40,
-                           ("ray_maas_shadow_agreement_count", "2", None, None, None): 7})
+        window = Snapshot({(RAY_SHADOW_AGREEMENT_COUNT, "3", None, None, None): 40,
+                           (RAY_SHADOW_AGREEMENT_BUCKET, "3", None, None, le): 4,
+                           (RAY_SHADOW_AGREEMENT_BUCKET, "3", None, None, "0.5"): 4,
+                           (RAY_SHADOW_AGREEMENT_BUCKET, "3", None, None, "+Inf"): 40,
+                           (RAY_SHADOW_AGREEMENT_COUNT, "2", None, None, None): 7})
         assert window.agreement(3) == (40, 36)
 
 
 def test_requests_come_from_the_latency_histogram_not_the_flushed_counter():
     """The counter is flushed series by series; a window must not mix it with the histogram."""
-    window = Snapshot({("ray_maas_requests_total", "2", "http_v2", "500", None): 50,
-                       ("ray_maas_request_latency_seconds_count", "2", "http_v2", "200", None): 10})
+    window = Snapshot({(RAY_REQUESTS_TOTAL, "2", "http_v2", "500", None): 50,
+                       (RAY_REQUEST_LATENCY_COUNT, "2", "http_v2", "200", None): 10})
     assert window.requests(2, ("http_v2",)) == (10, 0)

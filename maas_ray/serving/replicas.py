@@ -27,7 +27,7 @@ from maas_ray.registry import ONNX_EXTERNAL_DATA, LoadedModel, Registry
 from maas_ray.serving.config import BatchingConfig, Limits, ModelConfig
 from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.processors import make_postprocessor, make_preprocessor
-from maas_ray.serving.protocol import RequestSchema
+from maas_ray.serving.types import RequestSchema
 from maas_ray.serving.runner import BatchedRunner, OnnxRunner
 
 logger = logging.getLogger(__name__)

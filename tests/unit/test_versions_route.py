@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from maas_ray.serving.config import ModelConfig
-from maas_ray.serving.ingress import _Route
+from maas_ray.serving.versions import Route
 
 pytestmark = pytest.mark.unit
 REPLICA_STAGES = {"decode": 0.001, "queue": 0.002, "inference": 0.004, "encode": 0.001}
@@ -35,12 +35,12 @@ class _Handle:
         self.infer_many = method
 
 
-def _route(method: _Method) -> _Route:
+def _route(method: _Method) -> Route:
     model = ModelConfig(name="m", placement="fused", versions=[{"version": 1}])
-    return _Route(handles={"infer": _Handle(method)}, model=model)
+    return Route(handles={"infer": _Handle(method)}, model=model)
 
 
-async def _route_infer(route: _Route, i: int):
+async def _route_infer(route: Route, i: int):
     return await route.infer({"x": np.array([[float(i)]], np.float32)}, False)
 
 

@@ -1,0 +1,278 @@
+"""The ingress core: one request path behind every transport, knowing none of them.
+
+A transport (HTTP, gRPC, the Python handle) does, per infer request::
+
+    core.admit(key, client, model)         # 401/403/429 before any body is read
+    slot = await core.pick(model, version, sticky_key)
+    decoded = codecs.<protocol>.decode(body, slot.schema, core.limits)
+    result = await core.run(model, slot, decoded.tensors, strict, decode_s)
+    ... encode result.outputs, send, then result.after_response()
+
+:class:`InferenceService` is that interface, all a transport may use; :class:`IngressCore`
+implements it over the version table (:mod:`.versions`), admission (:mod:`.admission`),
+shadow mirroring, request deadlines and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from typing import Any, Mapping, Optional, Protocol
+
+from pydantic import ValidationError
+
+from maas_ray._version import __version__
+from maas_ray.errors import ConfigError, format_validation_error
+from maas_ray.serving.admission import Admission
+from maas_ray.serving.config import AppArgs, BatchingConfig, Limits
+from maas_ray.serving.keys import Principal
+from maas_ray.serving.limits import RequestDeadlines
+from maas_ray.serving.metrics import ServingMetrics
+from maas_ray.serving.replicas import app_name
+from maas_ray.serving.shadow import ShadowMirror, parse_shadow
+from maas_ray.serving.types import InferResult, Tensors
+from maas_ray.serving.versions import VersionSlot, VersionTable
+
+logger = logging.getLogger(__name__)
+
+# The OIP extensions the server metadata advertises.
+EXTENSIONS = ("binary_tensor_data", "model_repository")
+
+
+class InferenceService(Protocol):
+    """What the transports (:mod:`.http`, :mod:`.grpc`, :mod:`.handle`) depend on."""
+
+    limits: Limits
+    metrics: ServingMetrics
+    deadlines: RequestDeadlines
+    key_header: str  # the request header (or gRPC metadata / parameter) carrying the sticky key
+
+    @property
+    def model_names(self) -> list[str]: ...
+
+    def admit(self, api_key: Optional[str], client: str, model: Optional[str], *,
+              admin: bool = False) -> Principal: ...
+
+    async def pick(self, model: str, version: Optional[str], key: Optional[str]) -> VersionSlot: ...
+
+    async def run(self, model: str, slot: VersionSlot, tensors: Tensors, strict: bool,
+                  decode_s: float = 0.0) -> InferResult: ...
+
+    def server_metadata(self) -> dict[str, Any]: ...
+
+    async def metadata(self, model: str, version: Optional[str]) -> dict[str, Any]: ...
+
+    async def model_ready(self, model: str, version: Optional[str]) -> dict[str, Any]: ...
+
+    async def server_ready(self) -> bool: ...
+
+    def index(self) -> list[dict[str, Any]]: ...
+
+
+class IngressCore:
+    """The ingress replica's state and request path; implements :class:`InferenceService`."""
+
+    def __init__(
+        self,
+        args: AppArgs,
+        routes: Mapping[str, Mapping[Any, dict[str, Any]]],
+        resolved: Mapping[str, dict[str, int]],
+    ) -> None:
+        self.args = args
+        self.limits = args.limits
+        self.metrics = ServingMetrics(app=app_name(), models=[m.name for m in args.models])
+        self.metrics.start()
+        self.admission = Admission(args)
+        self.deadlines = RequestDeadlines(self.limits.request_timeout_s)
+        self.versions = VersionTable(args, routes, resolved, self.metrics)
+        self.shadow = ShadowMirror(self._shadow_call, self.metrics)
+        self.batching: dict[str, Any] = {}  # model -> the user_config batching entry last applied
+        self.key_header = args.request_key_header.lower()
+        self._background: list[asyncio.Task] = []
+
+    @property
+    def model_names(self) -> list[str]:
+        return sorted(self.versions.slots)
+
+    def admit(self, api_key: Optional[str], client: str, model: Optional[str], *, admin: bool = False) -> Principal:
+        return self.admission.admit(api_key, client, model, admin=admin)
+
+    # ---- background loops -------------------------------------------------------------
+    def ensure_background(self) -> None:
+        """Start the background loops on the replica's event loop (the constructor has none)."""
+        if self._background:
+            return
+        loop = asyncio.get_running_loop()
+        self._background = [loop.create_task(self.versions.poll_remote_versions()),
+                            loop.create_task(self.versions.follow_aliases()),
+                            loop.create_task(self.deadlines.watch_forever())]
+        if self.admission.keys is not None:
+            self._background.append(loop.create_task(self.admission.keys.refresh_forever()))
+
+    def check_health(self) -> None:
+        """Keep the background loops alive (Serve's periodic health check calls this)."""
+        for task in self._background:
+            if task.done():
+                logger.error("a background loop stopped (%r); restarting them", task)
+                for other in self._background:
+                    other.cancel()
+                self._background = []
+                break
+        self.ensure_background()
+
+    # ---- configuration ----------------------------------------------------------------
+    def reconfigure(self, user_config: Mapping[str, Any]) -> None:
+        """Apply ``{"traffic": {model: {version: weight}}, "shadow": {model: {version, share}},
+        "batching": {model: {...}}}`` over what the args built: a model (or batching field) that
+        user_config leaves out keeps its built value, so weights are stated once, in args, and a
+        YAML ``user_config`` overrides only what it names. All of it is checked before any of it
+        applies.
+
+        The shadow map is declarative: a model it leaves out is not mirrored (a rollout's
+        rollback restores the map it found, and that must stop the mirroring to the
+        rolled-back candidate); no ``shadow`` key at all means the models' build-time settings.
+        """
+        if not isinstance(user_config, Mapping):
+            raise ConfigError(f"user_config: expected an object, got {user_config!r}")
+        built = self.args.ingress_user_config()
+        sections = {}
+        for section in ("traffic", "batching", "shadow"):
+            given = user_config.get(section)
+            if given is not None and not isinstance(given, Mapping):
+                raise ConfigError(f"user_config.{section}: expected {{model: ...}}, got {given!r}")
+            sections[section] = given or {}
+        traffic = {**built["traffic"], **sections["traffic"]}
+        parsed_traffic = {model: self.versions.check_traffic(model, w) for model, w in traffic.items()}
+        batching = {model: {**built["batching"].get(model, {}), **(entry or {})}
+                    for model, entry in {**built["batching"], **sections["batching"]}.items()}
+        for model, entry in batching.items():
+            self.versions.of(model)
+            try:
+                BatchingConfig.model_validate(entry)
+            except ValidationError as exc:
+                raise ConfigError(format_validation_error(exc, f"user_config.batching.{model}")) from exc
+        shadow = built["shadow"] if user_config.get("shadow") is None else sections["shadow"]
+        targets = {}
+        for model, target in shadow.items():
+            slots = self.versions.of(model)
+            parsed_target = parse_shadow(model, target, lambda ref, m=model: self.versions.resolve(m, ref), set(slots))
+            if parsed_target is not None:
+                targets[model] = parsed_target
+
+        for model, refs in parsed_traffic.items():
+            if refs != self.versions.refs.get(model):
+                logger.info("traffic for %s is now %s", model, refs)
+            self.versions.set_traffic(model, refs)
+        if targets != self.shadow.targets:
+            logger.info("shadow targets are now %s", targets or "none")
+        self.shadow.targets = targets
+        for model, entry in batching.items():
+            if entry != self.batching.get(model):
+                self.versions.reconfigure_batching(model, entry)
+            self.batching[model] = entry
+
+    def current_config(self) -> dict[str, Any]:
+        """The user_config this replica runs with (what the rollout controller edits and restores),
+        plus the version each reference resolves to now and each version's state."""
+        v = self.versions
+        return {
+            "user_config": {
+                "traffic": {m: dict(refs) for m, refs in v.refs.items()},
+                "shadow": {m: {"version": str(t.version), "share": t.share} for m, t in self.shadow.targets.items()},
+                "batching": dict(self.batching),
+            },
+            "resolved": {m: dict(a) for m, a in v.aliases.items()},
+            "weights": {m: {str(n): w for n, w in ws.items()} for m, ws in v.weights.items()},
+            "states": {m: {str(n): s.state for n, s in slots.items()} for m, slots in v.slots.items()},
+        }
+
+    def replicas(self) -> dict[str, Any]:
+        """Which process and onnxruntime provider serve each version (ops and tests)."""
+        return {
+            "ingress_pid": os.getpid(),
+            "torch_imported": "torch" in sys.modules,
+            "models": {m: {n: {k: d for k, d in s.describe.items() if k != "schema"} for n, s in slots.items()}
+                       for m, slots in self.versions.slots.items()},
+        }
+
+    # ---- the one inference path -------------------------------------------------------
+    async def pick(self, model: str, version: Optional[str], key: Optional[str]) -> VersionSlot:
+        """The ready version this request goes to (404 unknown model/version, 503 not ready)."""
+        self.ensure_background()
+        if self.versions.loading.get(model):
+            await self.versions.refresh_loading(model)
+        slot = self.versions.pick(model, version, key)
+        if slot.state != "ready":
+            slot.require_ready(model)
+        return slot
+
+    async def run(self, model: str, slot: VersionSlot, tensors: Tensors, strict: bool,
+                  decode_s: float = 0.0) -> InferResult:
+        """Run decoded tensors through the version (pre -> batched inference -> post).
+
+        ``strict``: the request's datatypes were declared (OIP v2), so the preprocessor casts
+        nothing; v1 and handle calls send plain numbers. ``decode_s`` is added to the
+        ``decode`` stage."""
+        outputs, stages = await slot.route.infer(tensors, strict)
+        stages["decode"] = decode_s + stages.get("decode", 0.0)  # a fresh dict per request
+        mirror = self.shadow.plan(model, slot.number, tensors, outputs, strict)
+        return InferResult(slot.number, outputs, stages, mirror)
+
+    async def _shadow_call(self, model: str, version: int, tensors: Tensors, strict: bool) -> Tensors:
+        slot = self.versions.slots[model][version]
+        slot.require_ready(model)
+        outputs, _ = await slot.route.infer(tensors, strict)
+        return outputs
+
+    # ---- metadata and readiness -------------------------------------------------------
+    def server_metadata(self) -> dict[str, Any]:
+        """OIP server metadata (HTTP ``GET /v2``, gRPC ``ServerMetadata``)."""
+        return {"name": "maas-ray", "version": __version__, "extensions": list(EXTENSIONS)}
+
+    async def metadata(self, model: str, version: Optional[str]) -> dict[str, Any]:
+        slots = self.versions.of(model)
+        await self.versions.refresh_loading(model)
+        slot = slots[self.versions.likely_version(model)] if version is None else self.versions.pick(model, version,
+                                                                                                     None)
+        manifest = slot.manifest
+        return {
+            "name": model,
+            "versions": [str(v) for v in sorted(slots)],
+            "platform": "onnxruntime_onnx",
+            "inputs": slot.describe.get("inputs", []),
+            "outputs": slot.describe.get("outputs", []),
+            "parameters": {
+                "version": str(slot.number),
+                "state": slot.state,
+                **({"reason": slot.reason} if slot.reason else {}),
+                "preprocessor": manifest.preprocessor.name if manifest else None,
+                "postprocessor": manifest.postprocessor.name if manifest else None,
+                "traffic": {str(k): w for k, w in self.versions.weights[model].items()},
+                "states": {str(v): s.state for v, s in sorted(slots.items())},
+            },
+        }
+
+    async def model_ready(self, model: str, version: Optional[str]) -> dict[str, Any]:
+        """{"name", "ready", ...}; ready means: answers unpinned requests (or this version's)."""
+        self.ensure_background()
+        await self.versions.refresh_loading(model)
+        if version is None:
+            self.versions.of(model)
+            return {"name": model, "ready": self.versions.routers[model] is not None}
+        slot = self.versions.pick(model, version, None)
+        out = {"name": model, "version": str(slot.number), "ready": slot.state == "ready"}
+        if slot.reason:
+            out["reason"] = slot.reason
+        return out
+
+    async def server_ready(self) -> bool:
+        self.ensure_background()
+        for model in self.versions.slots:
+            await self.versions.refresh_loading(model)
+        return all(router is not None for router in self.versions.routers.values())
+
+    def index(self) -> list[dict[str, Any]]:
+        return self.versions.index()

@@ -1,0 +1,98 @@
+"""The serving metrics' names and label names: the one place they are spelled.
+
+Two forms of each name:
+
+- recorded: what :mod:`maas_ray.serving.metrics` passes to ``ray.util.metrics``
+  (:data:`REQUESTS`, :data:`STAGE_LATENCY`, ...);
+- exported: what Prometheus scrapes from Ray's metrics agent, which prepends ``ray_`` to every
+  name and appends ``_total`` to counters; a histogram is three series ``<name>_bucket``,
+  ``_sum`` and ``_count`` (:func:`exported`, the ``RAY_*`` constants, :data:`EXPORTED_NAMES`).
+
+The rollout evidence, the benchmarks and the tests build their queries from these; the
+Grafana dashboard and ``deployments/monitoring/README.md`` spell them out, and
+``tests/unit/test_metric_names.py`` checks every name they use is defined here.
+
+Plain strings only: importing this module imports nothing.
+"""
+
+from __future__ import annotations
+
+# ---- recorded names (ray.util.metrics) -------------------------------------------------
+# Counters
+REQUESTS = "maas_requests"
+ERRORS = "maas_errors"
+SHADOW_DROPPED = "maas_shadow_dropped"
+# Gauges
+IN_FLIGHT = "maas_requests_in_flight"
+VERSION_STATE = "maas_version_state"
+# Native Ray histograms (what the rollout controller divides)
+REQUEST_LATENCY = "maas_request_latency_seconds"
+SHADOW_AGREEMENT = "maas_shadow_agreement"
+# Histograms exported as three gauges <name>_bucket / _sum / _count (dashboards only)
+STAGE_LATENCY = "maas_stage_latency_seconds"
+BATCH_SIZE = "maas_batch_size"
+SHADOW_DIFF = "maas_shadow_max_abs_diff"
+
+COUNTERS = (REQUESTS, ERRORS, SHADOW_DROPPED)
+GAUGES = (IN_FLIGHT, VERSION_STATE)
+HISTOGRAMS = (REQUEST_LATENCY, SHADOW_AGREEMENT, STAGE_LATENCY, BATCH_SIZE, SHADOW_DIFF)
+
+# Suffixes: a histogram's three series; what Ray's agent appends to a counter.
+BUCKET, SUM, COUNT = "_bucket", "_sum", "_count"
+HISTOGRAM_PARTS = (BUCKET, SUM, COUNT)
+TOTAL = "_total"
+# What Ray's metrics agent prepends to every name on export.
+EXPORT_PREFIX = "ray_"
+
+# ---- label names ---------------------------------------------------------------------
+LABEL_APP = "app"
+LABEL_MODEL = "model"
+LABEL_VERSION = "version"
+LABEL_PROTOCOL = "protocol"
+LABEL_STATUS = "status"
+LABEL_ERROR = "error"
+LABEL_STAGE = "stage"
+LABEL_STATE = "state"
+LABEL_LE = "le"  # a histogram bucket's upper bound (Prometheus)
+
+
+def exported(name: str, suffix: str = "") -> str:
+    """The name Prometheus scrapes for a recorded ``name``: ``exported(REQUESTS, TOTAL)`` is
+    ``ray_maas_requests_total``, ``exported(BATCH_SIZE, BUCKET)`` ``ray_maas_batch_size_bucket``."""
+    return f"{EXPORT_PREFIX}{name}{suffix}"
+
+
+# ---- exported names (Prometheus) -----------------------------------------------------
+RAY_REQUESTS_TOTAL = exported(REQUESTS, TOTAL)
+RAY_ERRORS_TOTAL = exported(ERRORS, TOTAL)
+RAY_SHADOW_DROPPED_TOTAL = exported(SHADOW_DROPPED, TOTAL)
+RAY_IN_FLIGHT = exported(IN_FLIGHT)
+RAY_VERSION_STATE = exported(VERSION_STATE)
+# A histogram's base name (PromQL, dashboards); its series are the three below it.
+RAY_REQUEST_LATENCY = exported(REQUEST_LATENCY)
+RAY_REQUEST_LATENCY_BUCKET = exported(REQUEST_LATENCY, BUCKET)
+RAY_REQUEST_LATENCY_SUM = exported(REQUEST_LATENCY, SUM)
+RAY_REQUEST_LATENCY_COUNT = exported(REQUEST_LATENCY, COUNT)
+RAY_SHADOW_AGREEMENT = exported(SHADOW_AGREEMENT)
+RAY_SHADOW_AGREEMENT_BUCKET = exported(SHADOW_AGREEMENT, BUCKET)
+RAY_SHADOW_AGREEMENT_SUM = exported(SHADOW_AGREEMENT, SUM)
+RAY_SHADOW_AGREEMENT_COUNT = exported(SHADOW_AGREEMENT, COUNT)
+RAY_STAGE_LATENCY = exported(STAGE_LATENCY)
+RAY_STAGE_LATENCY_BUCKET = exported(STAGE_LATENCY, BUCKET)
+RAY_STAGE_LATENCY_SUM = exported(STAGE_LATENCY, SUM)
+RAY_STAGE_LATENCY_COUNT = exported(STAGE_LATENCY, COUNT)
+RAY_BATCH_SIZE = exported(BATCH_SIZE)
+RAY_BATCH_SIZE_BUCKET = exported(BATCH_SIZE, BUCKET)
+RAY_BATCH_SIZE_SUM = exported(BATCH_SIZE, SUM)
+RAY_BATCH_SIZE_COUNT = exported(BATCH_SIZE, COUNT)
+RAY_SHADOW_DIFF = exported(SHADOW_DIFF)
+RAY_SHADOW_DIFF_BUCKET = exported(SHADOW_DIFF, BUCKET)
+RAY_SHADOW_DIFF_SUM = exported(SHADOW_DIFF, SUM)
+RAY_SHADOW_DIFF_COUNT = exported(SHADOW_DIFF, COUNT)
+
+# Every series the serving metrics export, as scraped.
+EXPORTED_NAMES = frozenset(
+    {exported(c, TOTAL) for c in COUNTERS}
+    | {exported(g) for g in GAUGES}
+    | {exported(h, part) for h in HISTOGRAMS for part in HISTOGRAM_PARTS}
+)
