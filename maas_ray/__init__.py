@@ -31,7 +31,7 @@ from maas_ray.errors import (
 )
 from maas_ray.registry import Manifest, ProcessorSpec, Registry, TensorSpec
 
-from maas_ray._version import __version__
+from maas_ray._version import __version__  # noqa: F401 - re-exported
 
 _LAZY = {
     "AppArgs": "maas_ray.serving",

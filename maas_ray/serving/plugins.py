@@ -121,7 +121,9 @@ def check_tensor(spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
         )
     for got, want in zip(arr.shape, spec.shape):
         if want != -1 and got != want:
-            raise InvalidInputError(f"input {spec.name!r}: expected shape {spec.shape} (-1 = any), got {list(arr.shape)}")
+            raise InvalidInputError(
+                f"input {spec.name!r}: expected shape {spec.shape} (-1 = any), got {list(arr.shape)}"
+            )
     if arr.shape[0] == 0:
         raise InvalidInputError(f"input {spec.name!r}: empty batch")
     dtype = spec.numpy_dtype

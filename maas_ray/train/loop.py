@@ -10,7 +10,6 @@ import tempfile
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset

@@ -7,13 +7,15 @@ import os
 import time
 from contextlib import redirect_stdout
 
+from maas_ray.runtime import QUICK_TRAIN_REPORTS_ENV
+
 # Serve's HTTP port in integration tests; set MAAS_TEST_HTTP_PORT to run two suites side by side.
 HTTP_PORT = int(os.environ.get("MAAS_TEST_HTTP_PORT", "8000"))
 
 # Shorten Ray's reaction times for tests (env vars are read when Ray starts; replicas and
 # Train workers inherit them). Serve's autoscaler pushes metrics every 10 s by default.
 TEST_ENV = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    **QUICK_TRAIN_REPORTS_ENV,
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_DEDUP_LOGS": "1",

@@ -152,7 +152,30 @@ def test_v1_predict_pixels(app, digits):
     preds = r.json()["predictions"]
     assert [p["label"] for p in preds] == [str(v) for v in y[:5]]
     assert len(preds[0]["probabilities"]) == 10 and len(preds[0]["top_k_scores"]) == 3
-    assert r.headers["x-model-version"] in {"1", "2"}
+
+
+def test_v1_unpinned_follows_the_sticky_split_and_names_the_version_that_answered(app, digits):
+    """Both versions are served (90/10): a sticky key reaches the same version through v1 as
+    through v2, and x-model-version names the version whose answer came back."""
+    x, _ = digits
+    instances = {"instances": x[:5].tolist()}
+    key_of = {}  # version -> a key the v2 route sends there
+    for i in range(200):  # P(no key reaches the 10 % version) = 0.9**200
+        key = f"v1-{i}"
+        version = app.post("/v2/models/digits/infer", json=v2_body(x[:1]), headers={"x-request-key": key}).headers["x-model-version"]
+        key_of.setdefault(version, key)
+        if len(key_of) == 2:
+            break
+    assert set(key_of) == {"1", "2"}, key_of
+    probabilities = {v: [p["probabilities"] for p in app.post(f"/v1/models/digits/versions/{v}:predict", json=instances).json()["predictions"]]
+                     for v in ("1", "2")}
+    assert not np.allclose(probabilities["1"], probabilities["2"])  # the answers tell the versions apart
+    for version, key in key_of.items():
+        for _ in range(5):  # a split that ignored the key sends the 10 % key's 5 requests to "2" at p = 1e-5
+            r = app.post("/v1/models/digits:predict", json=instances, headers={"x-request-key": key})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-model-version"] == version, (key, version)
+            np.testing.assert_allclose([p["probabilities"] for p in r.json()["predictions"]], probabilities[version], atol=1e-6)
 
 
 def test_split_and_ingress_placements_concatenate_and_split_batches(app):

@@ -3,7 +3,7 @@
 import pytest
 
 from maas_ray.errors import ConfigError
-from maas_ray.registry import ProcessorSpec, Registry
+from maas_ray.registry import Registry
 from maas_ray.serving import build_app
 from tests.helpers import linear_onnx
 
@@ -48,17 +48,6 @@ def test_bad_config_fails_at_build_time_naming_field_and_value(root, bad, messag
 def test_unknown_model_fails_at_build_time(root):
     with pytest.raises(ConfigError, match="models.0.versions.0.version: model 'x' does not exist"):
         build_app({"registry_root": root, "models": [{"name": "x", "versions": [{"version": 1}]}]})
-
-
-def test_valid_config_builds_every_placement(root):
-    for placement in ("split", "fused"):
-        app = build_app(args(root, [{"version": "production", "weight": 3}, {"version": 2, "weight": 1}], placement=placement,
-                             inference={"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.25}}))
-        assert app is not None
-    assert build_app(args(root, [{"version": 1}], placement="ingress")) is not None
-    reg = Registry(root)
-    reg.publish("m", linear_onnx(), postprocessor=ProcessorSpec(name="classification"))
-    assert build_app(args(root, [{"version": 3}])) is not None
 
 
 def test_deployment_yamls_parse(tmp_path):

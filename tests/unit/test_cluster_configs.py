@@ -64,11 +64,11 @@ def test_every_node_installs_one_runtime_and_sees_the_registry(path):
         assert "check_onnxruntime_install" in commands, name
         assert "ray-wheels" not in commands, f"{name} inherited Ray's default nightly install"
         if config["provider"]["type"] == "local":  # one node type: pick the build per machine
-            assert "nvidia-smi" in commands and "maas-ray[gpu]" in commands, name
-            assert "maas-ray[cpu]" in commands, name
+            assert "nvidia-smi" in commands and "maas-ray[gpu,train]" in commands, name
+            assert "maas-ray[cpu,train]" in commands, name
             continue
         gpus = config["available_node_types"][name]["resources"].get("GPU", 0)
-        wanted, unwanted = ("[gpu]", "[cpu]") if gpus else ("[cpu]", "[gpu]")
+        wanted, unwanted = ("[gpu,train]", "[cpu,") if gpus else ("[cpu,train]", "[gpu,")
         assert f"maas-ray{wanted}" in commands, f"{name} should install maas-ray{wanted}"
         assert f"maas-ray{unwanted}" not in commands, f"{name} installs both onnxruntime builds"
 
@@ -127,3 +127,17 @@ def test_every_node_turns_api_keys_and_ray_token_auth_on(path):
     # the Ray token every node needs comes from the machine running `ray up`
     mounts = config["file_mounts"]
     assert any(remote.endswith("/.ray/auth_token") for remote in mounts), mounts
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_node_turns_ray_tls_on(path):
+    """Ray's own TLS between its processes: the four variables on every node, and the files
+    they name copied there by file_mounts."""
+    config = _validated(_load(path))
+    for name, commands in _setup_per_node_type(config).items():
+        env = _exports(commands)
+        assert env.get("RAY_USE_TLS") == "1", f"{name} runs Ray without TLS"
+        for var in ("RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT"):
+            assert env.get(var, "").startswith("$HOME/maas-tls/"), f"{name}: {var}={env.get(var)!r}"
+    mounts = config["file_mounts"]
+    assert any(remote.endswith("/maas-tls") and local == "./cluster/tls" for remote, local in mounts.items()), mounts

@@ -1,4 +1,5 @@
 import pickle
+from importlib import import_module
 
 import pytest
 from pydantic import ValidationError
@@ -19,7 +20,10 @@ def test_public_api_is_exactly_all():
                     and not isinstance(getattr(maas_ray, n, None), types.ModuleType))
     assert sorted(maas_ray.__all__, key=str.lower) == sorted(public, key=str.lower)
     for name in maas_ray.__all__:
-        assert getattr(maas_ray, name) is not None
+        obj = getattr(maas_ray, name)  # a lazy name imports its module now
+        assert getattr(obj, "__name__", None) == name, (name, obj)  # the class or function itself
+        home = maas_ray._LAZY.get(name, obj.__module__)
+        assert obj is getattr(import_module(home), name), (name, home)
 
 
 @pytest.mark.parametrize(

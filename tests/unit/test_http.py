@@ -61,7 +61,7 @@ class FakeIngress:
             raise RuntimeError("boom")
         return SimpleNamespace(number=3, schema=SCHEMA)
 
-    async def run(self, model, slot, tensors, strict, decode_s=0.0):
+    async def run(self, model, slot, tensors, strict, decode_s=0.0, *, request_id=None, protocol=None):
         self.calls[-1] = self.calls[-1][:3] + (strict,)
         if model == "hang":
             await asyncio.sleep(5)

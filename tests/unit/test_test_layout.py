@@ -57,6 +57,15 @@ def test_no_test_module_imports_another_test_module():
     assert not offenders, f"test modules importing test modules (share through tests/helpers/ or a conftest.py): {offenders}"
 
 
+def test_every_folder_of_test_modules_is_a_package():
+    """tests/unit/test_x.py and tests/integration/test_x.py may share a name only as
+    tests.unit.test_x and tests.integration.test_x: outside packages pytest imports both as
+    ``test_x`` and stops collecting ("import file mismatch")."""
+    folders = {p.parent for p in files_of_tests()}
+    missing = sorted(str(f.relative_to(TESTS.parent)) for f in folders if not (f / "__init__.py").is_file())
+    assert not missing, f"folders of test modules without __init__.py: {missing}"
+
+
 def test_helpers_are_a_package_and_no_module_sits_beside_it():
     assert (TESTS / "helpers" / "__init__.py").is_file()
     assert not (TESTS / "helpers.py").exists() and not (TESTS / "load.py").exists()

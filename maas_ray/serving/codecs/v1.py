@@ -79,7 +79,8 @@ def decode_v1(body: bytes, schema: RequestSchema, limits: "Limits") -> Tensors:
         cols = req["inputs"]
         if type(cols) is dict:
             if cols.keys() != set(names):
-                raise InvalidInputError(f"inputs: expected the keys {names}, got {sorted(short_key(k) for k in cols)[:10]}")
+                got = sorted(short_key(k) for k in cols)[:10]
+                raise InvalidInputError(f"inputs: expected the keys {names}, got {got}")
             columns = cols
         elif len(names) == 1:
             columns[names[0]] = cols
