@@ -34,7 +34,7 @@ fi
 # The other build must not linger: both own the same `onnxruntime/` files.
 other=$([ "$flavor" = gpu ] && echo onnxruntime || echo onnxruntime-gpu)
 .venv/bin/python -m pip uninstall --quiet -y "$other" >/dev/null 2>&1 || true
-"${pip[@]}" -e ".[$flavor,train,dev]"
+"${pip[@]}" -e ".[$flavor,train,tabular,dev]"
 .venv/bin/python -c "
 from maas_ray.runtime import check_onnxruntime_install
 import torch

@@ -48,13 +48,30 @@ def ray_console_options(verbose: bool) -> dict[str, Any]:
 def _registry(args: argparse.Namespace):
     from maas_ray.registry import Registry
 
-    return Registry(args.registry)
+    # --encrypt / --kek / --sign-key exist on the commands that publish (_add_artifact_flags)
+    return Registry(args.registry, kek_uri=getattr(args, "kek", None), encrypt=getattr(args, "encrypt", False),
+                    signing_key=getattr(args, "sign_key", None))
+
+
+def _add_artifact_flags(parser: argparse.ArgumentParser) -> None:
+    """Encrypt and sign what the command publishes (docs/security.md)."""
+    parser.add_argument("--encrypt", action="store_true",
+                        help="Store the version's files AES-256-GCM encrypted (needs a KEK: --kek or $MAAS_KEK_URI).")
+    parser.add_argument("--kek", default=None, metavar="URI",
+                        help="Key-encryption key: file:///path/kek.key or env:NAME (default $MAAS_KEK_URI).")
+    parser.add_argument("--sign-key", default=None, metavar="URI",
+                        help="Ed25519 private key to sign the manifest (default $MAAS_SIGNING_KEY; unsigned if neither).")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import ray
 
     from maas_ray.runtime import quick_train_reports
+    from maas_ray.train.tabular import is_tabular_config
+
+    if is_tabular_config(args.config):  # `kind: tabular`: trees / scikit-learn (docs/tabular.md)
+        quick_train_reports()
+        return _train_tabular(args)
     from maas_ray.train import TrainConfig, train_and_publish
     from maas_ray.train.pipeline import format_epoch
 
@@ -78,6 +95,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"parity_max_abs_diff={report.parity_max_abs_diff:.2e}  "
         f"mean_epoch={report.mean_epoch_seconds:.2f}s  wall={report.wall_seconds:.1f}s"
     )
+    return 0
+
+
+def _train_tabular(args: argparse.Namespace) -> int:
+    import ray
+
+    from maas_ray.train.tabular import TabularTrainConfig, train_tabular
+
+    cfg = TabularTrainConfig.load(args.config, **_flag_values(args, TabularTrainConfig))
+    if not args.verbose:  # Ray Data's progress report is not ours to print (set after its import)
+        import ray.data
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        report = train_tabular(
+            cfg, _registry(args), on_progress=lambda line: print(line, flush=True),
+            ray_init={"address": args.address, **ray_console_options(args.verbose)},
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    m = report.manifest
+    scores = "  ".join(f"{k}={v:.4g}" for k, v in report.metrics.items() if k.startswith("test_"))
+    print(f"published {m.model}:{m.version}  {scores}  parity_max_abs_diff={report.parity_max_abs_diff:.2e}  "
+          f"wall={report.wall_seconds:.1f}s")
     return 0
 
 
@@ -111,7 +153,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             postprocessor=spec(args.postprocessor, args.postprocessor_params),
             description=args.description,
         )
-        print(f"published {m.model}:{m.version} sha256={m.sha256}")
+        print(f"published {m.model}:{m.version} sha256={m.sha256}"
+              f"{'  encrypted (kek ' + m.encryption.kek_id + ')' if m.encryption else ''}")
     elif args.models_cmd == "alias":
         v = reg.set_alias(args.model, args.alias, args.version)
         print(f"{args.model}:{args.alias} -> {v}")
@@ -165,10 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maas", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("train", parents=[common], help="Train with Ray Train DDP, export, publish.")
-    p.add_argument("--config", help="TrainConfig YAML, e.g. deployments/train/digits.yaml.")
+    p = sub.add_parser("train", parents=[common], help="Train with Ray Train (DDP, or trees), export, publish.")
+    p.add_argument("--config", help="TrainConfig YAML, e.g. deployments/train/digits.yaml; one with `kind: tabular` "
+                   "trains trees or scikit-learn (deployments/train/tabular-*.yaml, docs/tabular.md).")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start or join a local one).")
     _add_model_flags(p, TrainConfig)
+    _add_artifact_flags(p)
     p.set_defaults(func=cmd_train)
 
     models = sub.add_parser("models", help="Inspect and manage the model registry.")
@@ -186,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocessor", default="tensor")
     p.add_argument("--postprocessor-params", default=None, help="JSON object.")
     p.add_argument("--description", default="")
+    _add_artifact_flags(p)
     p = msub.add_parser("alias", parents=[common], help="Point an alias (e.g. production) at a version.")
     p.add_argument("model")
     p.add_argument("alias")
@@ -197,9 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_keys_parser(sub, common)
 
+    from maas_ray.cli.audit import add_audit_parser
+
+    add_audit_parser(sub, common)
+
     from maas_ray.cli.rollout import add_rollout_parser
 
     add_rollout_parser(sub, common)
+
+    from maas_ray.batch.cli import add_batch_parser
+
+    add_batch_parser(sub, common, ray_console_options)
 
     p = sub.add_parser("optimize", parents=[common], help="Publish an INT8 / FP16 / graph-optimized version of a version.")
     p.add_argument("ref", help="MODEL:VERSION (a number or an alias), e.g. digits:1.")
@@ -210,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-accuracy-drop", type=float, default=None, help="Refuse to publish above this drop (default 0.01).")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads for the timings (default 1).")
     p.add_argument("--calibration-size", type=int, default=None, help="--static: validation rows (default 200).")
+    _add_artifact_flags(p)  # an encrypted parent's child is encrypted whether or not --encrypt is given
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("quickstart", parents=[common], help="Train, publish, serve and query digits end to end.")

@@ -1,7 +1,11 @@
 """``maas keys create|list|revoke``: manage the hash-only API key file (local, s3://, gs://).
 
 The plaintext key is printed once, by ``create``; the file holds only its sha256.
-Running replicas pick changes up within ``auth.reload_interval_s``.
+Running replicas pick changes up within ``auth.reload_interval_s``. Creating and revoking
+are recorded in the registry's audit trail (``maas audit --action key``).
+
+``maas keys gen-kek|gen-signing-key|rotate-kek``: the keys of encrypted and signed artifacts
+(docs/security.md).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         entry = KeyEntry(id=key_id, sha256=hash_key(key), models=models, admin=args.admin, name=args.name)
         keys.keys.append(entry)
         write_key_file(uri, keys)
+        _audit(args, "key.create", key_id, None, {"name": entry.name, "models": models, "admin": entry.admin})
         # The key alone on stdout, so `KEY=$(maas keys create ...)` captures it; the rest on stderr.
         print(key)
         print(
@@ -62,9 +67,52 @@ def cmd_keys(args: argparse.Namespace) -> int:
         kept = [k for k in keys.keys if k.id != args.key_id]
         if len(kept) == len(keys.keys):
             raise ConfigError(f"no key with id {args.key_id!r} in {uri.split('?', 1)[0]!r}; see `maas keys list`")
+        gone = next(k for k in keys.keys if k.id == args.key_id)
         keys.keys = kept
         write_key_file(uri, keys)
+        _audit(args, "key.revoke", args.key_id, {"name": gone.name, "models": gone.models, "admin": gone.admin}, None)
         print(f"revoked key {args.key_id}; replicas stop accepting it within auth.reload_interval_s")
+    return 0
+
+
+def _audit(args: argparse.Namespace, action: str, key_id: str, before: object, after: object) -> None:
+    from maas_ray.registry import Registry
+
+    Registry(args.registry).record_event(action, f"key:{key_id}", before=before, after=after)
+
+
+def cmd_artifact_keys(args: argparse.Namespace) -> int:
+    """gen-kek, gen-signing-key, rotate-kek."""
+    import base64
+
+    from maas_ray.registry import Registry
+    from maas_ray.registry.crypto import key_id, new_kek
+    from maas_ray.registry.signing import generate_signing_key
+
+    if args.keys_cmd == "gen-kek":
+        text = new_kek()
+        try:
+            fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError as exc:
+            raise ConfigError(f"{args.path!r} exists; not overwriting a KEK") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot write KEK {args.path!r}: {exc}") from exc
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        print(f"wrote KEK {key_id(base64.b64decode(text))} to {args.path} (mode 0600); "
+              f"use it as MAAS_KEK_URI=file://{os.path.abspath(args.path)}")
+    elif args.keys_cmd == "gen-signing-key":
+        kid = generate_signing_key(args.path)
+        print(f"wrote signing key {kid}: {args.path} (private, 0600) and {args.path}.pub (public); "
+              f"publish with MAAS_SIGNING_KEY=file://{os.path.abspath(args.path)}, "
+              f"trust it in apps with security.trusted_signing_keys: [{os.path.abspath(args.path)}.pub]")
+    elif args.keys_cmd == "rotate-kek":
+        reg = Registry(args.registry, kek_uri=args.kek)
+        done = reg.rekey(args.new, models=[args.model] if args.model else None)
+        for model, version in done:
+            print(f"re-wrapped {model}:{version}")
+        print(f"{len(done)} data keys re-wrapped under {args.new}; no file was rewritten. "
+              "Give replicas the new KEK (MAAS_KEK_URI) before retiring the old one.")
     return 0
 
 
@@ -88,3 +136,16 @@ def add_keys_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.add_argument("key_id", metavar="ID")
     for p in ksub.choices.values():
         p.set_defaults(func=cmd_keys)
+    p = ksub.add_parser("gen-kek", parents=[common], help="Write a new key-encryption key (32 random bytes, base64).")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_artifact_keys)
+    p = ksub.add_parser("gen-signing-key", parents=[common],
+                        help="Write an Ed25519 keypair: PATH (private) and PATH.pub (public).")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_artifact_keys)
+    p = ksub.add_parser("rotate-kek", parents=[common],
+                        help="Re-wrap every encrypted version's data key under a new KEK (files untouched).")
+    p.add_argument("--new", required=True, metavar="URI", help="The new KEK: file:///path or env:NAME.")
+    p.add_argument("--kek", default=None, metavar="URI", help="The current KEK (default $MAAS_KEK_URI).")
+    p.add_argument("--model", default=None, help="Only this model's versions (default: all).")
+    p.set_defaults(func=cmd_artifact_keys)

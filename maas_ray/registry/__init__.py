@@ -1,6 +1,8 @@
 """Versioned, immutable ONNX model registry."""
 
-from maas_ray.registry.manifest import FileEntry, Manifest, ModelName, ParentRef, ProcessorSpec, TensorSpec
+from maas_ray.registry.audit import AuditEvent
+from maas_ray.registry.crypto import KeyProvider, register_key_provider
+from maas_ray.registry.manifest import EncryptionInfo, FileEntry, Manifest, ModelName, ParentRef, ProcessorSpec, TensorSpec
 from maas_ray.registry.store import (
     ONNX_EXTERNAL_DATA,
     ExtraFile,
@@ -12,8 +14,11 @@ from maas_ray.registry.store import (
 
 __all__ = [
     "ONNX_EXTERNAL_DATA",
+    "AuditEvent",
+    "EncryptionInfo",
     "ExtraFile",
     "FileEntry",
+    "KeyProvider",
     "LoadedModel",
     "Manifest",
     "ModelName",
@@ -22,5 +27,6 @@ __all__ = [
     "Registry",
     "TensorSpec",
     "default_root",
+    "register_key_provider",
     "schema_from_onnx",
 ]

@@ -126,7 +126,7 @@ class FileEntry(BaseModel):
 
 
 _FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-RESERVED_FILES = ("model.onnx", "manifest.json")
+RESERVED_FILES = ("model.onnx", "manifest.json", "manifest.sig")
 
 
 def check_file_name(value: str) -> str:
@@ -137,6 +137,25 @@ def check_file_name(value: str) -> str:
             f"not one of {list(RESERVED_FILES)}"
         )
     return value
+
+
+class EncryptionInfo(BaseModel):
+    """How a version's files are encrypted (maas_ray/registry/crypto.py): the manifest stays
+    plaintext, the files are AES-256-GCM under a per-version data key wrapped by a KEK."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: str = Field(default="AES-256-GCM", description="File cipher; each file is nonce || ciphertext || tag.")
+    kek_id: str = Field(min_length=1, description="Which key-encryption key wrapped the data key (never the key).")
+    wrapped_dek: str = Field(min_length=1, description="The version's data key, wrapped by the KEK, base64.")
+    files: list[str] = Field(min_length=1, description="The encrypted files (model.onnx and extras).")
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, v: str) -> str:
+        if v != "AES-256-GCM":
+            raise ValueError(f"unsupported encryption algorithm {v!r}; expected 'AES-256-GCM'")
+        return v
 
 
 class Manifest(BaseModel):
@@ -172,6 +191,9 @@ class Manifest(BaseModel):
     )
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     description: str = Field(default="", description="Free text.")
+    encryption: Optional[EncryptionInfo] = Field(
+        default=None, description="Set when the files are encrypted; sha256 and sizes are of the plaintext."
+    )
 
     @field_validator("sha256")
     @classmethod

@@ -5,9 +5,14 @@ Layout, as in Triton and TF Serving::
     <root>/<model>/<version>/model.onnx
     <root>/<model>/<version>/<extra files>     (weights, model spec, tokenizer, ONNX external data)
     <root>/<model>/<version>/manifest.json     (written last: its presence = visible)
+    <root>/<model>/<version>/manifest.sig      (Ed25519 signature, when a signing key is set)
     <root>/<model>/_aliases/<alias>.json
     <root>/<model>/_claims/<version>/<token>   (who owns a version number)
     <root>/<model>/_staging/<token>/           (uploads in flight)
+    <root>/_audit/<yyyy-mm-dd>/<time>-<uuid>.json  (audit events, one object each: audit.py)
+
+Encrypted versions (crypto.py) store every file as AES-256-GCM ciphertext and are decrypted in
+memory on load; signed ones (signing.py) are checked against trusted keys where configured.
 
 Publishing never shows a half-written version: artifacts are uploaded to a
 staging prefix, a version number is claimed, then the staging directory is
@@ -20,6 +25,8 @@ each other both withdraw and retry. With linearizable writes and listings
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -31,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Collection, Iterator, Mapping, Optional, Sequence, Union
 
 import pyarrow.fs as pafs
 from pyarrow import ArrowException
@@ -46,8 +53,11 @@ from maas_ray.errors import (
     RegistryError,
     VersionNotFoundError,
 )
+from maas_ray.registry import crypto, signing
+from maas_ray.registry.audit import AuditLog
 from maas_ray.registry.manifest import (
     NUMPY_TO_OIP,
+    EncryptionInfo,
     FileEntry,
     Manifest,
     ParentRef,
@@ -111,8 +121,19 @@ def schema_from_onnx(
     except Exception as exc:  # onnx raises several unrelated types
         raise ConfigError(f"not a valid ONNX model: {exc}") from exc
     initializers = {init.name for init in proto.graph.initializer}
+    output_names = {v.name for v in proto.graph.output}
 
     def spec(value_info: Any) -> TensorSpec:
+        kind = value_info.type.WhichOneof("value")
+        if kind != "tensor_type":  # e.g. skl2onnx's default ZipMap output: a sequence of maps
+            hint = (
+                "; export with options={id(model): {\"zipmap\": False}} (skl2onnx) so probabilities are a tensor"
+                if kind in ("sequence_type", "map_type") else ""
+            )
+            raise ConfigError(
+                f"ONNX {'output' if value_info.name in output_names else 'input'} {value_info.name!r} is a "
+                f"{(kind or 'untyped').replace('_type', '')}, not a tensor: only tensors can be served{hint}"
+            )
         ttype = value_info.type.tensor_type
         dtype = tensor_dtype_to_np_dtype(ttype.elem_type)
         if dtype not in NUMPY_TO_OIP:
@@ -185,11 +206,36 @@ class Registry:
         root: a local directory or a ``pyarrow.fs`` URI (``s3://bucket/prefix``,
             ``gs://...``; query parameters such as ``?endpoint_override=`` pass
             through to pyarrow). Defaults to ``$MAAS_REGISTRY_ROOT``.
+        kek_uri: the key-encryption key(s) for encrypted versions (``file:///path``, ``env:NAME``,
+            comma-separated); default ``$MAAS_KEK_URI``, read when first needed.
+        encrypt: publish encrypted by default (``publish(encrypt=...)`` overrides).
+        signing_key: sign published manifests with this Ed25519 key (``file:///path``); default
+            ``$MAAS_SIGNING_KEY``, unsigned when neither is set.
+        trusted_signing_keys: public keys (paths or PEM); when non-empty, :meth:`load` and
+            :meth:`read_file` refuse versions not signed by one of them.
+        actor: who the audit trail names for changes made through this object (an API key id);
+            default ``$MAAS_ACTOR`` or the OS user.
     """
 
-    def __init__(self, root: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        root: Optional[str] = None,
+        *,
+        kek_uri: Optional[str] = None,
+        encrypt: bool = False,
+        signing_key: Optional[str] = None,
+        trusted_signing_keys: Optional[Sequence[str]] = None,
+        actor: Optional[str] = None,
+    ) -> None:
         root = root or default_root()
         self.root = root
+        self.encrypt = encrypt
+        self.actor = actor
+        self._kek_uri = kek_uri
+        self._keys: Optional[crypto.KeyProvider] = None
+        self._signing_key = signing_key
+        self._trusted = signing.trusted_keys(trusted_signing_keys) if trusted_signing_keys else None
+        self.audit = AuditLog(self)
         try:
             if "://" in root:
                 self._fs, base = pafs.FileSystem.from_uri(root)
@@ -306,9 +352,13 @@ class Registry:
         version = self.resolve(model, ref)
         raw = self._read(self._path(model, version, MANIFEST_FILE))
         try:
-            return Manifest.model_validate_json(raw)
+            manifest = Manifest.model_validate_json(raw)
         except ValidationError as exc:
             raise IntegrityError(f"manifest of {model}:{version} is invalid: {exc}") from exc
+        if (manifest.model, manifest.version) != (model, version):  # a manifest copied from elsewhere
+            raise IntegrityError(f"the manifest stored as {model}:{version} describes "
+                                 f"{manifest.model}:{manifest.version}; refusing it")
+        return manifest
 
     def load(
         self,
@@ -325,10 +375,9 @@ class Registry:
             files: extra files to read as well (names from ``manifest.files``); default all.
             skip_roles: leave out extra files with these roles (serving skips ``weights``).
         """
-        manifest = self.describe(model, ref)
-        data = self._read(self._path(model, manifest.version, MODEL_FILE), missing=lambda exc: IntegrityError(
-            f"{model}:{manifest.version} failed its integrity check: {MODEL_FILE} is missing ({exc})"
-        ))
+        manifest = self._checked_manifest(model, ref)
+        dek = self._data_key(manifest)
+        data = self._read_plain(manifest, MODEL_FILE, dek)
         _verify(f"{model}:{manifest.version}", MODEL_FILE, data, manifest.size_bytes, manifest.sha256)
         names = [
             n for n in (manifest.files if files is None else files)
@@ -337,25 +386,99 @@ class Registry:
         return LoadedModel(
             manifest=manifest,
             model_bytes=data,
-            files={name: self._read_verified(manifest, name) for name in names},
+            files={name: self._read_verified(manifest, name, dek) for name in names},
         )
 
     def read_file(self, model: str, ref: Union[int, str, None], name: str) -> bytes:
-        """One extra file of a version, checksum verified."""
-        return self._read_verified(self.describe(model, ref), name)
+        """One extra file of a version, checksum verified (and decrypted, signature checked)."""
+        manifest = self._checked_manifest(model, ref)
+        return self._read_verified(manifest, name, self._data_key(manifest))
 
-    def _read_verified(self, manifest: Manifest, name: str) -> bytes:
+    def _read_verified(self, manifest: Manifest, name: str, dek: Optional[bytes] = None) -> bytes:
         entry = manifest.files.get(name)
         if entry is None:
             raise VersionNotFoundError(
                 f"{manifest.model}:{manifest.version} has no file {name!r}; files: {sorted(manifest.files)}"
             )
+        data = self._read_plain(manifest, name, dek)
+        _verify(f"{manifest.model}:{manifest.version}", name, data, entry.size_bytes, entry.sha256)
+        return data
+
+    def _read_plain(self, manifest: Manifest, name: str, dek: Optional[bytes]) -> bytes:
+        """A file's bytes, decrypted in memory when the version is encrypted."""
         # listed in the manifest but gone: the version is damaged
         data = self._read(self._path(manifest.model, manifest.version, name), missing=lambda exc: IntegrityError(
             f"{manifest.model}:{manifest.version} failed its integrity check: {name} is missing ({exc})"
         ))
-        _verify(f"{manifest.model}:{manifest.version}", name, data, entry.size_bytes, entry.sha256)
-        return data
+        if manifest.encryption is None or name not in manifest.encryption.files:
+            return data
+        assert dek is not None, "an encrypted version is read with its data key"
+        return crypto.decrypt_file(dek, manifest.model, manifest.version, name, data)
+
+    # ---- encryption and signatures -------------------------------------------------------
+    def _key_provider(self, why: str) -> crypto.KeyProvider:
+        if self._keys is None:
+            uri = self._kek_uri or os.environ.get(crypto.KEK_ENV)
+            if not uri:
+                raise ConfigError(f"{why} needs a key-encryption key: set ${crypto.KEK_ENV} "
+                                  "(file:///path/kek.key or env:NAME) or pass --kek")
+            self._keys = crypto.key_provider(uri)
+        return self._keys
+
+    def _data_key(self, manifest: Manifest) -> Optional[bytes]:
+        enc = manifest.encryption
+        if enc is None:
+            return None
+        label = f"{manifest.model}:{manifest.version}"
+        try:
+            wrapped = base64.b64decode(enc.wrapped_dek, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise IntegrityError(f"{label}: the wrapped data key is not base64; refusing to load") from exc
+        try:
+            return self._key_provider(f"{label} is encrypted and").unwrap(enc.kek_id, wrapped)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{label} cannot be decrypted: {exc}") from exc
+
+    def _checked_manifest(self, model: str, ref: Union[int, str, None]) -> Manifest:
+        """describe(), plus the signature check when trusted keys are configured."""
+        manifest = self.describe(model, ref)
+        if self._trusted is not None:
+            sig_path = self._path(model, manifest.version, signing.SIGNATURE_FILE)
+            sig = self._read(sig_path) if self._exists(sig_path) else None
+            signing.verify_manifest(manifest, sig, self._trusted)
+        return manifest
+
+    def rekey(self, new_kek_uri: str, models: Optional[Collection[str]] = None) -> list[tuple[str, int]]:
+        """Re-wrap the data key of every encrypted version (of ``models``, default all) under
+        ``new_kek_uri``; the files are not touched, only manifest.json is rewritten (its
+        signature does not cover the wrapped key). Returns the versions re-wrapped.
+        Readers then need the new KEK (or both, comma-separated, while replicas roll)."""
+        new = crypto.key_provider(new_kek_uri)
+        done = []
+        for model in models if models is not None else self.list_models():
+            for version in self.list_versions(model):
+                manifest = self.describe(model, version)
+                if manifest.encryption is None:
+                    continue
+                dek = self._data_key(manifest)
+                assert dek is not None
+                kek_id, wrapped = new.wrap(dek)
+                before = manifest.encryption.kek_id
+                updated = manifest.model_copy(update={"encryption": manifest.encryption.model_copy(
+                    update={"kek_id": kek_id, "wrapped_dek": base64.b64encode(wrapped).decode()})})
+                self._write(self._path(model, version, MANIFEST_FILE),
+                            updated.model_dump_json(indent=2).encode(), atomic=True)
+                self.audit.append("kek.rotate", f"{model}:{version}", model=model, actor=self.actor,
+                                  before={"kek_id": before}, after={"kek_id": kek_id})
+                done.append((model, version))
+        logger.info("re-wrapped %d data keys under %s", len(done), getattr(new, "kek_id", "the new KEK"))
+        return done
+
+    def record_event(self, action: str, target: str, *, model: Optional[str] = None, before: Any = None,
+                     after: Any = None, actor: Optional[str] = None) -> None:
+        """Append an audit event for a change made outside the registry's own methods (rollout
+        decisions, API keys); see :mod:`maas_ray.registry.audit`."""
+        self.audit.append(action, target, model=model, before=before, after=after, actor=actor or self.actor)
 
     # ---- aliases -------------------------------------------------------------------------
     def set_alias(self, model: str, alias: str, ref: Union[int, str]) -> int:
@@ -364,9 +487,13 @@ class Registry:
         if alias.isdigit() or alias == "latest":
             raise ConfigError(f"alias {alias!r} would shadow a version reference")
         version = self.resolve(model, ref)
+        path = self._path(model, "_aliases", f"{alias}.json")
+        before = self._alias_version(path) if self._exists(path) else None
         body = {"version": version, "updated_at": datetime.now(timezone.utc).isoformat()}
-        self._write(self._path(model, "_aliases", f"{alias}.json"), json.dumps(body).encode(), atomic=True)
+        self._write(path, json.dumps(body).encode(), atomic=True)
         logger.info("alias %s:%s -> version %d", model, alias, version)
+        self.audit.append("alias.set", f"{model}@{alias}", model=model, actor=self.actor,
+                          before=None if before is None else {"version": before}, after={"version": version})
         return version
 
     # ---- records beside the versions (rollout decisions and their evidence) --------------
@@ -395,7 +522,10 @@ class Registry:
         gone = VersionNotFoundError(f"model {model!r} has no alias {alias!r}")
         if not self._exists(path):
             raise gone
+        before = self._alias_version(path)
         self._delete_file(path, missing=lambda exc: gone)  # deleted meanwhile: as if never there
+        self.audit.append("alias.delete", f"{model}@{alias}", model=model, actor=self.actor,
+                          before={"version": before}, after=None)
 
     # ---- publishing ----------------------------------------------------------------------
     def publish(
@@ -412,12 +542,17 @@ class Registry:
         files: Optional[Mapping[str, Union[bytes, ExtraFile]]] = None,
         model_spec: Optional[dict[str, Any]] = None,
         dataset: Optional[dict[str, Any]] = None,
+        encrypt: Optional[bool] = None,
     ) -> Manifest:
         """Publish an ONNX model (bytes or a path) as the next version of ``model``.
 
         The schema is read from the graph, so any ONNX file can be published. ``files``
         are published beside model.onnx in the same atomic step (name -> bytes, or
         :class:`ExtraFile` with a role), each with its sha256 in the manifest.
+
+        ``encrypt`` (default: the registry's ``encrypt``; always when ``parent`` is encrypted):
+        every file is stored as AES-256-GCM ciphertext under a new data key wrapped by the KEK.
+        The manifest is signed when a signing key is configured.
         """
         check_name("model", model)
         if isinstance(onnx_model, bytes):
@@ -434,6 +569,12 @@ class Registry:
         inputs, outputs = schema_from_onnx(data, external=any(f.role == ONNX_EXTERNAL_DATA for f in extras.values()))
         if parent is not None:
             self.resolve(parent.model, parent.version)  # the parent must exist
+            if self.describe(parent.model, parent.version).encryption is not None:
+                encrypt = True  # a child of an encrypted version is encrypted too
+        keys = self._key_provider(f"publishing {model} encrypted") if (
+            self.encrypt if encrypt is None else encrypt) else None
+        signing_uri = self._signing_key or os.environ.get(signing.SIGNING_KEY_ENV)
+        signer = signing.load_private_key(signing_uri) if signing_uri else None
         fields = dict(
             model=model,
             inputs=inputs,
@@ -456,20 +597,37 @@ class Registry:
         )
         token = f"{time.time_ns():020d}-{uuid.uuid4().hex}"
         staging = self._path(model, "_staging", token)
+        contents = {MODEL_FILE: data, **{name: f.data for name, f in extras.items()}}
+        encryption = None
+        if keys is not None:  # wrapped before the claim: a KEK failure burns no version number
+            dek = crypto.new_dek()
+            kek_id, wrapped = keys.wrap(dek)
+            encryption = EncryptionInfo(kek_id=kek_id, wrapped_dek=base64.b64encode(wrapped).decode(),
+                                        files=list(contents))
         try:
-            self._write(f"{staging}/{MODEL_FILE}", data)
-            for name, f in extras.items():
-                self._write(f"{staging}/{name}", f.data)
+            if encryption is None:
+                for name, blob in contents.items():
+                    self._write(f"{staging}/{name}", blob)
             version = self._claim_version(model, token)
-            manifest = Manifest(version=version, **fields)
+            if encryption is not None:  # the ciphertext is bound to the version number: after the claim
+                for name, blob in contents.items():
+                    self._write(f"{staging}/{name}", crypto.encrypt_file(dek, model, version, name, blob))
+            manifest = Manifest(version=version, encryption=encryption, **fields)
             self._write(f"{staging}/{MANIFEST_FILE}", manifest.model_dump_json(indent=2).encode())
-            self._commit(staging, self._path(model, version), list(extras))
+            if signer is not None:
+                self._write(f"{staging}/{signing.SIGNATURE_FILE}", signing.sign_manifest(manifest, signer))
+            self._commit(staging, self._path(model, version),
+                         [*extras, *([signing.SIGNATURE_FILE] if signer is not None else [])])
         except BaseException:
             self._remove_staging(staging)
             raise
         if not self._local:  # a local commit renamed the staging directory away
             self._remove_staging(staging)
         logger.info("published %s:%d (sha256 %s)", model, version, manifest.sha256[:12])
+        self.audit.append("publish", f"{model}:{version}", model=model, actor=self.actor, before=None, after={
+            "version": version, "sha256": manifest.sha256, "encrypted": encryption is not None,
+            "kek_id": None if encryption is None else encryption.kek_id,
+            "signed_by": None if signer is None else signing.key_id(signer.public_key())})
         return manifest
 
     def _remove_staging(self, staging: str) -> None:

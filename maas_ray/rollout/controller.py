@@ -205,6 +205,10 @@ class RolloutController:
             self.state.update(changes, updated_at=_iso(time.time()))
             snapshot = copy.deepcopy(self.state)
         self.registry.write_record(self.model, KIND, self.id, snapshot)
+        if "decision" in changes:  # the audit trail: promoted / rolled_back / aborted, and why
+            self.registry.record_event(f"rollout.{changes['decision']['decision']}", f"{self.model}:rollout/{self.id}",
+                                       model=self.model, before={"baseline": snapshot.get("baseline")},
+                                       after={"candidate": self.config.candidate, **changes["decision"]})
 
     def _append(self, record: dict, **changes: Any) -> None:
         with self._lock:

@@ -16,10 +16,10 @@ from ray.serve import Application
 from maas_ray.errors import ConfigError, MaasError, format_validation_error
 from maas_ray.registry import Registry
 from maas_ray.serving.config import AppArgs, ModelConfig
-from maas_ray.serving.replicas import ModelServer, PostprocessServer, PreprocessServer
 from maas_ray.serving.ingress import Ingress
 from maas_ray.serving.keys import KeyStore, resolve_auth
 from maas_ray.serving.processors import resolve_processor
+from maas_ray.serving.replicas import ModelServer, PostprocessServer, PreprocessServer
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _check_against_registry(args: AppArgs) -> dict[str, list[int]]:
 
 def _version_routes(args: AppArgs, m: ModelConfig, version: int) -> dict[str, Any]:
     common = dict(registry_root=args.registry_root, model=m.model_dump(mode="json"), version=version,
-                  limits=args.limits.model_dump())
+                  limits=args.limits.model_dump(), security=args.security.model_dump())
     batching = m.batching.model_dump()
     if m.placement == "ingress":
         return {}

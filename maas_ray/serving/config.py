@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from maas_ray.registry.manifest import ModelName, ProcessorSpec
+from maas_ray.serving.payload_log import PayloadLogConfig
 
 
 class DeploymentOptions(BaseModel):
@@ -160,6 +160,17 @@ class ModelConfig(BaseModel):
         "from co-located replicas (ingress, proxy). Off by default.",
     )
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    max_items: Optional[int] = Field(
+        default=None, ge=1, description="This model's limit on items per request (default: limits.max_items)."
+    )
+    max_text_chars: Optional[int] = Field(
+        default=None, ge=1, description="This model's limit on string characters per request "
+        "(default: limits.max_text_chars).",
+    )
+    payload_log: Optional[PayloadLogConfig] = Field(
+        default=None, description="Log this model's requests and/or responses (docs/security.md, "
+        "\"Payload logging\"); off by default.",
+    )
     shadow: Optional[ShadowConfig] = Field(
         default=None, description="Mirror traffic to a candidate (changes live through the Ingress user_config)."
     )
@@ -235,6 +246,19 @@ class Limits(BaseModel):
     rate_limit_burst: Optional[int] = Field(
         default=None, ge=1, description="Requests a key may send at once above the rate (default: 2 s of rate)."
     )
+    max_items: int = Field(
+        default=1024, ge=1,
+        description="Most items (rows along the batch dimension) in one infer request: 413 right after decoding. "
+        "Bounds a request's work, not only its bytes: the compute-bound transformer of benchmarks/README.md "
+        "(4 layers, d_model 256, seq 128) runs 115-180 items/s on one core, so 1024 items take 6-9 s, inside "
+        "the 30 s request_timeout_s. Per model: models[].max_items.",
+    )
+    max_text_chars: int = Field(
+        default=1 << 18, ge=1,
+        description="Most characters (bytes for binary items) in all string/bytes items of one request "
+        "together (what the text preprocessor tokenizes, the image preprocessor decodes): 413 right after "
+        "decoding. Per model: models[].max_text_chars.",
+    )
 
 
 class AuthConfig(BaseModel):
@@ -261,6 +285,33 @@ class AuthConfig(BaseModel):
         return self
 
 
+class ArtifactSecurity(BaseModel):
+    """How replicas open registry artifacts: the KEK for encrypted versions, and the public keys
+    a version's manifest must be signed by (docs/security.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trusted_signing_keys: list[str] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (paths readable on every node, or PEM text); when set, a version "
+        "not signed by one of them is 'failed' (not served, reason in its metadata) and the rest keep serving.",
+    )
+    kek_uri: Optional[str] = Field(
+        default=None,
+        description="Key-encryption key(s) for encrypted versions: file:///path or env:NAME, comma-separated "
+        "for several. Default: $MAAS_KEK_URI in the replica's environment.",
+    )
+
+    @field_validator("kek_uri")
+    @classmethod
+    def _kek_scheme(cls, v: Optional[str]) -> Optional[str]:
+        for part in (v or "").split(","):
+            if part.strip() and not (part.strip().startswith("env:") or "://" in part):
+                raise ValueError(f"kek_uri {part.strip()!r}: expected file:///path, env:NAME "
+                                 "or a registered KMS scheme (scheme://...)")
+        return v
+
+
 class AppArgs(BaseModel):
     """Arguments of :func:`maas_ray.serving.build_app`."""
 
@@ -277,6 +328,8 @@ class AppArgs(BaseModel):
         "follows a moved alias once the version it names is loaded (ingress placement loads it in process).",
     )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and scopes.")
+    security: ArtifactSecurity = Field(
+        default_factory=ArtifactSecurity, description="Encrypted and signed artifacts: KEK and trusted keys.")
 
     @model_validator(mode="after")
     def _unique_models(self) -> "AppArgs":

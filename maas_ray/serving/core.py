@@ -16,12 +16,13 @@ shadow mirroring, request deadlines and metrics.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
-import time
 from typing import Any, Mapping, Optional, Protocol
 
+import numpy as np
 from pydantic import ValidationError
 
 from maas_ray._version import __version__
@@ -29,8 +30,9 @@ from maas_ray.errors import ConfigError, format_validation_error
 from maas_ray.serving.admission import Admission
 from maas_ray.serving.config import AppArgs, BatchingConfig, Limits
 from maas_ray.serving.keys import Principal
-from maas_ray.serving.limits import RequestDeadlines
+from maas_ray.serving.limits import RequestDeadlines, check_work
 from maas_ray.serving.metrics import ServingMetrics
+from maas_ray.serving.payload_log import PayloadLogger
 from maas_ray.serving.replicas import app_name
 from maas_ray.serving.shadow import ShadowMirror, parse_shadow
 from maas_ray.serving.types import InferResult, Tensors
@@ -59,7 +61,8 @@ class InferenceService(Protocol):
     async def pick(self, model: str, version: Optional[str], key: Optional[str]) -> VersionSlot: ...
 
     async def run(self, model: str, slot: VersionSlot, tensors: Tensors, strict: bool,
-                  decode_s: float = 0.0) -> InferResult: ...
+                  decode_s: float = 0.0, *, request_id: Optional[str] = None,
+                  protocol: Optional[str] = None) -> InferResult: ...
 
     def server_metadata(self) -> dict[str, Any]: ...
 
@@ -92,6 +95,13 @@ class IngressCore:
         self.batching: dict[str, Any] = {}  # model -> the user_config batching entry last applied
         self.key_header = args.request_key_header.lower()
         self._background: list[asyncio.Task] = []
+        # model -> (max items, max text characters, items per chunk): a request's work bound
+        self.work = {m.name: (m.max_items or self.limits.max_items, m.max_text_chars or self.limits.max_text_chars,
+                              m.batching.max_batch_size) for m in args.models}
+        self.payload_logs = {
+            m.name: PayloadLogger(m.name, m.payload_log, app=app_name(),
+                                  on_drop=functools.partial(self.metrics.payload_log_dropped, m.name))
+            for m in args.models if m.payload_log is not None}
 
     @property
     def model_names(self) -> list[str]:
@@ -210,16 +220,54 @@ class IngressCore:
         return slot
 
     async def run(self, model: str, slot: VersionSlot, tensors: Tensors, strict: bool,
-                  decode_s: float = 0.0) -> InferResult:
+                  decode_s: float = 0.0, *, request_id: Optional[str] = None,
+                  protocol: Optional[str] = None) -> InferResult:
         """Run decoded tensors through the version (pre -> batched inference -> post).
 
         ``strict``: the request's datatypes were declared (OIP v2), so the preprocessor casts
         nothing; v1 and handle calls send plain numbers. ``decode_s`` is added to the
-        ``decode`` stage."""
-        outputs, stages = await slot.route.infer(tensors, strict)
+        ``decode`` stage. The request's work is checked against the model's limits first (413);
+        a request of more items than one batch runs a batch at a time, so that its deadline
+        stops it between batches. ``request_id`` and ``protocol`` go to the payload log only."""
+        max_items, max_chars, chunk = self.work[model]
+        items = check_work(model, tensors, max_items, max_chars)
+        plog = self.payload_logs.get(model)
+        try:
+            if items > chunk:
+                outputs, stages = await self._infer_in_chunks(slot, tensors, strict, items, chunk)
+            else:
+                outputs, stages = await slot.route.infer(tensors, strict)
+        except Exception as exc:
+            if plog is not None:
+                plog.log(request_id, slot.number, protocol, tensors, None, getattr(exc, "status_code", 500))
+            raise
+        if plog is not None:
+            plog.log(request_id, slot.number, protocol, tensors, outputs)
         stages["decode"] = decode_s + stages.get("decode", 0.0)  # a fresh dict per request
         mirror = self.shadow.plan(model, slot.number, tensors, outputs, strict)
         return InferResult(slot.number, outputs, stages, mirror)
+
+    @staticmethod
+    async def _infer_in_chunks(slot: VersionSlot, tensors: Tensors, strict: bool, items: int,
+                               chunk: int) -> tuple[Tensors, dict[str, float]]:
+        """A request of more items than a batch, ``chunk`` items at a time, outputs joined back.
+
+        Between chunks the event loop runs, so the request deadline's watchdog can cancel it:
+        the request answers 504 on time and no further chunk runs. A model whose outputs are
+        not one row per item cannot be split: after the first chunk shows it, the request runs
+        whole."""
+        parts: list[Tensors] = []
+        stages: dict[str, float] = {}
+        for start in range(0, items, chunk):
+            part = {n: a[start:start + chunk] if a.ndim and a.shape[0] == items else a for n, a in tensors.items()}
+            out, part_stages = await slot.route.infer(part, strict)
+            if not parts and any(np.ndim(a) == 0 or len(a) != min(chunk, items) for a in out.values()):
+                return await slot.route.infer(tensors, strict)
+            parts.append(out)
+            for stage, seconds in part_stages.items():
+                stages[stage] = stages.get(stage, 0.0) + seconds
+            await asyncio.sleep(0)  # a chunk that ran on the loop: let the deadline watchdog in
+        return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}, stages
 
     async def _shadow_call(self, model: str, version: int, tensors: Tensors, strict: bool) -> Tensors:
         slot = self.versions.slots[model][version]

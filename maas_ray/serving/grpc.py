@@ -306,7 +306,8 @@ class GrpcService:
                 slot = await core.pick(model, request.model_version or None, key)
                 t0 = time.perf_counter()
                 decoded = decode_grpc(request, slot.schema, core.limits)
-                result = await core.run(model, slot, decoded.tensors, True, time.perf_counter() - t0)
+                result = await core.run(model, slot, decoded.tensors, True, time.perf_counter() - t0,
+                                        request_id=request.id or meta.get("x-request-id"), protocol=PROTOCOL)
             except asyncio.CancelledError as exc:
                 if not core.deadlines.exit(task):  # the client cancelled, or the replica is stopping
                     failed(499, "ClientDisconnected")

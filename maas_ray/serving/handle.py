@@ -30,7 +30,7 @@ async def predict(
         slot = await core.pick(model, None if version is None else str(version), key)
         t0 = time.perf_counter()
         tensors = decode_handle(inputs, slot.schema, core.limits)
-        result = await core.run(model, slot, tensors, False, time.perf_counter() - t0)
+        result = await core.run(model, slot, tensors, False, time.perf_counter() - t0, protocol=PROTOCOL)
         number = result.version
         response = v2_response(model, result.version, result.outputs)
         if result.after_response is not None:

@@ -259,7 +259,7 @@ class HttpApp:
         extra: list = []
         task = ingress.deadlines.enter()  # the whole request, body read included, is under the timeout
         try:
-            answer = await self._answer(route, model, version, scope, headers, receive)
+            answer = await self._answer(route, model, version, scope, headers, receive, request_id)
         except asyncio.CancelledError:
             if not ingress.deadlines.exit(task):  # the client went away or the replica is stopping
                 ingress.metrics.request_finished(model, None, route, 499, "ClientDisconnected",
@@ -290,7 +290,8 @@ class HttpApp:
             result.after_response()
 
     async def _answer(
-        self, route: str, model: str, version: Optional[str], scope: dict, headers: dict[str, str], receive: Callable
+        self, route: str, model: str, version: Optional[str], scope: dict, headers: dict[str, str], receive: Callable,
+        request_id: Optional[str] = None,
     ) -> Optional[tuple[Any, bytes, Optional[int]]]:
         """Admission, body, decode + inference, encode -> (result, payload, binary header length)."""
         ingress = self.ingress
@@ -306,7 +307,8 @@ class HttpApp:
             tensors = request.tensors
         else:
             tensors = v1.decode_v1(body, slot.schema, self.limits)
-        result = await ingress.run(model, slot, tensors, route == "http_v2", time.perf_counter() - t0)
+        result = await ingress.run(model, slot, tensors, route == "http_v2", time.perf_counter() - t0,
+                                   request_id=request_id, protocol=route)
         t0 = time.perf_counter()
         if route == "http_v2":
             payload, header_length = v2.encode_v2(model, result.version, result.outputs, request)

@@ -10,14 +10,14 @@ import asyncio
 import math
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
-from maas_ray.errors import ConfigError, RateLimitedError
+from maas_ray.errors import ConfigError, PayloadTooLargeError, RateLimitedError
 
 if TYPE_CHECKING:
     from maas_ray.serving.config import Limits
 
-__all__ = ["RateLimiter"]
+__all__ = ["RateLimiter", "RequestDeadlines", "check_work"]
 
 _EPSILON = 1e-9
 
@@ -142,3 +142,31 @@ class RequestDeadlines:
                     del self.active[task]
                     self.expired.add(task)
                     task.cancel()
+
+
+def check_work(model: str, tensors: Mapping[str, Any], max_items: int, max_text_chars: int) -> int:
+    """A decoded request's work against its model's limits; returns its items (rows).
+
+    Items: the largest first dimension among the tensors (a scalar counts as one). Text: the
+    characters (bytes, for binary items) of every string item together, what the text
+    preprocessor tokenizes or the image preprocessor decodes. Over either: 413 naming the
+    limit, before any preprocessing or inference.
+    """
+    items = 1
+    for arr in tensors.values():
+        shape = getattr(arr, "shape", ())
+        if shape and shape[0] > items:
+            items = shape[0]
+    if items > max_items:
+        raise PayloadTooLargeError(
+            f"request has {items} items, over the limit of {max_items} for model {model!r} "
+            "(limits.max_items, or models[].max_items)")
+    chars = 0
+    for arr in tensors.values():
+        if getattr(arr, "dtype", None) is not None and arr.dtype.kind in "OSU":
+            chars += sum(len(x) for x in arr.reshape(-1) if isinstance(x, (str, bytes, bytearray, memoryview)))
+    if chars > max_text_chars:
+        raise PayloadTooLargeError(
+            f"request has {chars} characters of text, over the limit of {max_text_chars} for model {model!r} "
+            "(limits.max_text_chars, or models[].max_text_chars)")
+    return items

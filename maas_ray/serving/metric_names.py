@@ -22,6 +22,7 @@ from __future__ import annotations
 REQUESTS = "maas_requests"
 ERRORS = "maas_errors"
 SHADOW_DROPPED = "maas_shadow_dropped"
+PAYLOAD_LOG_DROPPED = "maas_payload_log_dropped"
 # Gauges
 IN_FLIGHT = "maas_requests_in_flight"
 VERSION_STATE = "maas_version_state"
@@ -33,7 +34,7 @@ STAGE_LATENCY = "maas_stage_latency_seconds"
 BATCH_SIZE = "maas_batch_size"
 SHADOW_DIFF = "maas_shadow_max_abs_diff"
 
-COUNTERS = (REQUESTS, ERRORS, SHADOW_DROPPED)
+COUNTERS = (REQUESTS, ERRORS, SHADOW_DROPPED, PAYLOAD_LOG_DROPPED)
 GAUGES = (IN_FLIGHT, VERSION_STATE)
 HISTOGRAMS = (REQUEST_LATENCY, SHADOW_AGREEMENT, STAGE_LATENCY, BATCH_SIZE, SHADOW_DIFF)
 
@@ -66,6 +67,7 @@ def exported(name: str, suffix: str = "") -> str:
 RAY_REQUESTS_TOTAL = exported(REQUESTS, TOTAL)
 RAY_ERRORS_TOTAL = exported(ERRORS, TOTAL)
 RAY_SHADOW_DROPPED_TOTAL = exported(SHADOW_DROPPED, TOTAL)
+RAY_PAYLOAD_LOG_DROPPED_TOTAL = exported(PAYLOAD_LOG_DROPPED, TOTAL)
 RAY_IN_FLIGHT = exported(IN_FLIGHT)
 RAY_VERSION_STATE = exported(VERSION_STATE)
 # A histogram's base name (PromQL, dashboards); its series are the three below it.

@@ -80,6 +80,7 @@ from maas_ray.serving.metric_names import (
     LABEL_STATE,
     LABEL_STATUS,
     LABEL_VERSION,
+    PAYLOAD_LOG_DROPPED,
     REQUEST_LATENCY,
     REQUESTS,
     SHADOW_AGREEMENT,
@@ -203,6 +204,9 @@ class _RayMetrics:
         self.shadow_dropped = module.Counter(
             SHADOW_DROPPED, description="Requests not mirrored because the shadow calls in flight were at the bound.",
             tag_keys=shadow_tags)
+        self.payload_log_dropped = module.Counter(
+            PAYLOAD_LOG_DROPPED, description="Payload log events dropped (queue full or sink failing; "
+            "maas_ray.serving.payload_log).", tag_keys=(LABEL_APP, LABEL_MODEL))
         self.shadow_diff = _GaugeHistogram(
             module, SHADOW_DIFF, "Largest absolute difference between primary and candidate float outputs",
             shadow_tags, DIFF_BUCKETS)
@@ -274,6 +278,7 @@ class ServingMetrics:
         self._states: dict[tuple, str] = {}  # (model, version) -> state
         self._shadow: dict[tuple, list[int]] = {}  # (model, version) -> [compared, agreed, dropped]
         self._shadow_diff: dict[tuple, _Hist] = {}  # (model, version)
+        self._payload_dropped: dict[str, int] = {}  # model -> payload log events dropped
         # Request latencies since the last flush, observed natively by the flush thread.
         self._latencies: dict[tuple, list[float]] = {}  # (model, version, protocol, status) -> seconds
         self._pending = 0
@@ -360,6 +365,11 @@ class ServingMetrics:
         with self._lock:
             self._shadow.setdefault(key, [0, 0, 0])[2] += 1
 
+    def payload_log_dropped(self, model: str, n: int = 1) -> None:
+        """``n`` payload log events of ``model`` dropped (called from the logger's thread too)."""
+        with self._lock:
+            self._payload_dropped[model] = self._payload_dropped.get(model, 0) + n
+
     def version_state(self, model: str, version: int, state: str) -> None:
         if state not in VERSION_STATES:
             raise ValueError(f"state must be one of {VERSION_STATES}, got {state!r}")
@@ -423,6 +433,7 @@ class ServingMetrics:
                 errors = dict(self._errors)
                 states = dict(self._states)
                 shadow = {k: list(v) for k, v in self._shadow.items()}
+                payload_dropped = dict(self._payload_dropped)
                 # Snapshot every histogram (O(series x buckets) once a second): cheaper than
                 # marking the changed ones on every request.
                 for kind, source in (("batch", self._batches),
@@ -435,6 +446,9 @@ class ServingMetrics:
             self._export_latencies(latencies, dropped)
             self._export(in_flight, requests, errors, states)
             self._export_shadow(shadow)
+            for model, total in payload_dropped.items():
+                self._inc(self._ray.payload_log_dropped, ("payload_dropped", model), total,
+                          lambda m: {LABEL_APP: self.app, LABEL_MODEL: m}, model)
 
     def _export_latencies(self, latencies: dict[tuple, list[float]], dropped: int) -> None:
         """One native observation per request, the series interleaved: an export that catches

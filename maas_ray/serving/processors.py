@@ -32,6 +32,7 @@ from maas_ray.serving.plugins import (
     check_tensor,
     datatype_of,
 )
+from maas_ray.serving.tabular import RegressionPostprocessor, TabularPreprocessor
 from maas_ray.serving.text import TextPreprocessor
 from maas_ray.serving.types import RequestInput, Tensors
 
@@ -273,8 +274,8 @@ KINDS = ("preprocessor", "postprocessor")
 _BASES: dict[str, type[Processor]] = {"preprocessor": Preprocessor, "postprocessor": Postprocessor}
 
 BUILTINS: dict[str, dict[str, type[Processor]]] = {
-    "preprocessor": {c.name: c for c in (TensorPreprocessor, ImagePreprocessor, TextPreprocessor)},
-    "postprocessor": {c.name: c for c in (TensorPostprocessor, ClassificationPostprocessor)},
+    "preprocessor": {c.name: c for c in (TensorPreprocessor, ImagePreprocessor, TextPreprocessor, TabularPreprocessor)},
+    "postprocessor": {c.name: c for c in (TensorPostprocessor, ClassificationPostprocessor, RegressionPostprocessor)},
 }
 """Built-in processor names -> classes, per kind: the plug-ins that ship with maas_ray."""
 PREPROCESSORS: dict[str, type[Processor]] = BUILTINS["preprocessor"]

@@ -18,17 +18,17 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from maas_ray.errors import InferenceError, MaasError, ModelNotReadyError
-from maas_ray.registry import ONNX_EXTERNAL_DATA, LoadedModel, Registry
+from maas_ray.errors import ConfigError, InferenceError, IntegrityError, MaasError, ModelNotReadyError
+from maas_ray.registry import ONNX_EXTERNAL_DATA, LoadedModel, Manifest, Registry
 from maas_ray.serving.config import BatchingConfig, Limits, ModelConfig
 from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.processors import make_postprocessor, make_preprocessor
-from maas_ray.serving.types import RequestSchema
 from maas_ray.serving.runner import BatchedRunner, OnnxRunner
+from maas_ray.serving.types import RequestSchema
 
 logger = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
@@ -117,6 +117,13 @@ def load_batched_runner(
     return BatchedRunner(runner, model.batching, on_batch=on_batch, cores=cores)
 
 
+def artifact_registry(registry_root: Optional[str], security: Optional[dict[str, Any]] = None) -> Registry:
+    """The registry as this app may read it: ``security`` (AppArgs.security, as a dict) gives the
+    KEK for encrypted versions and the keys a version must be signed by."""
+    sec = security or {}
+    return Registry(registry_root, kek_uri=sec.get("kek_uri"), trusted_signing_keys=sec.get("trusted_signing_keys"))
+
+
 def _processor_files(loaded: LoadedModel) -> dict[str, bytes]:
     roles = {n: e.role for n, e in loaded.manifest.files.items()}
     return {n: b for n, b in loaded.files.items() if roles.get(n) not in PROCESSOR_SKIP_ROLES}
@@ -157,15 +164,16 @@ class LocalPipeline:
         *,
         limits: Optional[Limits] = None,
         metrics: Optional[ServingMetrics] = None,
+        security: Optional[dict[str, Any]] = None,
     ) -> None:
         on_batch = None
         if metrics is not None:
             on_batch = functools.partial(metrics.batch, model.name, version)
-        loaded = Registry(registry_root).load(model.name, version, skip_roles=SKIP_ROLES)
+        loaded = artifact_registry(registry_root, security).load(model.name, version, skip_roles=SKIP_ROLES)
         self.batched = load_batched_runner(registry_root, model, version, loaded, on_batch=on_batch)
         manifest = self.batched.runner.manifest
         self.pre = make_preprocessor(manifest, model.preprocessor, limits=limits, files=_processor_files(loaded))
-        self.post = make_postprocessor(manifest, model.postprocessor)
+        self.post = make_postprocessor(manifest, model.postprocessor, limits=limits, files=_processor_files(loaded))
         self.schema = RequestSchema.of(self.pre, self.post)
 
     @property
@@ -248,7 +256,8 @@ class ModelServer:
     """
 
     def __init__(
-        self, registry_root: Optional[str], model: dict[str, Any], version: int, limits: Optional[dict] = None
+        self, registry_root: Optional[str], model: dict[str, Any], version: int, limits: Optional[dict] = None,
+        security: Optional[dict[str, Any]] = None,
     ) -> None:
         use_serve_logging()
         cfg = ModelConfig.model_validate(model)
@@ -261,6 +270,7 @@ class ModelServer:
             self.pipeline = LocalPipeline(
                 registry_root, cfg, version,
                 limits=None if limits is None else Limits.model_validate(limits), metrics=self.metrics,
+                security=security,
             )
         except Exception as exc:
             self.reason = f"{type(exc).__name__}: {exc}"
@@ -302,24 +312,50 @@ class ModelServer:
         return self.pipeline.describe()
 
 
+def _processor_inputs(
+    registry_root: Optional[str], model: str, version: int, security: Optional[dict[str, Any]] = None
+) -> tuple[Manifest, dict[str, bytes]]:
+    """A split stage's manifest and the version's files its processor may read (checksummed)."""
+    reg = artifact_registry(registry_root, security)
+    manifest = reg.describe(model, version)
+    files = {n: reg.read_file(model, version, n)
+             for n, e in manifest.files.items() if e.role not in PROCESSOR_SKIP_ROLES}
+    return manifest, files
+
+
+def _stage_inputs(
+    registry_root: Optional[str], model: str, version: int, security: Optional[dict[str, Any]]
+) -> Union[tuple[Manifest, dict[str, bytes]], ModelNotReadyError]:
+    """:func:`_processor_inputs`, or the error every request gets when the version's files do not
+    open (a wrong KEK, a bad signature, a damaged file): the stage stays up, as ModelServer does,
+    and its inference stage reports the version ``failed``, so the ingress sends it nothing."""
+    try:
+        return _processor_inputs(registry_root, model, version, security)
+    except (IntegrityError, ConfigError) as exc:
+        logger.error("%s:%d failed to load: %s", model, version, exc)
+        return ModelNotReadyError(f"{model}:{version} failed to load: {type(exc).__name__}: {exc}", 5.0)
+
+
 class PreprocessServer:
     """Deployment for the ``split`` preprocess stage (CPU work that scales apart)."""
 
     def __init__(
-        self, registry_root: Optional[str], model: dict[str, Any], version: int, limits: Optional[dict] = None
+        self, registry_root: Optional[str], model: dict[str, Any], version: int, limits: Optional[dict] = None,
+        security: Optional[dict[str, Any]] = None,
     ) -> None:
         cfg = ModelConfig.model_validate(model)
-        reg = Registry(registry_root)
-        manifest = reg.describe(cfg.name, version)
-        files = {
-            n: reg.read_file(cfg.name, version, n)
-            for n, e in manifest.files.items() if e.role not in PROCESSOR_SKIP_ROLES
-        }
+        self.pre = None
+        inputs = _stage_inputs(registry_root, cfg.name, version, security)
+        if isinstance(inputs, ModelNotReadyError):
+            self.failed = inputs
+            return
         self.pre = make_preprocessor(
-            manifest, cfg.preprocessor, limits=None if limits is None else Limits.model_validate(limits), files=files,
+            inputs[0], cfg.preprocessor, limits=None if limits is None else Limits.model_validate(limits), files=inputs[1],
         )
 
     def many(self, items: list[tuple[Tensors, bool]]) -> list:
+        if self.pre is None:
+            return [self.failed] * len(items)
         return _map_items(lambda item: self.pre(item[0], strict_dtypes=item[1]), items)
 
 
@@ -327,10 +363,21 @@ class PostprocessServer:
     """Deployment for the ``split`` postprocess stage."""
 
     def __init__(
-        self, registry_root: Optional[str], model: dict[str, Any], version: int, limits: Optional[dict] = None
+        self, registry_root: Optional[str], model: dict[str, Any], version: int, limits: Optional[dict] = None,
+        security: Optional[dict[str, Any]] = None,
     ) -> None:
         cfg = ModelConfig.model_validate(model)
-        self.post = make_postprocessor(Registry(registry_root).describe(cfg.name, version), cfg.postprocessor)
+        self.post = None
+        inputs = _stage_inputs(registry_root, cfg.name, version, security)
+        if isinstance(inputs, ModelNotReadyError):
+            self.failed = inputs
+            return
+        self.post = make_postprocessor(
+            inputs[0], cfg.postprocessor, limits=None if limits is None else Limits.model_validate(limits),
+            files=inputs[1],
+        )
 
     def many(self, outputs: list) -> list:
+        if self.post is None:
+            return [self.failed] * len(outputs)
         return _map_items(self.post, outputs)

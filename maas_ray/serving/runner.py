@@ -44,11 +44,28 @@ class OnnxRunner:
         self.intra_op_threads = intra_op_threads  # None: onnxruntime's default (all cores)
         self.output_names = [o.name for o in manifest.outputs]
         self.batch1_seconds = float("inf")  # measured by warm_up()
+        # A real session can be stopped mid-run (RunOptions.terminate); test fakes cannot.
+        try:
+            import onnxruntime
+
+            self.terminable = isinstance(self.session, onnxruntime.InferenceSession)
+        except ImportError:  # pragma: no cover - the runtime is a dependency
+            self.terminable = False
         logger.info("%s:%d runs on %s", manifest.model, manifest.version, self.provider)
 
-    def run(self, feeds: Tensors) -> Tensors:
+    def run_options(self):
+        """A fresh ``onnxruntime.RunOptions`` (set ``terminate`` to stop the run), or None."""
+        if not self.terminable:
+            return None
+        import onnxruntime
+
+        return onnxruntime.RunOptions()
+
+    def run(self, feeds: Tensors, options=None) -> Tensors:
         try:
-            return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+            if options is None:
+                return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+            return dict(zip(self.output_names, self.session.run(self.output_names, feeds, options)))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise InferenceError(f"{self.manifest.model}:{self.manifest.version} inference failed: {exc}") from exc
 
@@ -76,7 +93,7 @@ def rows(tensors: Tensors) -> int:
     return shape[0] if shape else 1
 
 
-def run_batch(runner: OnnxRunner, requests: list[Tensors]) -> list[Tensors | MaasError]:
+def run_batch(runner: OnnxRunner, requests: list[Tensors], options=None) -> list[Tensors | MaasError]:
     """Concatenate requests along the batch axis, run once per shape group, split back.
 
     Requests whose non-batch dims differ (dynamic dims) go in separate groups. If a
@@ -94,11 +111,15 @@ def run_batch(runner: OnnxRunner, requests: list[Tensors]) -> list[Tensors | Maa
         else:
             feeds = {n: np.concatenate([requests[i][n] for i in idx]) for n in requests[idx[0]]}
         try:
-            out = runner.run(feeds)
+            out = runner.run(feeds, options)
         except MaasError:
+            if options is not None and options.terminate:
+                for i in idx:
+                    results[i] = InferenceError("inference stopped: the request ran past its deadline")
+                continue
             for i in idx:
                 try:
-                    results[i] = runner.run(requests[i])
+                    results[i] = runner.run(requests[i], options)
                 except MaasError as exc:
                     results[i] = exc
             continue
@@ -120,6 +141,11 @@ INLINE_BELOW_S = 0.0005
 # per request (queueing, signature binding, metrics; py-spy, benchmarks/README.md), more than
 # batching saves on a model whose whole batch-1 run is shorter than that.
 UNBATCHED_BELOW_S = 0.00005
+# A run expected to take longer than this (rows x the batch-1 latency, an overestimate) leaves the
+# event loop even for a model that runs inline: on the loop, nothing could answer 504 at the
+# request's deadline, and in a worker thread RunOptions.terminate stops it there (docs/security.md,
+# "Bounding a request's work"). One-row requests of the models that run inline stay far below it.
+INLINE_MAX_RUN_S = 0.05
 
 
 def runs_inline(runner: OnnxRunner, cores: int = 1) -> bool:
@@ -176,7 +202,7 @@ class BatchedRunner:
 
     async def infer(self, feeds: Tensors) -> tuple[Tensors, float]:
         """(outputs, seconds the onnxruntime call of this request's batch took)."""
-        if self.inline and not self.batching_on:
+        if self.inline and not self.batching_on and rows(feeds) * self.runner.batch1_seconds <= INLINE_MAX_RUN_S:
             # The tiny-model hot path: one direct run on the event loop, no batch bookkeeping
             # (run_batch's grouping and splitting cost ~5 us per request; in-process benchmark).
             start = time.perf_counter()
@@ -212,9 +238,9 @@ class BatchedRunner:
             start += len(group)
         return out
 
-    def _timed_batch(self, requests: list[Tensors]) -> list[tuple]:
+    def _timed_batch(self, requests: list[Tensors], options=None) -> list[tuple]:
         start = time.perf_counter()
-        results = run_batch(self.runner, requests)
+        results = run_batch(self.runner, requests, options)
         run_s = time.perf_counter() - start
         if self.on_batch is not None:
             self.on_batch(sum(map(rows, requests)))
@@ -222,7 +248,15 @@ class BatchedRunner:
 
     async def _run(self, requests: list[Tensors]) -> list[tuple]:
         """[(outputs or the item's MaasError, seconds of the batch's run)], one per request."""
-        if self.inline:
+        if self.inline and sum(map(rows, requests)) * self.runner.batch1_seconds <= INLINE_MAX_RUN_S:
             return self._timed_batch(requests)
-        # onnxruntime releases the GIL: run it off the event loop so requests keep flowing.
-        return await asyncio.get_running_loop().run_in_executor(None, self._timed_batch, requests)
+        # onnxruntime releases the GIL: run it off the event loop so requests keep flowing. A
+        # cancelled caller (its deadline passed, or it went away) stops the run at its next node.
+        options = self.runner.run_options()
+        future = asyncio.get_running_loop().run_in_executor(None, self._timed_batch, requests, options)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if options is not None:
+                options.terminate = True
+            raise

@@ -18,8 +18,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 from maas_ray.errors import ModelNotFoundError, ModelNotReadyError, VersionNotFoundError
 from maas_ray.registry import Manifest, Registry
-from maas_ray.serving.codecs.common import parse_version_ref
 from maas_ray.serving.coalesce import Coalescer
+from maas_ray.serving.codecs.common import parse_version_ref
 from maas_ray.serving.config import AppArgs, ModelConfig
 from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.replicas import LocalPipeline
@@ -172,7 +172,7 @@ class VersionTable:
                     slot.manifest = self.registry.describe(m.name, slot.number)
                     if m.placement == "ingress":
                         pipeline = LocalPipeline(args.registry_root, m, slot.number, limits=self.limits,
-                                                 metrics=metrics)
+                                                 metrics=metrics, security=args.security.model_dump())
                         slot.route = Route(local=pipeline)
                         self._settle(m.name, slot, pipeline.describe())
                     else:
@@ -332,7 +332,8 @@ class VersionTable:
         try:
             slot.manifest = await asyncio.to_thread(self.registry.describe, m.name, number)
             pipeline = await asyncio.to_thread(
-                LocalPipeline, self.args.registry_root, m, number, limits=self.limits, metrics=self.metrics)
+                LocalPipeline, self.args.registry_root, m, number, limits=self.limits, metrics=self.metrics,
+                security=self.args.security.model_dump())
             slot.route = Route(local=pipeline)
             self._settle(m.name, slot, pipeline.describe())
         except Exception as exc:

@@ -8,7 +8,7 @@ from typing import Any
 
 from maas_ray.errors import DependencyError
 
-__all__ = ["TrainConfig", "TrainReport", "train_and_publish"]
+__all__ = ["TabularTrainConfig", "TrainConfig", "TrainReport", "train_and_publish", "train_tabular"]
 
 TORCH_INSTALL_HINT = "pip install 'maas-ray[train]'"
 
@@ -20,6 +20,10 @@ def __getattr__(name: str) -> Any:
         from maas_ray.train.config import TrainConfig
 
         return TrainConfig
+    if name in ("TabularTrainConfig", "train_tabular"):  # trees and scikit-learn: no torch
+        from maas_ray.train import tabular
+
+        return getattr(tabular, name)
     if name in ("TrainReport", "train_and_publish"):
         try:
             from maas_ray.train import pipeline

@@ -129,9 +129,9 @@ class TrainConfig(BaseModel):
     data_loading: Literal["auto", "memory", "ray_data"] = Field(
         default="auto",
         description="How workers get the data: 'memory' (loaded on the driver, one copy in the object "
-        "store), 'ray_data' (a .parquet of feature columns + 'label' streamed to each worker as a Ray "
-        "Dataset shard, never collected on the driver), 'auto' (ray_data for .parquet files larger "
-        "than ray_data_threshold_bytes).",
+        "store), 'ray_data' (parquet of feature columns + 'label', one file or a directory or s3:// prefix "
+        "of them, streamed to each worker as a Ray Dataset shard, never collected on the driver), 'auto' "
+        "(ray_data for s3:// data and .parquet files larger than ray_data_threshold_bytes).",
     )
     ray_data_threshold_bytes: int = Field(
         default=256 * 1024**2, ge=0, description="'auto' data_loading streams .parquet files above this size."
@@ -201,6 +201,8 @@ class TrainConfig(BaseModel):
     def _data(cls, v: str) -> str:
         if v in BUILTIN_DATA or (_IMPORT_PATH.match(v) and not os.path.exists(v)):
             return v
+        if v.startswith(("s3://", "gs://")):  # parquet streamed with Ray Data (one file or a prefix)
+            return v
         path = os.path.abspath(os.path.expanduser(v))
         if not (os.path.isdir(path) or v.endswith(DATA_SUFFIXES)):
             raise ValueError(
@@ -223,8 +225,13 @@ class TrainConfig(BaseModel):
                 f"val_fraction + test_fraction must leave >= 10 % for training, got "
                 f"{self.val_fraction} + {self.test_fraction}"
             )
-        if self.data_loading == "ray_data" and not self.data.endswith(".parquet"):
-            raise ValueError(f"data_loading 'ray_data' needs a .parquet file, got data {self.data!r}")
+        if self.data_loading == "ray_data" and not (
+            self.data.endswith(".parquet") or "://" in self.data or os.path.isdir(self.data)
+        ):
+            raise ValueError(
+                f"data_loading 'ray_data' needs a .parquet file, got data {self.data!r} "
+                "(or a directory or s3:// prefix of .parquet files)"
+            )
         if self.model in FAMILY_ARGS:  # built-ins: check model_args now, not in a worker
             try:
                 self.model_args = FAMILY_ARGS[self.model].model_validate(self.model_args).model_dump()

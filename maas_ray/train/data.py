@@ -350,30 +350,64 @@ class StreamedSplits:
         return False
 
 
+def dataset_files(data: str, suffix: str = ".parquet") -> tuple[list[str], int]:
+    """The files behind a dataset path and their total size: one file, or every ``suffix`` file
+    under a directory or an object-store prefix (``s3://bucket/prefix``, ``gs://...``; query
+    parameters such as ``?endpoint_override=`` pass through to pyarrow). Files come back as given
+    for one file, else as ``scheme://`` URIs (object stores) or absolute paths."""
+    import pyarrow.fs as pafs
+
+    try:
+        if "://" in data:
+            fs, base = pafs.FileSystem.from_uri(data)
+            scheme = data.split("://", 1)[0]
+        else:
+            fs, base, scheme = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(data)), ""
+        info = fs.get_file_info(base)
+        if info.type == pafs.FileType.File:
+            return [data], int(info.size or 0)
+        if info.type == pafs.FileType.NotFound:
+            raise ConfigError(f"cannot read dataset {data!r}: not found")
+        found = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                 if i.type == pafs.FileType.File and i.path.endswith(suffix)]
+    except (OSError, ValueError) as exc:  # pyarrow: OSError, ArrowInvalid (a ValueError) for a bad URI
+        raise ConfigError(f"cannot read dataset {data!r}: {exc}") from exc
+    if not found:
+        raise ConfigError(f"dataset {data!r} holds no {suffix} files")
+    found.sort(key=lambda i: i.path)
+    files = [f"{scheme}://{i.path}" if scheme else i.path for i in found]
+    return files, sum(int(i.size or 0) for i in found)
+
+
 def use_ray_data(data: str, mode: str, threshold_bytes: int) -> bool:
-    """Stream with Ray Data ('ray_data', or 'auto' and a .parquet over the threshold)."""
+    """Stream with Ray Data ('ray_data', or 'auto' and parquet over the threshold or not local)."""
     if mode != "auto":
         return mode == "ray_data"
-    return data.endswith(".parquet") and os.path.isfile(data) and os.path.getsize(data) > threshold_bytes
+    if "://" in data:  # an object store: never read whole into the driver
+        return True
+    if data.endswith(".parquet") and os.path.isfile(data):
+        return os.path.getsize(data) > threshold_bytes
+    return False
 
 
 def stream_splits(data: str, *, val_fraction: float, test_fraction: float, seed: int) -> StreamedSplits:
-    """A .parquet of feature columns + 'label' as three streamed Ray Datasets.
+    """Parquet of feature columns + 'label' (one file, or a directory or ``s3://`` prefix of
+    files) as three streamed Ray Datasets.
 
     Rows go to a split by a seeded hash of their content, so the split is deterministic and
     needs no shuffle or materialisation; the fractions hold in expectation. Needs Ray.
     """
-    import pyarrow.parquet as pq
     import ray.data
 
+    files, size_bytes = dataset_files(data, ".parquet")
     try:
-        columns = pq.read_schema(data).names
-    except OSError as exc:
+        ds = ray.data.read_parquet(data)
+        columns = list(ds.schema().names)
+    except Exception as exc:  # pyarrow / fsspec raise many types
         raise ConfigError(f"cannot read dataset {data!r}: {exc}") from exc
     if "label" not in columns:
         raise ConfigError(f"dataset {data!r} has no labels: it needs a 'label' column, found columns {columns[:10]}")
     features = [c for c in columns if c != "label"]
-    ds = ray.data.read_parquet(data)
     classes = sorted(ds.unique("label"))  # one streaming pass
     index = {c: i for i, c in enumerate(classes)}
     cuts = (1.0 - val_fraction - test_fraction, 1.0 - test_fraction)
@@ -398,8 +432,9 @@ def stream_splits(data: str, *, val_fraction: float, test_fraction: float, seed:
     if min(rows.values()) < 1:
         raise ConfigError(f"dataset {data!r}: a split is empty ({rows}); more rows or larger fractions needed")
     identity = {
-        "source": os.path.abspath(data), "kind": "features", "rows": rows, "split_seed": seed,
-        "size_bytes": os.path.getsize(data), "loading": "ray_data",
+        "source": data if "://" in data else os.path.abspath(data), "kind": "features", "rows": rows,
+        "split_seed": seed, "size_bytes": size_bytes, "loading": "ray_data",
+        "files": files[:100], "file_count": len(files),
         "sha256": None,  # streamed: hashing the content would cost a full extra pass
     }
     logger.info("dataset %s: features, rows %s (streamed with Ray Data)", data, rows)

@@ -6,6 +6,7 @@ library, and their conftest fixtures).
 - :mod:`tests.helpers.load`: client load threads that stop however a test ends
 - :mod:`tests.helpers.live`: the test cluster's settings and probes of a live Ray/Serve
 - :mod:`tests.helpers.s3`: the moto S3 server behind ``tests/integration/conftest.py:s3_endpoint``
+- :mod:`tests.helpers.tabular`: a small frame with categories and gaps, its column schema, a ZipMap ONNX
 """
 
 from tests.helpers.images import digit_png, digit_png_bytes

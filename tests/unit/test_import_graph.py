@@ -30,16 +30,17 @@ ALLOWED = {
     "maas_ray.optimize": {"maas_ray.errors", "maas_ray.registry", "maas_ray.runtime", "maas_ray.serving",
                           "maas_ray.train"},
     "maas_ray.rollout": {"maas_ray.errors", "maas_ray.registry", "maas_ray.serving"},
+    "maas_ray.batch": {"maas_ray.errors", "maas_ray.registry", "maas_ray.runtime", "maas_ray.serving"},
     "maas_ray.cli": {"maas_ray.errors", "maas_ray.registry", "maas_ray.runtime", "maas_ray.serving",
-                     "maas_ray.train", "maas_ray.optimize", "maas_ray.rollout", "maas_ray"},
+                     "maas_ray.train", "maas_ray.optimize", "maas_ray.rollout", "maas_ray.batch", "maas_ray"},
     "maas_ray": {"maas_ray.errors", "maas_ray.registry", "maas_ray.serving", "maas_ray.train"},
 }
 
 # Within serving, layers from the bottom up: a module imports only from its own layer or below.
 SERVING_LAYERS = [
     {"types", "metric_names", "compat"},
-    {"codecs", "config", "status", "coalesce", "traffic", "limits", "keys", "metrics"},
-    {"processors", "text", "plugins", "runner", "shadow", "admission"},
+    {"codecs", "config", "status", "coalesce", "traffic", "limits", "keys", "metrics", "payload_log"},
+    {"processors", "text", "tabular", "plugins", "runner", "shadow", "admission"},
     {"replicas"},
     {"versions"},
     {"core"},

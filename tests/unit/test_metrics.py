@@ -22,6 +22,7 @@ from maas_ray.serving.metric_names import (
     ERRORS,
     HISTOGRAM_PARTS,
     IN_FLIGHT,
+    PAYLOAD_LOG_DROPPED,
     REQUEST_LATENCY,
     REQUESTS,
     SHADOW_AGREEMENT,
@@ -95,7 +96,7 @@ def test_no_ray_objects_before_first_use(fake):
     sm.flush()
     assert set(FakeMetric.registry) == {
         REQUESTS, ERRORS, IN_FLIGHT, VERSION_STATE,
-        REQUEST_LATENCY, SHADOW_AGREEMENT, SHADOW_DROPPED,
+        REQUEST_LATENCY, SHADOW_AGREEMENT, SHADOW_DROPPED, PAYLOAD_LOG_DROPPED,
         *(h + part for h in (STAGE_LATENCY, BATCH_SIZE, SHADOW_DIFF) for part in HISTOGRAM_PARTS),
     }
     assert FakeMetric.registry[REQUESTS].calls == 1

@@ -28,9 +28,11 @@ from maas_ray.serving.processors import (
     make_preprocessor,
     resolve_processor,
 )
+from maas_ray.serving.tabular import RegressionPostprocessor, TabularPreprocessor
 from maas_ray.serving.text import TextPreprocessor
 from maas_ray.serving.types import RequestInput, RequestSchema
 from tests.helpers import linear_onnx
+from tests.helpers.apps import bound_deployments
 from tests.plugins_example import Argmax, CelsiusToFahrenheit
 
 pytestmark = pytest.mark.unit
@@ -66,8 +68,11 @@ def plugin_module(tmp_path, monkeypatch):
 
 
 def test_builtins_are_plugins_of_the_same_kind():
-    assert BUILTINS["preprocessor"] == {"tensor": TensorPreprocessor, "image": ImagePreprocessor, "text": TextPreprocessor}
-    assert BUILTINS["postprocessor"] == {"tensor": TensorPostprocessor, "classification": ClassificationPostprocessor}
+    assert BUILTINS["preprocessor"] == {
+        "tensor": TensorPreprocessor, "image": ImagePreprocessor, "text": TextPreprocessor,
+        "tabular": TabularPreprocessor}
+    assert BUILTINS["postprocessor"] == {"tensor": TensorPostprocessor, "classification": ClassificationPostprocessor,
+                                         "regression": RegressionPostprocessor}
     for kind, base in (("preprocessor", Preprocessor), ("postprocessor", Postprocessor)):
         for name, cls in BUILTINS[kind].items():
             assert issubclass(cls, base) and cls.name == name
@@ -84,9 +89,9 @@ def test_resolves_import_paths():
 @pytest.mark.parametrize(
     ("kind", "name", "message"),
     [
-        ("preprocessor", "imag", "unknown preprocessor 'imag'; built-ins: ['image', 'tensor', 'text'], "
+        ("preprocessor", "imag", "unknown preprocessor 'imag'; built-ins: ['image', 'tabular', 'tensor', 'text'], "
                                  "or a plug-in as 'package.module:Class'"),
-        ("postprocessor", "nope", "unknown postprocessor 'nope'; built-ins: ['classification', 'tensor']"),
+        ("postprocessor", "nope", "unknown postprocessor 'nope'; built-ins: ['classification', 'regression', 'tensor']"),
         ("preprocessor", "tests.plugins_example:", "preprocessor 'tests.plugins_example:': not an import path"),
         ("preprocessor", "a:b:c", "preprocessor 'a:b:c': not an import path of the form 'package.module:Class'"),
         ("preprocessor", "my pkg:X", "preprocessor 'my pkg:X': not an import path"),
@@ -162,7 +167,8 @@ def test_plugins_get_params_limits_and_files(plugin_module):
     post = make_postprocessor(manifest(), spec, limits=limits, files={"labels.txt": b"cat dog owl"})
     assert post.limits is limits
     assert post({"logits": np.array([[0, 2, 1], [5, 0, 0]], np.float32)})["label"].tolist() == ["dog", "cat"]
-    with pytest.raises(ConfigError, match=rf"postprocessor '{name}:Labels' for m:1 failed to start: KeyError: 'labels.txt'"):
+    failed = rf"postprocessor '{name}:Labels' for m:1 failed to start: KeyError: 'labels.txt'"
+    with pytest.raises(ConfigError, match=failed):
         make_postprocessor(manifest(), spec)  # no files given: an empty mapping
 
 
@@ -178,7 +184,7 @@ def test_the_example_plugins_end_to_end_without_ray():
     assert feeds["input"].dtype == np.float32
     v1 = pre({"celsius": np.array([[0.0, 1.0, 2.0, 3.0]])}, strict_dtypes=False)["input"]  # float64 from JSON
     assert v1.dtype == np.float32
-    with pytest.raises(InvalidInputError, match=r"input 'celsius': expected shape \[-1, 4\] \(-1 = any\), got \[1, 3\]"):
+    with pytest.raises(InvalidInputError, match=r"'celsius': expected shape \[-1, 4\] \(-1 = any\), got \[1, 3\]"):
         pre({"celsius": np.zeros((1, 3), np.float32)}, strict_dtypes=True)
     with pytest.raises(InvalidInputError, match="temperatures must be finite"):
         pre({"celsius": np.full((1, 4), np.nan, np.float32)}, strict_dtypes=True)
@@ -259,7 +265,9 @@ def test_build_app_resolves_plugins(root, field, name, message):
 
 
 def test_build_app_accepts_plugins_from_the_manifest_and_the_args(root):
-    assert build_app(_args(root, preprocessor={"name": CELSIUS}, postprocessor={"name": ARGMAX})) is not None
+    built = bound_deployments(build_app(_args(root, preprocessor={"name": CELSIUS}, postprocessor={"name": ARGMAX})))
+    model = built["Ingress"].init_kwargs["args"]["models"][0]  # what the ingress replica builds the pipeline from
+    assert (model["preprocessor"]["name"], model["postprocessor"]["name"]) == (CELSIUS, ARGMAX)
     Registry(root).publish("m", linear_onnx(), preprocessor=ProcessorSpec(name="tests.plugins_example:Gone"))
     with pytest.raises(ConfigError, match=r"models.0.preprocessor: .*has no attribute 'Gone' \(for m:2\)"):
         build_app({"registry_root": root, "models": [{"name": "m", "versions": [{"version": 2}]}]})
