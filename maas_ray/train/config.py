@@ -6,10 +6,17 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from maas_ray.errors import ConfigError, format_validation_error
 from maas_ray.registry.manifest import ModelName
@@ -244,16 +251,25 @@ class TrainConfig(BaseModel):
     @classmethod
     def load(cls, path: Optional[str] = None, **overrides: Any) -> "TrainConfig":
         """Read a YAML file (optional), apply non-None overrides, validate."""
-        raw: dict[str, Any] = {}
-        if path:
-            try:
-                raw = yaml.safe_load(Path(path).read_text()) or {}
-            except (OSError, yaml.YAMLError) as exc:
-                raise ConfigError(f"cannot read training config {path!r}: {exc}") from exc
-            if not isinstance(raw, dict):
-                raise ConfigError(f"training config {path!r} must be a mapping, got {type(raw).__name__}")
-        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return load_config(cls, path, overrides, "training config")
+
+
+_Config = TypeVar("_Config", bound=BaseModel)
+
+
+def load_config(cls: type[_Config], path: Optional[str], overrides: dict[str, Any], what: str) -> _Config:
+    """A YAML file (optional) with the non-None ``overrides`` applied, validated as ``cls``;
+    ConfigError naming ``what``, the file and the bad fields otherwise."""
+    raw: dict[str, Any] = {}
+    if path:
         try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, "training config")) from exc
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read {what} {path!r}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{what} {path!r} must be a mapping, got {type(raw).__name__}")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, what)) from exc

@@ -37,10 +37,22 @@ from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
-from maas_ray.errors import ConfigError, DependencyError, ParityError, TrainingError, format_validation_error
+from maas_ray.errors import (
+    ConfigError,
+    DependencyError,
+    ParityError,
+    TrainingError,
+)
 from maas_ray.registry.manifest import Manifest, ModelName, ProcessorSpec
+from maas_ray.train.config import load_config
 
 logger = logging.getLogger(__name__)
 
@@ -177,19 +189,7 @@ class TabularTrainConfig(BaseModel):
     @classmethod
     def load(cls, path: Optional[str] = None, **overrides: Any) -> "TabularTrainConfig":
         """Read a YAML file (optional), apply non-None overrides, validate."""
-        raw: dict[str, Any] = {}
-        if path:
-            try:
-                raw = yaml.safe_load(Path(path).read_text()) or {}
-            except (OSError, yaml.YAMLError) as exc:
-                raise ConfigError(f"cannot read training config {path!r}: {exc}") from exc
-            if not isinstance(raw, dict):
-                raise ConfigError(f"training config {path!r} must be a mapping, got {type(raw).__name__}")
-        raw.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, "tabular training config")) from exc
+        return load_config(cls, path, overrides, "tabular training config")
 
 
 class TabularColumn(BaseModel):
@@ -532,9 +532,11 @@ def _train_gbdt(cfg: TabularTrainConfig, data: TabularData) -> Any:
 
     n_classes = len(data.classes or [])
     if cfg.family == "xgboost":
-        from ray.train.xgboost import RayTrainReportCallback, XGBoostTrainer as Trainer
+        from ray.train.xgboost import RayTrainReportCallback
+        from ray.train.xgboost import XGBoostTrainer as Trainer
     else:
-        from ray.train.lightgbm import LightGBMTrainer as Trainer, RayTrainReportCallback
+        from ray.train.lightgbm import LightGBMTrainer as Trainer
+        from ray.train.lightgbm import RayTrainReportCallback
     checkpoint_file = NATIVE_FILES[cfg.family]
     trainer = Trainer(
         _gbdt_loop,
