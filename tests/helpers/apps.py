@@ -29,3 +29,20 @@ def bound_deployments(app: Any) -> dict[str, Any]:
 
     walk(app)
     return found
+
+
+def two_version_registry(root: str) -> str:
+    """A registry at ``root`` with model ``m`` versions 1 and 2 (linear ONNX) and ``production`` -> 1."""
+    from maas_ray.registry import Registry
+    from tests.helpers.models import linear_onnx
+
+    reg = Registry(root)
+    reg.publish("m", linear_onnx())
+    reg.publish("m", linear_onnx(seed=1))
+    reg.set_alias("m", "production", 1)
+    return root
+
+
+def one_model_args(root: str, versions: list, **model: Any) -> dict[str, Any]:
+    """``build_app`` args serving model ``m`` from ``root`` at these versions."""
+    return {"registry_root": root, "models": [{"name": "m", "versions": versions, **model}]}

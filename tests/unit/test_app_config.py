@@ -3,24 +3,15 @@
 import pytest
 
 from maas_ray.errors import ConfigError
-from maas_ray.registry import Registry
 from maas_ray.serving import build_app
-from tests.helpers import linear_onnx
+from tests.helpers.apps import one_model_args, two_version_registry
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
 def root(tmp_path):
-    reg = Registry(str(tmp_path))
-    reg.publish("m", linear_onnx())
-    reg.publish("m", linear_onnx(seed=1))
-    reg.set_alias("m", "production", 1)
-    return str(tmp_path)
-
-
-def args(root, versions, **model):
-    return {"registry_root": root, "models": [{"name": "m", "versions": versions, **model}]}
+    return two_version_registry(str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -41,7 +32,7 @@ def args(root, versions, **model):
 )
 def test_bad_config_fails_at_build_time_naming_field_and_value(root, bad, message):
     with pytest.raises(ConfigError) as info:
-        build_app(args(root, **bad))
+        build_app(one_model_args(root, **bad))
     assert message in str(info.value)
 
 

@@ -6,7 +6,7 @@ import pytest
 from maas_ray.registry import ProcessorSpec, Registry
 from maas_ray.serving import build_app
 from tests.helpers import linear_onnx
-from tests.helpers.apps import bound_deployments
+from tests.helpers.apps import bound_deployments, one_model_args, two_version_registry
 
 pytestmark = pytest.mark.unit
 
@@ -16,15 +16,7 @@ INFERENCE = {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.25}}
 
 @pytest.fixture
 def root(tmp_path):
-    reg = Registry(str(tmp_path))
-    reg.publish("m", linear_onnx())
-    reg.publish("m", linear_onnx(seed=1))
-    reg.set_alias("m", "production", 1)
-    return str(tmp_path)
-
-
-def args(root, versions, **model):
-    return {"registry_root": root, "models": [{"name": "m", "versions": versions, **model}]}
+    return two_version_registry(str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -35,7 +27,7 @@ def args(root, versions, **model):
     ],
 )
 def test_split_and_fused_bind_an_inference_deployment_per_version(root, placement, names):
-    deployments = bound_deployments(build_app(args(root, SPLIT, placement=placement, inference=INFERENCE)))
+    deployments = bound_deployments(build_app(one_model_args(root, SPLIT, placement=placement, inference=INFERENCE)))
     assert sorted(deployments) == sorted(names)
     ingress = deployments["Ingress"]
     # aliases stay aliases in the traffic (the ingress follows them when they move)
@@ -50,7 +42,7 @@ def test_split_and_fused_bind_an_inference_deployment_per_version(root, placemen
 
 
 def test_ingress_placement_is_one_deployment_that_runs_the_model(root):
-    deployments = bound_deployments(build_app(args(root, [{"version": 1}], placement="ingress")))
+    deployments = bound_deployments(build_app(one_model_args(root, [{"version": 1}], placement="ingress")))
     assert list(deployments) == ["Ingress"]
     ingress = deployments["Ingress"]
     assert ingress.user_config["traffic"] == {"m": {"1": 1}}
@@ -60,6 +52,6 @@ def test_ingress_placement_is_one_deployment_that_runs_the_model(root):
 
 def test_a_version_with_its_own_postprocessor_builds(root):
     Registry(root).publish("m", linear_onnx(), postprocessor=ProcessorSpec(name="classification"))
-    deployments = bound_deployments(build_app(args(root, [{"version": 3}])))
+    deployments = bound_deployments(build_app(one_model_args(root, [{"version": 3}])))
     assert list(deployments) == ["Ingress"]
     assert deployments["Ingress"].user_config["traffic"] == {"m": {"3": 1}}
