@@ -10,7 +10,14 @@ library, and their conftest fixtures).
 """
 
 from tests.helpers.images import digit_png, digit_png_bytes
-from tests.helpers.live import HTTP_PORT, TEST_ENV, create_key, replica_pids, scrape, wait_until
+from tests.helpers.live import (
+    HTTP_PORT,
+    TEST_ENV,
+    create_key,
+    replica_pids,
+    scrape,
+    wait_until,
+)
 from tests.helpers.load import background
 from tests.helpers.models import fails_on_batches_onnx, linear_onnx, slow_onnx
 

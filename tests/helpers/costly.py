@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tests.helpers.models import slow_loop
+
 TEXT_VOCAB = ["[PAD]", "[UNK]", "the", "owl", "dog", "cat", "scared", "saw", "a", "bird"]
 
 
@@ -17,34 +19,16 @@ def _slow_classifier(inputs: list, pre_nodes: list, pre_inits: list, features: s
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(3)
+    loop_nodes, loop_inits, same = slow_loop(features, n_features, width, steps, rng)
     inits = [
         *pre_inits,
-        numpy_helper.from_array(rng.normal(size=(n_features, width)).astype(np.float32) * 0.01, "up"),
-        numpy_helper.from_array(np.array(steps, np.int64), "trips"),
-        numpy_helper.from_array(np.array(True), "go"),
-        numpy_helper.from_array(np.zeros((width, n_features), np.float32), "down"),
+        *loop_inits,
         numpy_helper.from_array(rng.normal(size=(n_features, classes)).astype(np.float32), "W"),
         numpy_helper.from_array(rng.normal(size=(classes,)).astype(np.float32), "b"),
     ]
-    square = numpy_helper.from_array(rng.normal(size=(width, width)).astype(np.float32) * 0.01, "square")
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("MatMul", ["h_in", "square"], ["hw"]),
-         helper.make_node("Tanh", ["hw"], ["h_out"])],
-        "slow_body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["batch", width])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", width])],
-        initializer=[square],
-    )
     nodes = [*pre_nodes,
-             helper.make_node("MatMul", [features, "up"], ["h0"]),
-             helper.make_node("Loop", ["trips", "go", "h0"], ["h_last"], body=body),
-             helper.make_node("MatMul", ["h_last", "down"], ["zero"]),
-             helper.make_node("Add", [features, "zero"], ["same"]),
-             helper.make_node("MatMul", ["same", "W"], ["xw"]),
+             *loop_nodes,
+             helper.make_node("MatMul", [same, "W"], ["xw"]),
              helper.make_node("Add", ["xw", "b"], ["logits"])]
     graph = helper.make_graph(nodes, "slow", inputs,
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],

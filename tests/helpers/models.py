@@ -57,17 +57,17 @@ def fails_on_batches_onnx(in_features: int = 4, out_features: int = 3, seed: int
                          in_features, out_features, seed, x="row")
 
 
-def slow_onnx(in_features: int = 4, out_features: int = 3, seed: int = 0, width: int = 512, steps: int = 300) -> bytes:
-    """linear_onnx's answers after a Loop of ``steps`` (width x width) matmuls whose result is
-    added times zero: the same outputs, tens of milliseconds slower per request (small file)."""
+def slow_loop(x: str, n_features: int, width: int, steps: int, rng: np.random.Generator) -> tuple[list, list, str]:
+    """Nodes and initializers that output ``x`` (B, n_features) unchanged, after a Loop of ``steps``
+    (width x width) matmuls whose result is added times zero: the cost without changing the answer.
+    Returns (nodes, initializers, the output's name)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(1)
     inits = [
-        numpy_helper.from_array(rng.normal(size=(in_features, width)).astype(np.float32) * 0.01, "up"),
+        numpy_helper.from_array(rng.normal(size=(n_features, width)).astype(np.float32) * 0.01, "up"),
         numpy_helper.from_array(np.array(steps, np.int64), "trips"),
         numpy_helper.from_array(np.array(True), "go"),
-        numpy_helper.from_array(np.zeros((width, in_features), np.float32), "down"),
+        numpy_helper.from_array(np.zeros((width, n_features), np.float32), "down"),
     ]
     square = numpy_helper.from_array(rng.normal(size=(width, width)).astype(np.float32) * 0.01, "square")
     body = helper.make_graph(
@@ -82,8 +82,15 @@ def slow_onnx(in_features: int = 4, out_features: int = 3, seed: int = 0, width:
          helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", width])],
         initializer=[square],
     )
-    nodes = [helper.make_node("MatMul", ["input", "up"], ["h0"]),
+    nodes = [helper.make_node("MatMul", [x, "up"], ["h0"]),
              helper.make_node("Loop", ["trips", "go", "h0"], ["h_last"], body=body),
              helper.make_node("MatMul", ["h_last", "down"], ["zero"]),
-             helper.make_node("Add", ["input", "zero"], ["same"])]
-    return _linear_graph(nodes, inits, in_features, out_features, seed, x="same")
+             helper.make_node("Add", [x, "zero"], ["same"])]
+    return nodes, inits, "same"
+
+
+def slow_onnx(in_features: int = 4, out_features: int = 3, seed: int = 0, width: int = 512, steps: int = 300) -> bytes:
+    """linear_onnx's answers after a Loop of ``steps`` (width x width) matmuls whose result is
+    added times zero: the same outputs, tens of milliseconds slower per request (small file)."""
+    nodes, inits, same = slow_loop("input", in_features, width, steps, np.random.default_rng(1))
+    return _linear_graph(nodes, inits, in_features, out_features, seed, x=same)
