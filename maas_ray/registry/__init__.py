@@ -2,7 +2,7 @@
 
 from maas_ray.registry.audit import AuditEvent
 from maas_ray.registry.crypto import KeyProvider, register_key_provider
-from maas_ray.registry.manifest import EncryptionInfo, FileEntry, Manifest, ModelName, ParentRef, ProcessorSpec, TensorSpec
+from maas_ray.registry.manifest import EncryptionInfo, FileEntry, GenerationSpec, Manifest, ModelName, ParentRef, ProcessorSpec, TensorSpec
 from maas_ray.registry.store import (
     ONNX_EXTERNAL_DATA,
     ExtraFile,
@@ -18,6 +18,7 @@ __all__ = [
     "EncryptionInfo",
     "ExtraFile",
     "FileEntry",
+    "GenerationSpec",
     "KeyProvider",
     "LoadedModel",
     "Manifest",

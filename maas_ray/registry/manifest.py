@@ -158,6 +158,54 @@ class EncryptionInfo(BaseModel):
         return v
 
 
+class GenerationSpec(BaseModel):
+    """What a generative (decoder language model) version needs to be served: the shape of its
+    KV cache, read from the graph, its context and vocabulary, its special tokens and chat
+    template. Present exactly when the version is ``kind: generative``.
+
+    The graph contract (the layout of optimum's ``text-generation-with-past`` export): inputs
+    ``input_ids`` (B, S) int64, ``attention_mask`` (B, P + S) int64 (1 = attend),
+    ``position_ids`` (B, S) int64 (optional: ``has_position_ids``), and per layer
+    ``past_key_values.{i}.key|value`` (B, heads, P, head_dim); outputs ``logits``
+    (B, S, vocab) and ``present.{i}.key|value`` (B, heads, P + S, head_dim).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    context_length: int = Field(ge=2, description="Most tokens (prompt + generated) one sequence may hold.")
+    vocab_size: int = Field(ge=2, description="Size of the logits' last axis.")
+    num_layers: int = Field(ge=1, description="Transformer blocks: one key and one value cache each.")
+    num_kv_heads: int = Field(ge=1, description="Heads of the key/value cache (axis 1 of past_key_values.*).")
+    head_dim: int = Field(ge=1, description="Axis 3 of past_key_values.*.")
+    kv_dtype: str = Field(default="FP32", description="OIP datatype of the cache tensors.")
+    past_key: str = Field(default="past_key_values.{i}.key", description="Input name pattern of layer i's key cache.")
+    past_value: str = Field(default="past_key_values.{i}.value", description="Input name pattern of layer i's value cache.")
+    present_key: str = Field(default="present.{i}.key", description="Output name pattern of layer i's new key cache.")
+    present_value: str = Field(default="present.{i}.value", description="Output name pattern of layer i's new value cache.")
+    has_position_ids: bool = Field(default=True, description="Whether the graph takes position_ids.")
+    tokenizer_file: str = Field(default="tokenizer.json", description="The version's Hugging Face tokenizer (an extra file).")
+    bos_token_id: Optional[int] = Field(default=None, ge=0, description="Prepended to every prompt when set.")
+    eos_token_id: int = Field(ge=0, description="Generation stops when the model emits it.")
+    pad_token_id: Optional[int] = Field(default=None, ge=0, description="Padding token, if the tokenizer has one.")
+    special_tokens: dict[str, int] = Field(default_factory=dict, description="Special token text -> id.")
+    chat_template: Optional[str] = Field(
+        default=None, description="Jinja template turning a message list into a prompt (Hugging Face's convention).")
+
+    @field_validator("kv_dtype")
+    @classmethod
+    def _kv_datatype(cls, v: str) -> str:
+        if v not in ("FP32", "FP16", "BF16"):
+            raise ValueError(f"kv_dtype must be FP32, FP16 or BF16, got {v!r}")
+        return v
+
+    @field_validator("past_key", "past_value", "present_key", "present_value")
+    @classmethod
+    def _layer_pattern(cls, v: str) -> str:
+        if "{i}" not in v:
+            raise ValueError(f"a cache name pattern must contain '{{i}}' (the layer), got {v!r}")
+        return v
+
+
 class Manifest(BaseModel):
     """Self-description of one immutable model version."""
 
@@ -194,6 +242,14 @@ class Manifest(BaseModel):
     encryption: Optional[EncryptionInfo] = Field(
         default=None, description="Set when the files are encrypted; sha256 and sizes are of the plaintext."
     )
+    generation: Optional[GenerationSpec] = Field(
+        default=None, description="Set for generative (decoder LM) versions: KV cache layout, context, tokens."
+    )
+
+    @property
+    def kind(self) -> str:
+        """``generative`` for decoder language models, else ``predictive`` (one forward pass)."""
+        return "generative" if self.generation is not None else "predictive"
 
     @field_validator("sha256")
     @classmethod

@@ -56,6 +56,7 @@ from maas_ray.errors import (
 from maas_ray.registry import crypto, signing
 from maas_ray.registry.audit import AuditLog
 from maas_ray.registry.manifest import (
+    GenerationSpec,
     NUMPY_TO_OIP,
     EncryptionInfo,
     FileEntry,
@@ -543,6 +544,7 @@ class Registry:
         model_spec: Optional[dict[str, Any]] = None,
         dataset: Optional[dict[str, Any]] = None,
         encrypt: Optional[bool] = None,
+        generation: Optional[GenerationSpec] = None,
     ) -> Manifest:
         """Publish an ONNX model (bytes or a path) as the next version of ``model``.
 
@@ -593,6 +595,7 @@ class Registry:
             },
             model_spec=model_spec,
             dataset=dataset,
+            generation=generation,
             description=description,
         )
         token = f"{time.time_ns():020d}-{uuid.uuid4().hex}"

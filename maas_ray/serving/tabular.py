@@ -9,10 +9,11 @@ as KServe's sklearn and xgboost servers take them). The graph takes one FP32 inp
 ``[-1, n_features]``: numeric columns as floats, categorical columns (those with
 ``categories``) as the float index of the category, a missing value as NaN.
 
-Missing values: a numeric column's NaN (binary FP32/FP64 tensors: the v2 binary extension,
-gRPC, the handle API, ``maas batch``) and a categorical column's empty string (any protocol)
-are missing; both are refused unless the column is ``nullable``. JSON ``null`` is refused by
-the codecs for every model, and JSON cannot carry NaN.
+Missing values: a numeric column's NaN (JSON ``null`` in v2 ``data`` and v1 rows; NaN in
+binary FP32/FP64 tensors: the v2 binary extension, gRPC, the handle API, ``maas batch``) and a
+categorical column's empty string (any protocol; v1 ``null`` too) are missing; both are
+refused unless the column is ``nullable``, and the codecs refuse ``null`` and NaN for every
+input that is not.
 
 Every refusal is a 400 naming the column: missing, unknown, wrong type, more than one value
 per row, columns of different lengths, an unseen category, a missing value where the column
@@ -140,7 +141,7 @@ class TabularPreprocessor(Preprocessor):
                 datatypes = ("BOOL", *NUMERIC_DATATYPES)
             else:
                 datatypes = (c.dtype, *(d for d in NUMERIC_DATATYPES if d != c.dtype))
-            out.append(RequestInput(c.name, datatypes, [-1]))
+            out.append(RequestInput(c.name, datatypes, [-1], nullable=c.nullable))
         return out
 
     def __call__(self, tensors: Tensors, *, strict_dtypes: bool) -> Tensors:

@@ -1,4 +1,5 @@
-"""The types every serving module shares: tensors, request schemas, decoded requests.
+"""The types every serving module shares: tensors, request schemas, decoded requests (tensor
+requests and generative ones).
 
 The bottom of ``maas_ray.serving``: it imports nothing of the package (only the registry's
 datatype table), so codecs, processors,
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from maas_ray.registry.manifest import NUMPY_TO_OIP
 
@@ -31,11 +33,16 @@ def datatype_of(arr: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class RequestInput:
-    """One input as requests name it; the first datatype is the one model metadata advertises."""
+    """One input as requests name it; the first datatype is the one model metadata advertises.
+
+    ``nullable``: values may be missing (JSON ``null``, or NaN in binary and gRPC float
+    tensors), decoded as NaN for the processor; every other input must be finite.
+    """
 
     name: str
     datatypes: tuple[str, ...]
     shape: list[int]
+    nullable: bool = False
 
 
 class _DeclaresInputs(Protocol):
@@ -54,12 +61,14 @@ class RequestSchema:
 
     inputs: dict[str, frozenset[str]]  # request input name -> accepted OIP datatypes
     outputs: tuple[str, ...]  # output names the response can carry (after postprocessing)
+    nullable: frozenset[str] = frozenset()  # inputs whose values may be missing (null / NaN)
 
     @classmethod
     def of(cls, pre: _DeclaresInputs, post: _DeclaresOutputs) -> "RequestSchema":
         return cls(
             inputs={r.name: frozenset(r.datatypes) for r in pre.request_inputs},
             outputs=tuple(t.name for t in post.response_outputs),
+            nullable=frozenset(r.name for r in pre.request_inputs if getattr(r, "nullable", False)),
         )
 
 
@@ -87,3 +96,59 @@ class InferResult:
     outputs: Tensors
     stages: Timings
     after_response: Optional[Callable[[], None]] = None
+
+
+# ---- generative requests (decoder language models) -------------------------------------
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 256
+
+
+class SamplingParams(BaseModel):
+    """How one generative request samples its tokens; the same for every protocol (OpenAI
+    routes, OIP generate, the Python handle). Bounds that depend on the version (``max_tokens``
+    plus the prompt against its context length) are checked where the prompt is tokenized."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(default=16, ge=1, le=1_000_000, description="Most tokens to generate.")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 = greedy (argmax).")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens with this much probability.")
+    top_k: int = Field(default=0, ge=0, le=1_000_000, description="Keep the k most likely tokens; 0 = all.")
+    seed: Optional[int] = Field(default=None, ge=0, lt=2**63, description="Makes sampling reproducible for this request.")
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES,
+                            description="Generation stops before any of these strings; they are not returned.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if not s or len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"each stop string must have 1..{MAX_STOP_CHARS} characters, got {s[:40]!r}")
+        return v
+
+
+@dataclass
+class GenerateRequest:
+    """A decoded, validated generative request, whichever protocol it came by: a ``prompt``
+    (completions, OIP generate) or chat ``messages`` (role/content dicts, rendered with the
+    version's chat template where the tokenizer lives)."""
+
+    sampling: SamplingParams
+    prompt: Optional[str] = None
+    messages: Optional[list[dict[str, str]]] = None
+    stream: bool = False
+    include_usage: bool = False  # OpenAI stream_options.include_usage: a last chunk with usage
+    id: Optional[str] = None
+
+
+@dataclass
+class GenerationChunk:
+    """One event of a generation, as the engine streams it: the text and tokens new since the
+    last event; the last event has ``finish_reason`` (``stop``: EOS or a stop string,
+    ``length``: max_tokens or the context is full)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: Optional[str] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # generated so far, cumulative

@@ -198,3 +198,26 @@ def test_unparsable_request_bytes_become_a_picklable_malformed_request():
     assert str(err).startswith("request: not a valid inference.ModelInferRequest message (")
     if server.registered:  # grpcio >= 1.62 also registers the methods by name
         assert isinstance(server.registered["ModelMetadata"].request_deserializer(b"\xff"), MalformedRequest)
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+def test_nan_is_a_missing_value_only_for_nullable_inputs(datatype, raw):
+    """NaN marks a missing value in a nullable input (tabular columns); infinities never pass."""
+    nullable = RequestSchema(inputs={"x": ALL}, outputs=("y",), nullable=frozenset({"x"}))
+    arr = np.array([1.5, np.nan], OIP_TO_NUMPY[datatype])
+    got = decode_grpc(_request(arr, datatype, raw), nullable, LIMITS).tensors["x"]
+    assert got[0] == 1.5 and np.isnan(got[1])
+    with pytest.raises(InvalidInputError, match="finite"):
+        decode_grpc(_request(arr, datatype, raw), SCHEMA, LIMITS)
+    with pytest.raises(InvalidInputError, match="must be finite"):
+        decode_grpc(_request(np.array([np.inf], OIP_TO_NUMPY[datatype]), datatype, raw), nullable, LIMITS)
+    # The v2 binary extension: the same rule.
+    import json as _json
+
+    header = _json.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": [2],
+                                      "parameters": {"binary_data_size": arr.nbytes}}]}).encode()
+    body = header + arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+    assert np.isnan(decode_v2(body, str(len(header)), nullable, LIMITS).tensors["x"][1])
+    with pytest.raises(InvalidInputError, match="finite"):
+        decode_v2(body, str(len(header)), SCHEMA, LIMITS)

@@ -40,7 +40,7 @@ ALLOWED = {
 SERVING_LAYERS = [
     {"types", "metric_names", "compat"},
     {"codecs", "config", "status", "coalesce", "traffic", "limits", "keys", "metrics", "payload_log"},
-    {"processors", "text", "tabular", "plugins", "runner", "shadow", "admission"},
+    {"processors", "text", "tabular", "plugins", "runner", "shadow", "admission", "generate"},
     {"replicas"},
     {"versions"},
     {"core"},

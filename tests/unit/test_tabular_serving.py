@@ -134,8 +134,10 @@ def test_v1_rows_missing_unknown_null_and_category_errors(pre, schema):
         v1({k: v for k, v in good.items() if k != "income"})
     with pytest.raises(InvalidInputError, match="zip"):
         v1({**good, "zip": 1})
-    with pytest.raises(InvalidInputError, match="age"):  # JSON null is refused by the codec, naming the field
-        v1(good, {**good, "age": None})
+    with pytest.raises(InvalidInputError, match="income"):  # null where the column is not nullable
+        v1(good, {**good, "income": None})
+    with pytest.raises(InvalidInputError, match="visits"):
+        v1(good, {**good, "visits": None})
     with pytest.raises(InvalidInputError, match="city"):
         v1({**good, "city": "berlin"})
     with pytest.raises(InvalidInputError, match="visits"):
@@ -144,6 +146,21 @@ def test_v1_rows_missing_unknown_null_and_category_errors(pre, schema):
         v1({**good, "member": 7})
     with pytest.raises(InvalidInputError, match="'income'.*empty|'income'.*strings|income"):
         v1({**good, "income": ""})
+
+
+def test_null_is_a_missing_value_only_in_nullable_columns(pre, schema):
+    """v1 rows and v2 JSON carry a missing value as null; the graph sees NaN (numeric) or the
+    missing category (categorical); binary and gRPC carry NaN."""
+    good = {"age": 41, "income": 10, "city": "lyon", "member": True, "visits": 3}
+    body = json.dumps({"instances": [good, {**good, "age": None, "city": None}]}).encode()
+    x = pre(decode_v1(body, schema, LIMITS), strict_dtypes=False)["input"]
+    assert x[0, 0] == 41 and np.isnan(x[1, 0]) and np.isnan(x[1, 2]) and x[0, 2] == 1.0
+    v2 = pre(decode_v2(_v2(_rows(age=[None, 30.5])), None, schema, LIMITS).tensors, strict_dtypes=True)["input"]
+    assert np.isnan(v2[0, 0]) and v2[1, 0] == 30.5
+    with pytest.raises(InvalidInputError, match="inputs"):  # not nullable: the codec refuses null
+        decode_v2(_v2(_rows(income=[None, 1.0])), None, schema, LIMITS)
+    with pytest.raises(InvalidInputError, match="infinite|finite|overflow"):
+        decode_v2(_v2(_rows(age=[None, 1e300])), None, schema, LIMITS)
 
 
 def test_a_one_column_model_takes_v1_objects():

@@ -15,9 +15,11 @@ import numpy as np
 from maas_ray.errors import InvalidInputError
 from maas_ray.serving.codecs.common import (
     MAX_ID_CHARS,
+    NONE,
     as_binary,
     check_all_inputs,
     check_parameters,
+    check_finite,
     check_shape,
     from_binary,
     invalid,
@@ -113,7 +115,8 @@ def decode_grpc(req: Any, schema: RequestSchema, limits: "Limits") -> InferReque
     for i, (item, (where, name, datatype, shape, size)) in enumerate(zip(inputs, headers)):
         if raw:
             tensors[name] = from_binary(
-                where, datatype, memoryview(raw[i]), shape, size, size_field=f" (raw_input_contents[{i}])"
+                where, datatype, memoryview(raw[i]), shape, size, size_field=f" (raw_input_contents[{i}])",
+                nullable=name in schema.nullable,
             )
             continue
         values = getattr(item.contents, GRPC_CONTENTS[datatype])
@@ -125,9 +128,9 @@ def decode_grpc(req: Any, schema: RequestSchema, limits: "Limits") -> InferReque
             tensors[name] = arr.reshape(shape)
             continue
         # Protobuf floats can be NaN/inf (JSON's cannot): check finiteness for every float type.
-        arr = to_array(f"{where}.contents", datatype, list(values), shape, {float})
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise InvalidInputError(f"{where}.contents: {datatype} values must be finite")
+        nullable = name in schema.nullable
+        arr = to_array(f"{where}.contents", datatype, list(values), shape, {float, NONE} if nullable else {float})
+        check_finite(f"{where}.contents", datatype, arr, nullable)
         tensors[name] = arr
     return InferRequest(tensors, request_id, outputs, frozenset(), params)
 

@@ -18,6 +18,7 @@ import orjson
 from maas_ray.errors import InvalidInputError, PayloadTooLargeError
 from maas_ray.serving.codecs.common import (
     INTS,
+    NONE,
     NUMBERS,
     NUMERIC_DATATYPES,
     as_list,
@@ -42,8 +43,9 @@ def decode_v1(body: bytes, schema: RequestSchema, limits: "Limits") -> Tensors:
     One-input models take a list of per-item values; several inputs take a list of
     ``{name: value}`` rows (or, columnar, ``{"inputs": {name: [values]}}``). ``{"b64": "..."}``
     items are binary (TF Serving's form). An input's values are all numbers of one nesting,
-    all strings, or all ``{"b64"}`` objects; never null. Numbers decode to int64 (all
-    integers) or float64; the preprocessor casts them to the schema dtype if lossless.
+    all strings, or all ``{"b64"}`` objects; null only for a nullable input (a missing value:
+    NaN among numbers, "" among strings). Numbers decode to int64 (all integers) or float64;
+    the preprocessor casts them to the schema dtype if lossless.
     """
     req = parse_json(body)
     if type(req) is not dict:
@@ -91,7 +93,7 @@ def decode_v1(body: bytes, schema: RequestSchema, limits: "Limits") -> Tensors:
     total = 0
     for n in names:
         w = f"{where}.{n}" if len(names) > 1 else where
-        arr = _v1_column(w, n, columns[n], schema.inputs[n], limits)
+        arr = _v1_column(w, n, columns[n], schema.inputs[n], limits, n in schema.nullable)
         total += arr.size
         tensors[n] = arr
     if total > limits.max_tensor_elements:  # each column was checked before conversion too
@@ -101,13 +103,17 @@ def decode_v1(body: bytes, schema: RequestSchema, limits: "Limits") -> Tensors:
     return tensors
 
 
-def _v1_column(where: str, name: str, values: Any, accepted: frozenset[str], limits: "Limits") -> np.ndarray:
+def _v1_column(
+    where: str, name: str, values: Any, accepted: frozenset[str], limits: "Limits", nullable: bool = False
+) -> np.ndarray:
     if type(values) is not list or not values:
         raise invalid(where, "a non-empty list", values)
     most = limits.max_tensor_elements
     if len(values) > most:
         raise PayloadTooLargeError(f"{where}: {len(values)} items, over max_tensor_elements ({most})")
     first = values[0]
+    if nullable and NONE in set(map(type, values)):  # missing values in a flat column (tabular rows)
+        return _nullable_column(where, name, values, accepted)
     if type(first) is dict:  # {"b64": "..."} items
         if set(map(type, values)) != {dict}:
             bad = next(v for v in values if type(v) is not dict)
@@ -162,6 +168,25 @@ def _v1_column(where: str, name: str, values: Any, accepted: frozenset[str], lim
         got = "booleans" if datatype == "BOOL" else "numbers"
         raise InvalidInputError(f"{where}: input {name!r} takes {sorted(accepted)}, got {got}")
     return to_array(where, datatype, values, shape, types)
+
+
+def _nullable_column(where: str, name: str, values: list, accepted: frozenset[str]) -> np.ndarray:
+    """A flat column with nulls: numbers -> float64 with NaN, strings -> "" (a missing category)."""
+    present = [v for v in values if v is not None]
+    kind = frozenset({str}) if present and type(present[0]) is str else NUMBERS
+    for j, v in enumerate(values):
+        if v is not None and type(v) not in kind:
+            what = "a string like the values before it" if kind is not NUMBERS else "a number like the values before it"
+            raise invalid(f"{where}[{j}]", f"{what}, or null", v)
+    if kind is not NUMBERS:
+        if "BYTES" not in accepted:
+            raise InvalidInputError(f"{where}: input {name!r} takes numbers ({sorted(accepted)}), got strings")
+        out = np.empty(len(values), dtype=object)
+        out[:] = ["" if v is None else v for v in values]
+        return out
+    if not accepted & NUMERIC_DATATYPES:
+        raise InvalidInputError(f"{where}: input {name!r} takes {sorted(accepted)}, got numbers")
+    return to_array(where, "FP64", values, [len(values)], set(map(type, values)))
 
 
 def encode_v1(outputs: Tensors, version: int) -> bytes:

@@ -156,14 +156,15 @@ def decode_v2(body: bytes, header_length: Optional[str], schema: RequestSchema, 
     offset = 0
     for item, (where, name, datatype, shape, size, bin_size) in zip(inputs, headers):
         if bin_size is not None:
-            tensors[name] = from_binary(where, datatype, binary[offset : offset + bin_size], shape, size)
+            tensors[name] = from_binary(where, datatype, binary[offset : offset + bin_size], shape, size,
+                                        nullable=name in schema.nullable)
             offset += bin_size
             continue
         data = item["data"]
         if type(data) is not list:
             raise invalid(f"{where}.data", "a list", data)
         leaves, nested = nested_leaves(data, shape, f"{where}.data", 3, limits)
-        types = check_types(f"{where}.data", datatype, leaves, nested)
+        types = check_types(f"{where}.data", datatype, leaves, nested, name in schema.nullable)
         tensors[name] = to_array(f"{where}.data", datatype, data, shape, types)
     return InferRequest(tensors, request_id, outputs, binary_outputs, params)
 
