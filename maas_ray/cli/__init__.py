@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_audit_parser(sub, common)
 
+    from maas_ray.cli.tls_front import add_tls_front_parser
+
+    add_tls_front_parser(sub, common)
+
     from maas_ray.cli.rollout import add_rollout_parser
 
     add_rollout_parser(sub, common)

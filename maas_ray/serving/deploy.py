@@ -8,9 +8,11 @@ running replicas in place; a change to ``args`` rebuilds the app.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -20,16 +22,41 @@ from maas_ray.serving import compat
 logger = logging.getLogger(__name__)
 
 
+HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # the throughput profile (deployments/profiles/throughput.env)
+_SSL_OPTIONS = ("ssl_certfile", "ssl_keyfile", "ssl_keyfile_password", "ssl_ca_certs")
+
+
+def refuse_tls_with_haproxy(http_options: Any, environ: Optional[Mapping[str, str]] = None) -> None:
+    """ConfigError if ``http_options`` set ``ssl_*`` while the throughput profile is on
+    (``RAY_SERVE_ENABLE_HA_PROXY=1`` in ``environ``, default ``os.environ``): Serve's HAProxy
+    binds without ``ssl`` and ignores them, so the port would silently speak plain text."""
+    env = os.environ if environ is None else environ
+    if env.get(HA_PROXY_ENV, "0") != "1":
+        return
+    get = http_options.get if isinstance(http_options, dict) else lambda k: getattr(http_options, k, None)
+    set_ = [k for k in _SSL_OPTIONS if get(k)]
+    if set_:
+        raise ConfigError(
+            f"http_options.{', http_options.'.join(set_)} set with {HA_PROXY_ENV}=1: the throughput profile's "
+            "HAProxy binds without TLS and ignores them, so traffic would be plain text. Remove the ssl_* lines "
+            "and terminate TLS in front with `maas tls-front` (docs/security.md, \"TLS\"), or unset "
+            f"{HA_PROXY_ENV} to let Serve's Python proxy serve HTTPS.")
+
+
 def load_config(config: Union[str, Path, dict[str, Any]]):
-    """A Serve config (YAML file or dict) as Serve's ``ServeDeploySchema``; ConfigError if invalid."""
+    """A Serve config (YAML file or dict) as Serve's ``ServeDeploySchema``; ConfigError if invalid,
+    or if it sets ``http_options.ssl_*`` under the throughput profile (:func:`refuse_tls_with_haproxy`,
+    read from this process's environment: the one a local ``ray.init`` hands to Serve)."""
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
     raw = config if isinstance(config, dict) else yaml.safe_load(Path(config).read_text())
     try:
-        return ServeDeploySchema.model_validate(raw)
+        schema = ServeDeploySchema.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"invalid Serve config: {exc}") from exc
+    refuse_tls_with_haproxy(schema.http_options)
+    return schema
 
 
 def deploy(config: Union[str, Path, dict[str, Any]], *, timeout_s: float = 180.0) -> None:
