@@ -16,6 +16,7 @@ from ray.serve import Application
 from maas_ray.errors import ConfigError, MaasError, format_validation_error
 from maas_ray.registry import Registry
 from maas_ray.serving.config import AppArgs, ModelConfig
+from maas_ray.serving.generation import GenerativeServer, engine_config
 from maas_ray.serving.ingress import Ingress
 from maas_ray.serving.keys import KeyStore, resolve_auth
 from maas_ray.serving.processors import resolve_processor
@@ -53,6 +54,13 @@ def _check_against_registry(args: AppArgs) -> dict[str, list[int]]:
             except MaasError as exc:
                 raise ConfigError(f"app args: models.{i}.versions.{j}.version: {exc}") from exc
             manifest = registry.describe(m.name, number)
+            if manifest.generation is not None:  # a decoder LM: no processors, the engine's knobs instead
+                try:
+                    engine_config(m)
+                except ConfigError as exc:
+                    raise ConfigError(f"app args: models.{i}.generation: {exc} (for {m.name}:{number})") from exc
+                versions.append(number)
+                continue
             for stage, spec in (
                 ("preprocessor", m.preprocessor or manifest.preprocessor),
                 ("postprocessor", m.postprocessor or manifest.postprocessor),
@@ -68,12 +76,16 @@ def _check_against_registry(args: AppArgs) -> dict[str, list[int]]:
     return resolved
 
 
-def _version_routes(args: AppArgs, m: ModelConfig, version: int) -> dict[str, Any]:
+def _version_routes(args: AppArgs, m: ModelConfig, version: int, generative: bool = False) -> dict[str, Any]:
     common = dict(registry_root=args.registry_root, model=m.model_dump(mode="json"), version=version,
                   limits=args.limits.model_dump(), security=args.security.model_dump())
     batching = m.batching.model_dump()
     if m.placement == "ingress":
         return {}
+    if generative:  # fused and split alike: the engine in a deployment of its own
+        return {"infer": serve.deployment(GenerativeServer, name=f"{m.name}-v{version}",
+                                          **_queue_bound(args, m.inference.serve_options(DEFAULTS["inference"])))
+                .bind(**common)}
     infer = serve.deployment(ModelServer, name=f"{m.name}-v{version}", user_config=batching,
                              **_queue_bound(args, m.inference.serve_options(DEFAULTS["inference"]))).bind(**common)
     if m.placement == "fused":
@@ -102,7 +114,11 @@ def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
     auth = resolve_auth(args.auth)  # cluster nodes switch keys on through MAAS_AUTH_*
     if auth.enabled:
         KeyStore.from_config(auth)  # an unreadable or malformed key file fails the build, not a replica
-    routes = {m.name: {v: _version_routes(args, m, v) for v in resolved[m.name]} for m in args.models}
+    registry = Registry(args.registry_root)
+    generative = {(m.name, v) for m in args.models for v in resolved[m.name]
+                  if registry.describe(m.name, v).generation is not None}
+    routes = {m.name: {v: _version_routes(args, m, v, (m.name, v) in generative) for v in resolved[m.name]}
+              for m in args.models}
     ingress_defaults = DEFAULTS["ingress"]
     if any(m.placement == "ingress" for m in args.models):  # the ingress runs the models too
         ingress_defaults = {**ingress_defaults, "ray_actor_options": {"num_cpus": 1}}

@@ -174,6 +174,13 @@ class ModelConfig(BaseModel):
     shadow: Optional[ShadowConfig] = Field(
         default=None, description="Mirror traffic to a candidate (changes live through the Ingress user_config)."
     )
+    generation: Optional[dict[str, Any]] = Field(
+        default=None,
+        description="Generative versions only (manifest kind: generative): the generation engine's knobs, "
+        "the fields of maas_ray.serving.generate.engine.EngineConfig (KV cache budget, running batch size, "
+        "waiting queue, prefill chunk, ...; docs/generative-serving.md). Checked at build time; unset = "
+        "the engine's defaults. Ignored for classifiers.",
+    )
     inference: DeploymentOptions = Field(default_factory=DeploymentOptions)
     preprocess: DeploymentOptions = Field(default_factory=DeploymentOptions)
     postprocess: DeploymentOptions = Field(default_factory=DeploymentOptions)
@@ -245,6 +252,13 @@ class Limits(BaseModel):
     )
     rate_limit_burst: Optional[int] = Field(
         default=None, ge=1, description="Requests a key may send at once above the rate (default: 2 s of rate)."
+    )
+    rate_limit_tokens_per_minute: Optional[int] = Field(
+        default=None, ge=1,
+        description="Generative routes: per API key (or client address when keys are off), prompt + generated "
+        "tokens per minute per ingress replica. A finished generation is charged its tokens; a key whose budget "
+        "is used up gets 429 with Retry-After until it refills (a key may burst up to one minute's budget). "
+        "null: no token limit.",
     )
     max_items: int = Field(
         default=1024, ge=1,

@@ -8,6 +8,14 @@ A transport (HTTP, gRPC, the Python handle) does, per infer request::
     result = await core.run(model, slot, decoded.tensors, strict, decode_s)
     ... encode result.outputs, send, then result.after_response()
 
+and per generative request (a version whose manifest has ``generation``)::
+
+    principal = core.admit(key, client, model)
+    request = codecs.openai / codecs.generate .decode(body)
+    slot = await core.pick_generative(model, version, sticky_key)
+    async for chunk in core.generate(model, slot, request, who=core.token_key(principal, client), ...):
+        ... encode and send each chunk; closing the iterator stops the sequence
+
 :class:`InferenceService` is that interface, all a transport may use; :class:`IngressCore`
 implements it over the version table (:mod:`.versions`), admission (:mod:`.admission`),
 shadow mirroring, request deadlines and metrics.
@@ -20,22 +28,23 @@ import functools
 import logging
 import os
 import sys
-from typing import Any, Mapping, Optional, Protocol
+import time
+from typing import Any, AsyncIterator, Mapping, Optional, Protocol
 
 import numpy as np
 from pydantic import ValidationError
 
 from maas_ray._version import __version__
-from maas_ray.errors import ConfigError, format_validation_error
+from maas_ray.errors import ConfigError, InvalidInputError, format_validation_error
 from maas_ray.serving.admission import Admission
 from maas_ray.serving.config import AppArgs, BatchingConfig, Limits
 from maas_ray.serving.keys import Principal
-from maas_ray.serving.limits import RequestDeadlines, check_work
+from maas_ray.serving.limits import RequestDeadlines, TokenLimiter, check_work
 from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.payload_log import PayloadLogger
 from maas_ray.serving.replicas import app_name
 from maas_ray.serving.shadow import ShadowMirror, parse_shadow
-from maas_ray.serving.types import InferResult, Tensors
+from maas_ray.serving.types import GenerateRequest, GenerationChunk, InferResult, Tensors
 from maas_ray.serving.versions import VersionSlot, VersionTable
 
 logger = logging.getLogger(__name__)
@@ -66,6 +75,17 @@ class InferenceService(Protocol):
 
     def server_metadata(self) -> dict[str, Any]: ...
 
+    async def pick_generative(self, model: str, version: Optional[str], key: Optional[str]) -> VersionSlot: ...
+
+    def wrong_route(self, model: str, slot: VersionSlot) -> InvalidInputError: ...
+
+    def token_key(self, principal: Principal, client: str) -> Optional[str]: ...
+
+    def generate(self, model: str, slot: VersionSlot, request: GenerateRequest, *, protocol: str,
+                 who: Optional[str] = None, start: Optional[float] = None) -> AsyncIterator[GenerationChunk]: ...
+
+    def generative_models(self) -> list[tuple[str, list[int]]]: ...
+
     async def metadata(self, model: str, version: Optional[str]) -> dict[str, Any]: ...
 
     async def model_ready(self, model: str, version: Optional[str]) -> dict[str, Any]: ...
@@ -89,6 +109,7 @@ class IngressCore:
         self.metrics = ServingMetrics(app=app_name(), models=[m.name for m in args.models])
         self.metrics.start()
         self.admission = Admission(args)
+        self.tokens: Optional[TokenLimiter] = TokenLimiter.from_limits(self.limits)
         self.deadlines = RequestDeadlines(self.limits.request_timeout_s)
         self.versions = VersionTable(args, routes, resolved, self.metrics)
         self.shadow = ShadowMirror(self._shadow_call, self.metrics)
@@ -268,6 +289,82 @@ class IngressCore:
                 stages[stage] = stages.get(stage, 0.0) + seconds
             await asyncio.sleep(0)  # a chunk that ran on the loop: let the deadline watchdog in
         return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}, stages
+
+    # ---- generative versions ----------------------------------------------------------
+    async def pick_generative(self, model: str, version: Optional[str], key: Optional[str]) -> VersionSlot:
+        """:meth:`pick` for a generative route: a classifier version is a 400 naming its route."""
+        slot = await self.pick(model, version, key)
+        if not slot.generative:
+            raise InvalidInputError(
+                f"model {model!r} version {slot.number} is not a generative model: send its requests to "
+                f"POST /v2/models/{model}/infer (or the v1 :predict route, gRPC ModelInfer, MaasClient.infer)")
+        return slot
+
+    @staticmethod
+    def wrong_route(model: str, slot: VersionSlot) -> InvalidInputError:
+        """The 400 an infer request gets from a generative version (costs the infer path nothing:
+        a generative slot has no schema, which the transports check after :meth:`pick`)."""
+        return InvalidInputError(
+            f"model {model!r} version {slot.number} is a generative model: send its requests to POST "
+            f"/v1/completions or /v1/chat/completions (model {model!r}), POST /v2/models/{model}/generate or "
+            "/generate_stream, or MaasClient.generate")
+
+    def token_key(self, principal: Principal, client: str) -> Optional[str]:
+        """Whose token budget a generation is charged to (None: no token limit)."""
+        if self.tokens is None:
+            return None
+        return principal.key_id if self.admission.keys is not None else client
+
+    def generative_models(self) -> list[tuple[str, list[int]]]:
+        """(model, its generative version numbers) for every model with one (``GET /v1/models``)."""
+        return [(m, [v for v, s in sorted(slots.items()) if s.generative])
+                for m, slots in sorted(self.versions.slots.items()) if any(s.generative for s in slots.values())]
+
+    async def generate(self, model: str, slot: VersionSlot, request: GenerateRequest, *, protocol: str,
+                       who: Optional[str] = None, start: Optional[float] = None) -> AsyncIterator[GenerationChunk]:
+        """Stream ``request``'s chunks from the version. Errors before the first chunk (a bad
+        prompt, the context overflowed, the engine's queue full, the token budget used up)
+        raise at the first ``__anext__``. Closing the iterator early (a client gone, a timeout)
+        stops the sequence. Records time to first token, inter-token gaps, tokens and the
+        finish reason, and charges ``who``'s token budget (:meth:`token_key`) at the end.
+
+        ``start``: when the request arrived (``time.perf_counter()``), for the TTFT."""
+        if who is not None and self.tokens is not None:
+            self.tokens.check(who)
+        start = time.perf_counter() if start is None else start
+        stream = slot.route.generate(request)
+        last, ttft, gaps, final, reason = start, None, [], None, "error"
+        try:
+            async for chunk in stream:
+                now = time.perf_counter()
+                if chunk.token_ids:
+                    if ttft is None:
+                        ttft = now - start
+                    else:
+                        gaps.append(now - last)
+                    last = now
+                final = chunk
+                yield chunk
+            reason = (final.finish_reason if final is not None else None) or "stop"
+        except (asyncio.CancelledError, GeneratorExit):
+            reason = "cancelled"
+            raise
+        finally:
+            await stream.aclose()
+            prompt, completion = (final.prompt_tokens, final.completion_tokens) if final is not None else (0, 0)
+            self.metrics.generation(model, slot.number, prompt_tokens=prompt, completion_tokens=completion,
+                                    finish_reason=reason, ttft_s=ttft, itl_s=gaps)
+            if who is not None and self.tokens is not None:
+                self.tokens.charge(who, prompt + completion)
+
+    async def generation_stats(self) -> dict[str, Any]:
+        """Every generative version's engine stats (running, waiting, KV use, ...), ops and tests."""
+        out: dict[str, Any] = {}
+        for model, slots in self.versions.slots.items():
+            for number, slot in slots.items():
+                if slot.generative and slot.state == "ready":
+                    out.setdefault(model, {})[str(number)] = await slot.route.stats()
+        return out
 
     async def _shadow_call(self, model: str, version: int, tensors: Tensors, strict: bool) -> Tensors:
         slot = self.versions.slots[model][version]

@@ -304,6 +304,8 @@ class GrpcService:
             task = core.deadlines.enter()  # one watchdog per replica, as on HTTP
             try:
                 slot = await core.pick(model, request.model_version or None, key)
+                if slot.schema is None:  # a generative version: not an infer RPC
+                    raise core.wrong_route(model, slot)
                 t0 = time.perf_counter()
                 decoded = decode_grpc(request, slot.schema, core.limits)
                 result = await core.run(model, slot, decoded.tensors, True, time.perf_counter() - t0,

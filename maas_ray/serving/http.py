@@ -42,6 +42,7 @@ from maas_ray.registry.manifest import OIP_TO_NUMPY
 from maas_ray.serving.codecs import v1, v2
 from maas_ray.serving.codecs.common import BINARY_HEADER, dumps
 from maas_ray.serving.core import InferenceService
+from maas_ray.serving.http_generate import GenerativeRoutes
 from maas_ray.serving.keys import extract_key
 from maas_ray.serving.status import answer_error
 
@@ -225,6 +226,8 @@ class HttpApp:
         # Serve registers its exception handlers here; we map its errors ourselves
         # (error_body), so that the lean path answers JSON like every other route.
         self.handlers: dict[type, Callable] = {}
+        # /v1/completions, /v1/chat/completions, /v1/models, /v2/models/{m}/generate[_stream]
+        self.generative = GenerativeRoutes(ingress, self._read_body)
 
     def add_exception_handler(self, exc_class: type, handler: Callable) -> None:
         self.handlers[exc_class] = handler
@@ -243,6 +246,8 @@ class HttpApp:
                     await _send(send, 405, body, [(b"allow", b"POST")])
                 else:
                     await self._infer(route, match.group(1), match.group(2), scope, receive, send)
+                return
+            if await self.generative.dispatch(path, scope, receive, send):
                 return
         await self.api(scope, receive, send)
 
@@ -301,6 +306,8 @@ class HttpApp:
         if body is None:
             return None
         slot = await ingress.pick(model, version, headers.get(ingress.key_header))
+        if slot.schema is None:  # a generative version: its routes are elsewhere
+            raise ingress.wrong_route(model, slot)
         t0 = time.perf_counter()
         if route == "http_v2":
             request = v2.decode_v2(body, headers.get(BINARY_HEADER), slot.schema, self.limits)

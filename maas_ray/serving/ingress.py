@@ -15,7 +15,7 @@ in the transports and :mod:`maas_ray.serving.codecs`.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 from maas_ray.serving import handle
 from maas_ray.serving.compat import asgi_ingress
@@ -24,6 +24,7 @@ from maas_ray.serving.core import IngressCore
 from maas_ray.serving.grpc import GrpcService
 from maas_ray.serving.http import HttpApp, build_api
 from maas_ray.serving.replicas import freeze_startup_objects, use_serve_logging
+from maas_ray.serving.types import GenerateRequest, GenerationChunk
 
 
 @asgi_ingress(lambda self: HttpApp(self.core, build_api(self.core)))
@@ -54,6 +55,17 @@ class Ingress:
     ) -> dict[str, Any]:
         """Returns the OIP v2 response body, as HTTP would."""
         return await handle.predict(self.core, model, inputs, version, key)
+
+    async def generate(
+        self, model: str, request: GenerateRequest, version: Optional[str] = None, key: Optional[str] = None
+    ) -> AsyncIterator[GenerationChunk]:
+        """Streaming (``handle.options(stream=True).generate``): the chunks of one generation."""
+        async for chunk in handle.generate(self.core, model, request, version, key):
+            yield chunk
+
+    async def generation_stats(self) -> dict[str, Any]:
+        """Per generative model and version: its engine's stats (running, waiting, KV use, ...)."""
+        return await self.core.generation_stats()
 
     async def current_config(self) -> dict[str, Any]:
         return self.core.current_config()

@@ -17,7 +17,7 @@ from maas_ray.errors import ConfigError, PayloadTooLargeError, RateLimitedError
 if TYPE_CHECKING:
     from maas_ray.serving.config import Limits
 
-__all__ = ["RateLimiter", "RequestDeadlines", "check_work"]
+__all__ = ["RateLimiter", "RequestDeadlines", "TokenLimiter", "check_work"]
 
 _EPSILON = 1e-9
 
@@ -92,6 +92,63 @@ class RateLimiter:
             f"retry after {retry_after:.2f} s",
             retry_after,
         )
+
+
+class TokenLimiter:
+    """Generated and prompt tokens per key: a bucket of ``per_minute`` tokens refilling
+    continuously, charged after a generation (its size is known only then).
+
+    :meth:`check` admits a request while the key's bucket is above zero; :meth:`charge` takes
+    the generation's tokens, which may leave the bucket in debt: the key's next request then
+    waits (429, Retry-After) until the debt is repaid. So a key gets its budget on average and
+    overshoots by at most one request's tokens per ingress replica.
+    """
+
+    def __init__(self, per_minute: int, *, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 100_000) -> None:
+        if not per_minute >= 1:
+            raise ConfigError(f"token rate limit must be >= 1 token/minute, got {per_minute!r}")
+        self.per_minute = per_minute
+        self.rate = per_minute / 60.0  # tokens per second
+        self.max_keys = max_keys
+        self._clock = clock
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # key -> [tokens, last refill]
+
+    @classmethod
+    def from_limits(cls, limits: "Limits", **kwargs) -> Optional["TokenLimiter"]:
+        if limits.rate_limit_tokens_per_minute is None:
+            return None
+        return cls(limits.rate_limit_tokens_per_minute, **kwargs)
+
+    def _bucket(self, key: str) -> list[float]:
+        now = self._clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [float(self.per_minute), now]
+            if len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            bucket[0] = min(float(self.per_minute), bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+        return bucket
+
+    def check(self, key: str) -> None:
+        """RateLimitedError (429) while ``key``'s token budget is used up."""
+        bucket = self._bucket(key)
+        if bucket[0] > _EPSILON:
+            return
+        retry_after = max(0.01, (_EPSILON - bucket[0]) / self.rate)
+        raise RateLimitedError(
+            f"token rate limit exceeded: {self.per_minute} tokens (prompt + generated) per minute; "
+            f"retry after {retry_after:.2f} s",
+            retry_after,
+        )
+
+    def charge(self, key: str, tokens: int) -> None:
+        """Take a finished generation's tokens from ``key``'s budget."""
+        if tokens > 0:
+            self._bucket(key)[0] -= tokens
 
 
 class RequestDeadlines:

@@ -23,9 +23,17 @@ REQUESTS = "maas_requests"
 ERRORS = "maas_errors"
 SHADOW_DROPPED = "maas_shadow_dropped"
 PAYLOAD_LOG_DROPPED = "maas_payload_log_dropped"
+# Generative versions (decoder LMs): tokens, and finished generations by finish reason
+PROMPT_TOKENS = "maas_prompt_tokens"
+COMPLETION_TOKENS = "maas_completion_tokens"
+GENERATIONS = "maas_generations"
 # Gauges
 IN_FLIGHT = "maas_requests_in_flight"
 VERSION_STATE = "maas_version_state"
+# A generative version's engine, set from its stats() at every flush (the replica running it)
+ENGINE_RUNNING = "maas_engine_running_sequences"
+ENGINE_WAITING = "maas_engine_waiting_sequences"
+ENGINE_KV_USAGE = "maas_engine_kv_cache_usage"
 # Native Ray histograms (what the rollout controller divides)
 REQUEST_LATENCY = "maas_request_latency_seconds"
 SHADOW_AGREEMENT = "maas_shadow_agreement"
@@ -33,10 +41,13 @@ SHADOW_AGREEMENT = "maas_shadow_agreement"
 STAGE_LATENCY = "maas_stage_latency_seconds"
 BATCH_SIZE = "maas_batch_size"
 SHADOW_DIFF = "maas_shadow_max_abs_diff"
+TIME_TO_FIRST_TOKEN = "maas_time_to_first_token_seconds"
+INTER_TOKEN_LATENCY = "maas_inter_token_latency_seconds"
 
-COUNTERS = (REQUESTS, ERRORS, SHADOW_DROPPED, PAYLOAD_LOG_DROPPED)
-GAUGES = (IN_FLIGHT, VERSION_STATE)
-HISTOGRAMS = (REQUEST_LATENCY, SHADOW_AGREEMENT, STAGE_LATENCY, BATCH_SIZE, SHADOW_DIFF)
+COUNTERS = (REQUESTS, ERRORS, SHADOW_DROPPED, PAYLOAD_LOG_DROPPED, PROMPT_TOKENS, COMPLETION_TOKENS, GENERATIONS)
+GAUGES = (IN_FLIGHT, VERSION_STATE, ENGINE_RUNNING, ENGINE_WAITING, ENGINE_KV_USAGE)
+HISTOGRAMS = (REQUEST_LATENCY, SHADOW_AGREEMENT, STAGE_LATENCY, BATCH_SIZE, SHADOW_DIFF, TIME_TO_FIRST_TOKEN,
+              INTER_TOKEN_LATENCY)
 
 # Suffixes: a histogram's three series; what Ray's agent appends to a counter.
 BUCKET, SUM, COUNT = "_bucket", "_sum", "_count"
@@ -55,6 +66,7 @@ LABEL_ERROR = "error"
 LABEL_STAGE = "stage"
 LABEL_STATE = "state"
 LABEL_LE = "le"  # a histogram bucket's upper bound (Prometheus)
+LABEL_FINISH_REASON = "finish_reason"  # stop | length | cancelled | error
 
 
 def exported(name: str, suffix: str = "") -> str:
@@ -91,6 +103,20 @@ RAY_SHADOW_DIFF = exported(SHADOW_DIFF)
 RAY_SHADOW_DIFF_BUCKET = exported(SHADOW_DIFF, BUCKET)
 RAY_SHADOW_DIFF_SUM = exported(SHADOW_DIFF, SUM)
 RAY_SHADOW_DIFF_COUNT = exported(SHADOW_DIFF, COUNT)
+RAY_PROMPT_TOKENS_TOTAL = exported(PROMPT_TOKENS, TOTAL)
+RAY_COMPLETION_TOKENS_TOTAL = exported(COMPLETION_TOKENS, TOTAL)
+RAY_GENERATIONS_TOTAL = exported(GENERATIONS, TOTAL)
+RAY_ENGINE_RUNNING = exported(ENGINE_RUNNING)
+RAY_ENGINE_WAITING = exported(ENGINE_WAITING)
+RAY_ENGINE_KV_USAGE = exported(ENGINE_KV_USAGE)
+RAY_TIME_TO_FIRST_TOKEN = exported(TIME_TO_FIRST_TOKEN)
+RAY_TIME_TO_FIRST_TOKEN_BUCKET = exported(TIME_TO_FIRST_TOKEN, BUCKET)
+RAY_TIME_TO_FIRST_TOKEN_SUM = exported(TIME_TO_FIRST_TOKEN, SUM)
+RAY_TIME_TO_FIRST_TOKEN_COUNT = exported(TIME_TO_FIRST_TOKEN, COUNT)
+RAY_INTER_TOKEN_LATENCY = exported(INTER_TOKEN_LATENCY)
+RAY_INTER_TOKEN_LATENCY_BUCKET = exported(INTER_TOKEN_LATENCY, BUCKET)
+RAY_INTER_TOKEN_LATENCY_SUM = exported(INTER_TOKEN_LATENCY, SUM)
+RAY_INTER_TOKEN_LATENCY_COUNT = exported(INTER_TOKEN_LATENCY, COUNT)
 
 # Every series the serving metrics export, as scraped.
 EXPORTED_NAMES = frozenset(

@@ -67,12 +67,19 @@ from typing import Any, Iterable, Optional
 from maas_ray.serving.metric_names import (
     BATCH_SIZE,
     BUCKET,
+    COMPLETION_TOKENS,
     COUNT,
+    ENGINE_KV_USAGE,
+    ENGINE_RUNNING,
+    ENGINE_WAITING,
     ERRORS,
     EXPORTED_NAMES,  # noqa: F401 (re-exported: maas_ray.serving.metrics.EXPORTED_NAMES)
+    GENERATIONS,
     IN_FLIGHT,
+    INTER_TOKEN_LATENCY,
     LABEL_APP,
     LABEL_ERROR,
+    LABEL_FINISH_REASON,
     LABEL_LE,
     LABEL_MODEL,
     LABEL_PROTOCOL,
@@ -81,6 +88,7 @@ from maas_ray.serving.metric_names import (
     LABEL_STATUS,
     LABEL_VERSION,
     PAYLOAD_LOG_DROPPED,
+    PROMPT_TOKENS,
     REQUEST_LATENCY,
     REQUESTS,
     SHADOW_AGREEMENT,
@@ -88,6 +96,7 @@ from maas_ray.serving.metric_names import (
     SHADOW_DROPPED,
     STAGE_LATENCY,
     SUM,
+    TIME_TO_FIRST_TOKEN,
     VERSION_STATE,
 )
 
@@ -97,7 +106,10 @@ logger = logging.getLogger(__name__)
 # time between the ingress and the inference replica beyond the replica's own stages (waiting
 # for a call slot, the handle call's round trip).
 STAGES = ("decode", "queue", "inference", "encode", "hop")
-PROTOCOLS = ("http_v2", "http_v1", "grpc", "handle", "shadow")  # shadow: mirrored calls to a candidate
+PROTOCOLS = ("http_v2", "http_v1", "grpc", "handle", "shadow",  # shadow: mirrored calls to a candidate
+             "openai", "http_generate", "handle_generate")  # generative routes
+# How a generation ended: the engine's finish reasons, a client that went away, an error.
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
 VERSION_STATES = ("ready", "failed", "loading")
 # The model label of requests for models the app does not serve: the name comes from the URL,
 # so labelling it as sent would let any client create series without bound. Registry names
@@ -108,6 +120,8 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
+# Inter-token latency, seconds: 1 ms .. 5 s.
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
 # Largest |primary - candidate| over a mirrored request's float outputs.
 DIFF_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
@@ -210,6 +224,29 @@ class _RayMetrics:
         self.shadow_diff = _GaugeHistogram(
             module, SHADOW_DIFF, "Largest absolute difference between primary and candidate float outputs",
             shadow_tags, DIFF_BUCKETS)
+        version_tags = (LABEL_APP, LABEL_MODEL, LABEL_VERSION)
+        self.prompt_tokens = module.Counter(
+            PROMPT_TOKENS, description="Prompt tokens of finished generations.", tag_keys=version_tags)
+        self.completion_tokens = module.Counter(
+            COMPLETION_TOKENS, description="Generated tokens of finished generations.", tag_keys=version_tags)
+        self.generations = module.Counter(
+            GENERATIONS, description="Finished generations by finish reason (stop, length, cancelled: the client "
+            "went away, error).", tag_keys=(*version_tags, LABEL_FINISH_REASON))
+        self.ttft = _GaugeHistogram(
+            module, TIME_TO_FIRST_TOKEN, "Time from a generative request's arrival at the ingress to its first "
+            "token, seconds", version_tags, LATENCY_BUCKETS)
+        self.itl = _GaugeHistogram(
+            module, INTER_TOKEN_LATENCY, "Time between a stream's consecutive token events at the ingress, seconds",
+            version_tags, TOKEN_BUCKETS)
+        self.engine_running = module.Gauge(
+            ENGINE_RUNNING, description="Sequences in a generative version's running batch (per engine replica).",
+            tag_keys=version_tags)
+        self.engine_waiting = module.Gauge(
+            ENGINE_WAITING, description="Sequences waiting to join a generative version's batch.",
+            tag_keys=version_tags)
+        self.engine_kv_usage = module.Gauge(
+            ENGINE_KV_USAGE, description="Share of the engine's KV cache budget in use (0..1).",
+            tag_keys=version_tags)
         self.version_state = module.Gauge(
             VERSION_STATE, description="1 for a version's current state (ready, failed, loading), 0 for the others.",
             tag_keys=(LABEL_APP, LABEL_MODEL, LABEL_VERSION, LABEL_STATE))
@@ -279,6 +316,13 @@ class ServingMetrics:
         self._shadow: dict[tuple, list[int]] = {}  # (model, version) -> [compared, agreed, dropped]
         self._shadow_diff: dict[tuple, _Hist] = {}  # (model, version)
         self._payload_dropped: dict[str, int] = {}  # model -> payload log events dropped
+        # Generative versions: (model, version) -> [prompt tokens, completion tokens]; finishes by
+        # (model, version, reason); TTFT and inter-token histograms; engines' stats() to poll.
+        self._tokens: dict[tuple, list[int]] = {}
+        self._finishes: dict[tuple, int] = {}
+        self._ttft: dict[tuple, _Hist] = {}
+        self._itl: dict[tuple, _Hist] = {}
+        self._engines: dict[tuple, Any] = {}
         # Request latencies since the last flush, observed natively by the flush thread.
         self._latencies: dict[tuple, list[float]] = {}  # (model, version, protocol, status) -> seconds
         self._pending = 0
@@ -360,6 +404,39 @@ class ServingMetrics:
                     hist = self._shadow_diff[key] = _Hist(DIFF_BUCKETS)
                 hist.observe(max_abs_diff)
 
+    def generation(self, model: str, version: Optional[int], *, prompt_tokens: int, completion_tokens: int,
+                   finish_reason: str, ttft_s: Optional[float] = None, itl_s: Iterable[float] = ()) -> None:
+        """One finished generation (all of it in one call, so a token costs the stream nothing
+        here): its token counts, how it ended (:data:`FINISH_REASONS`), the time to its first
+        token and the gaps between its token events."""
+        if self._models is not None and model not in self._models:
+            model = UNKNOWN_MODEL
+        key = (model, version)
+        with self._lock:
+            counts = self._tokens.get(key)
+            if counts is None:
+                counts = self._tokens[key] = [0, 0]
+            counts[0] += prompt_tokens
+            counts[1] += completion_tokens
+            fkey = (model, version, finish_reason)
+            self._finishes[fkey] = self._finishes.get(fkey, 0) + 1
+            if ttft_s is not None:
+                hist = self._ttft.get(key)
+                if hist is None:
+                    hist = self._ttft[key] = _Hist(LATENCY_BUCKETS)
+                hist.observe(ttft_s)
+            hist = self._itl.get(key)
+            for gap in itl_s:
+                if hist is None:
+                    hist = self._itl[key] = _Hist(TOKEN_BUCKETS)
+                hist.observe(gap)
+
+    def watch_engine(self, model: str, version: int, stats: Any) -> None:
+        """Export a generation engine's ``stats()`` (running, waiting, kv_tokens,
+        kv_capacity_tokens) as gauges at every flush; ``stats`` is called on the flush thread."""
+        with self._lock:
+            self._engines[(model, version)] = stats
+
     def shadow_dropped(self, model: str, version: int) -> None:
         key = (model, version)
         with self._lock:
@@ -434,6 +511,12 @@ class ServingMetrics:
                 states = dict(self._states)
                 shadow = {k: list(v) for k, v in self._shadow.items()}
                 payload_dropped = dict(self._payload_dropped)
+                tokens = {k: list(v) for k, v in self._tokens.items()}
+                finishes = dict(self._finishes)
+                engines = dict(self._engines)
+                for kind, source in (("ttft", self._ttft), ("itl", self._itl)):
+                    for key, hist in source.items():
+                        self._snapshots[(kind, key)] = hist.snapshot()
                 # Snapshot every histogram (O(series x buckets) once a second): cheaper than
                 # marking the changed ones on every request.
                 for kind, source in (("batch", self._batches),
@@ -449,6 +532,29 @@ class ServingMetrics:
             for model, total in payload_dropped.items():
                 self._inc(self._ray.payload_log_dropped, ("payload_dropped", model), total,
                           lambda m: {LABEL_APP: self.app, LABEL_MODEL: m}, model)
+            if tokens or finishes or engines:
+                self._export_generation(tokens, finishes, engines)
+
+    def _export_generation(self, tokens: dict, finishes: dict, engines: dict) -> None:
+        r = self._ray
+        assert r is not None
+        for key, (prompt, completion) in tokens.items():
+            self._inc(r.prompt_tokens, ("prompt_tokens", key), prompt, self._batch_tags, key)
+            self._inc(r.completion_tokens, ("completion_tokens", key), completion, self._batch_tags, key)
+        for key, total in finishes.items():
+            self._inc(r.generations, ("generations", key), total,
+                      lambda k: {**self._batch_tags(k[:2]), LABEL_FINISH_REASON: k[2]}, key)
+        for key, stats in engines.items():
+            try:
+                current = stats()
+            except Exception:  # an engine that is stopping: its gauges wait for the next flush
+                self._log_failure("reading a generation engine's stats")
+                continue
+            tags = self._tag(("engine", key), self._batch_tags, key)
+            capacity = current.get("kv_capacity_tokens") or 0
+            r.engine_running.set(current.get("running", 0), tags)
+            r.engine_waiting.set(current.get("waiting", 0), tags)
+            r.engine_kv_usage.set(current.get("kv_tokens", 0) / capacity if capacity else 0.0, tags)
 
     def _export_latencies(self, latencies: dict[tuple, list[float]], dropped: int) -> None:
         """One native observation per request, the series interleaved: an export that catches
@@ -487,6 +593,10 @@ class ServingMetrics:
                 r.stage_latency.set(self._tag(("stage", key), self._stage_tags, key), snapshot)
             elif kind == "shadow_diff":
                 r.shadow_diff.set(self._tag(("shadow_diff", key), self._batch_tags, key), snapshot)
+            elif kind == "ttft":
+                r.ttft.set(self._tag(("ttft", key), self._batch_tags, key), snapshot)
+            elif kind == "itl":
+                r.itl.set(self._tag(("itl", key), self._batch_tags, key), snapshot)
             else:
                 r.batch_size.set(self._tag(("batch", key), self._batch_tags, key), snapshot)
         for model, n in in_flight.items():

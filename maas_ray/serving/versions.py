@@ -14,18 +14,19 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, AsyncIterator, Iterable, Mapping, Optional
 
 from maas_ray.errors import ModelNotFoundError, ModelNotReadyError, VersionNotFoundError
 from maas_ray.registry import Manifest, Registry
 from maas_ray.serving.coalesce import Coalescer
 from maas_ray.serving.codecs.common import parse_version_ref
 from maas_ray.serving.config import AppArgs, ModelConfig
+from maas_ray.serving.generation import GenerativePipeline
 from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.replicas import LocalPipeline
 from maas_ray.serving.runner import rows
 from maas_ray.serving.traffic import TrafficRouter, parse_weights, weights_by_version
-from maas_ray.serving.types import RequestSchema, Tensors, Timings
+from maas_ray.serving.types import GenerateRequest, GenerationChunk, RequestSchema, Tensors, Timings
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,57 @@ class Route:
         return await self._method("infer", "describe").remote()
 
 
+class GenerativeRoute:
+    """How the ingress reaches a generative version: its engine in this process (``local``),
+    or a streaming handle call to its :class:`~maas_ray.serving.generation.GenerativeServer`.
+
+    Generation is not coalesced: each request is one stream, and the engine batches the
+    running sequences itself, step by step.
+    """
+
+    def __init__(self, local: Optional[GenerativePipeline] = None, handles: Optional[dict[str, Any]] = None) -> None:
+        self.local, self.handles = local, handles or {}
+        self._stream: Optional[Any] = None  # handles["infer"].options(stream=True).generate, made once
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        """The version's chunks for ``request``. Closing the iterator (``aclose``) stops the
+        sequence: in process at once, remotely by cancelling the handle's stream."""
+        if self.local is not None:
+            return self.local.generate(request)
+        return self._remote(request)
+
+    async def _remote(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        if self._stream is None:
+            self._stream = self.handles["infer"].options(stream=True).generate
+        response = self._stream.remote(request)
+        finished = False
+        try:
+            async for items in response:  # the chunks made since the last item (GenerativeServer.generate)
+                for chunk in items:
+                    if isinstance(chunk, BaseException):  # the request's own error, sent last
+                        finished = True
+                        raise chunk
+                    yield chunk
+            finished = True
+        finally:
+            if not finished:  # the consumer went away (or failed): the replica drops the sequence
+                response.cancel()
+
+    async def infer(self, tensors: Tensors, strict: bool) -> tuple[Tensors, Timings]:  # pragma: no cover
+        raise ModelNotReadyError("a generative version does not run infer requests", 5.0)
+
+    async def describe(self) -> dict[str, Any]:
+        if self.local is not None:
+            return self.local.describe()
+        return await self.handles["infer"].describe.remote()
+
+    async def stats(self) -> dict[str, Any]:
+        """The engine's stats (running, waiting, KV use, ...); one replica's for ``fused``."""
+        if self.local is not None:
+            return self.local.stats()
+        return await self.handles["infer"].stats.remote()
+
+
 @dataclass
 class VersionSlot:
     """One configured version of a model, as this ingress replica sees it."""
@@ -133,6 +185,10 @@ class VersionSlot:
     reason: Optional[str] = None
     schema: Optional[RequestSchema] = None
     describe: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def generative(self) -> bool:
+        return self.manifest is not None and self.manifest.generation is not None
 
     def require_ready(self, model: str) -> None:
         if self.state != "ready":
@@ -170,7 +226,9 @@ class VersionTable:
                 self.slots[m.name][slot.number] = slot
                 try:
                     slot.manifest = self.registry.describe(m.name, slot.number)
-                    if m.placement == "ingress":
+                    if slot.generative:
+                        slot.route = self._generative_route(m, slot, handles)
+                    elif m.placement == "ingress":
                         pipeline = LocalPipeline(args.registry_root, m, slot.number, limits=self.limits,
                                                  metrics=metrics, security=args.security.model_dump())
                         slot.route = Route(local=pipeline)
@@ -182,6 +240,14 @@ class VersionTable:
                 except Exception as exc:  # one bad version must not take the others down
                     self._fail(m.name, slot, exc)
             self.set_traffic(m.name, args.ingress_user_config()["traffic"][m.name])
+
+    def _generative_route(self, m: ModelConfig, slot: VersionSlot, handles: dict[str, Any]) -> GenerativeRoute:
+        if handles:
+            return GenerativeRoute(handles=handles)
+        pipeline = GenerativePipeline(self.args.registry_root, m, slot.number, metrics=self.metrics,
+                                      security=self.args.security.model_dump())
+        self._settle(m.name, slot, pipeline.describe())
+        return GenerativeRoute(local=pipeline)
 
     # ---- lookups ----------------------------------------------------------------------
     def of(self, model: str) -> dict[int, VersionSlot]:
@@ -331,6 +397,15 @@ class VersionTable:
         slot = VersionSlot(number, manifest=None)
         try:
             slot.manifest = await asyncio.to_thread(self.registry.describe, m.name, number)
+            if slot.generative:
+                pipeline = await asyncio.to_thread(
+                    GenerativePipeline, self.args.registry_root, m, number, metrics=self.metrics,
+                    security=self.args.security.model_dump())
+                slot.route = GenerativeRoute(local=pipeline)
+                self._settle(m.name, slot, pipeline.describe())
+                self.slots[m.name][number] = slot
+                self.weights[m.name].setdefault(number, 0.0)
+                return
             pipeline = await asyncio.to_thread(
                 LocalPipeline, self.args.registry_root, m, number, limits=self.limits, metrics=self.metrics,
                 security=self.args.security.model_dump())

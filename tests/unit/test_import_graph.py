@@ -41,10 +41,10 @@ SERVING_LAYERS = [
     {"types", "metric_names", "compat"},
     {"codecs", "config", "status", "coalesce", "traffic", "limits", "keys", "metrics", "payload_log"},
     {"processors", "text", "tabular", "plugins", "runner", "shadow", "admission", "generate"},
-    {"replicas"},
+    {"replicas", "generation"},
     {"versions"},
     {"core"},
-    {"http", "grpc", "handle"},
+    {"http", "grpc", "handle", "http_generate"},
     {"ingress"},
     {"app", "client", "deploy", "__init__"},
 ]

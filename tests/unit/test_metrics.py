@@ -33,6 +33,14 @@ from maas_ray.serving.metric_names import (
     VERSION_STATE,
 )
 from maas_ray.serving.metrics import LATENCY_BUCKETS, STAGES, ServingMetrics
+from maas_ray.serving import metric_names as _names
+
+# The generative versions' series (created with the others at the first flush).
+GENERATIVE_METRICS = {
+    _names.PROMPT_TOKENS, _names.COMPLETION_TOKENS, _names.GENERATIONS,
+    _names.ENGINE_RUNNING, _names.ENGINE_WAITING, _names.ENGINE_KV_USAGE,
+    *(h + part for h in (_names.TIME_TO_FIRST_TOKEN, _names.INTER_TOKEN_LATENCY) for part in HISTOGRAM_PARTS),
+}
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,6 +106,7 @@ def test_no_ray_objects_before_first_use(fake):
         REQUESTS, ERRORS, IN_FLIGHT, VERSION_STATE,
         REQUEST_LATENCY, SHADOW_AGREEMENT, SHADOW_DROPPED, PAYLOAD_LOG_DROPPED,
         *(h + part for h in (STAGE_LATENCY, BATCH_SIZE, SHADOW_DIFF) for part in HISTOGRAM_PARTS),
+        *GENERATIVE_METRICS,
     }
     assert FakeMetric.registry[REQUESTS].calls == 1
 
