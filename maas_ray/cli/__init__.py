@@ -9,7 +9,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 from pydantic import BaseModel
 
@@ -18,9 +18,11 @@ from maas_ray.errors import MaasError
 logger = logging.getLogger("maas_ray.cli")
 
 
-def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
-    """One --flag per config field, parsed by the model itself (lists are comma-separated)."""
+def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: Collection[str] = ()) -> None:
+    """One --flag per config field (but ``skip``), parsed by the model itself (lists are comma-separated)."""
     for name, field in model.model_fields.items():
+        if name in skip:
+            continue
         parser.add_argument(
             f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE", help=field.description
         )
@@ -67,8 +69,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     import ray
 
     from maas_ray.runtime import quick_train_reports
+    from maas_ray.train.lm.config import is_lm_config
     from maas_ray.train.tabular import is_tabular_config
 
+    if is_lm_config(args.config, args.model):  # `model: decoder-lm`: a language model (docs/generative.md)
+        quick_train_reports()
+        return _train_lm(args)
     if is_tabular_config(args.config):  # `kind: tabular`: trees / scikit-learn (docs/tabular.md)
         quick_train_reports()
         return _train_tabular(args)
@@ -94,6 +100,34 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"test_accuracy={report.test_accuracy:.4f}  "
         f"parity_max_abs_diff={report.parity_max_abs_diff:.2e}  "
         f"mean_epoch={report.mean_epoch_seconds:.2f}s  wall={report.wall_seconds:.1f}s"
+    )
+    return 0
+
+
+def _train_lm(args: argparse.Namespace) -> int:
+    import ray
+
+    from maas_ray.train.lm.config import LMTrainConfig
+    from maas_ray.train.lm.pipeline import format_lm_epoch, train_and_publish_lm
+
+    cfg = LMTrainConfig.load(args.config, **_flag_values(args, LMTrainConfig))
+    try:
+        report = train_and_publish_lm(
+            cfg, _registry(args), on_epoch=lambda m: print(format_lm_epoch(m), flush=True),
+            ray_init={"address": args.address, **ray_console_options(args.verbose)},
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    for prompt, text in report.samples.items():
+        print(f"sample  {prompt!r} -> {text!r}")
+    if report.scores:
+        print("reference rules on held-out prompts: " + "  ".join(f"{k}={v:.3f}" for k, v in report.scores.items()))
+    m = report.manifest
+    print(
+        f"published {m.model}:{m.version} (kind {m.kind})  val_perplexity={report.val_perplexity:.3f} "
+        f"(epoch {report.best_epoch + 1})  test_perplexity={report.test_perplexity:.3f}  "
+        f"parity_max_abs_diff={report.parity_max_abs_diff:.2e}  export={report.export_seconds:.1f}s  wall={report.wall_seconds:.1f}s"
     )
     return 0
 
@@ -200,6 +234,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from maas_ray.train import TrainConfig
+    from maas_ray.train.lm.config import LMTrainConfig
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--registry", default=None, help="Registry root (default $MAAS_REGISTRY_ROOT or ~/.maas_ray/registry).")
@@ -213,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "trains trees or scikit-learn (deployments/train/tabular-*.yaml, docs/tabular.md).")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start or join a local one).")
     _add_model_flags(p, TrainConfig)
+    _add_model_flags(p, LMTrainConfig, skip=TrainConfig.model_fields)  # `--model decoder-lm` only
     _add_artifact_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -271,9 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_artifact_flags(p)  # an encrypted parent's child is encrypted whether or not --encrypt is given
     p.set_defaults(func=cmd_optimize)
 
-    p = sub.add_parser("quickstart", parents=[common], help="Train, publish, serve and query digits end to end.")
-    p.add_argument("--model", choices=["digits", "cnn", "text"], default="digits",
-                   help="digits (MLP, the default), cnn (digit images, served from PNG) or text (transformer, raw text).")
+    p = sub.add_parser("quickstart", parents=[common], help="Train, publish, serve and query a model end to end.")
+    p.add_argument("--model", choices=["digits", "cnn", "text", "lm"], default="digits",
+                   help="digits (MLP, the default), cnn (digit images, served from PNG), text (transformer, raw "
+                        "text) or lm (a language model: streamed completions, OpenAI routes).")
     p.add_argument("--epochs", type=int, default=None, help="Default: the model's training YAML.")
     p.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (the app YAML says 8000).")
     p.set_defaults(func=cmd_quickstart)

@@ -1,5 +1,6 @@
-"""``maas quickstart [--model digits|cnn|text]``: train, publish two versions (the second
-fine-tuned from the first), serve them 90/10, answer requests."""
+"""``maas quickstart [--model digits|cnn|text|lm]``: train, publish two versions (the second
+fine-tuned from the first), serve them 90/10, answer requests; for ``lm``, train and publish a
+language model, serve it and stream a completion and a chat answer."""
 
 from __future__ import annotations
 
@@ -110,6 +111,70 @@ def _query_text(base: str) -> None:
 
 
 QUERIES = {"digits": _query_digits, "cnn": _query_cnn, "text": _query_text}
+LM_PROMPT = "the small cat"
+LM_QUESTION = "what is the plural of mouse?"
+
+
+def _stream(url: str, body: dict):
+    """POST ``body`` and yield each server-sent event's JSON as it arrives (until ``[DONE]``)."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for raw in r:  # chunked: each event arrives as the engine makes its tokens
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                return
+            yield json.loads(line[len("data: "):])
+
+
+def _query_lm(base: str) -> None:
+    print(f"[4/4] POST /v1/completions (stream: true) {LM_PROMPT!r} -> ", end="", flush=True)
+    t0, first, tokens, model = time.perf_counter(), None, 0, ""
+    for event in _stream(f"{base}/v1/completions",
+                         {"model": "lm", "prompt": LM_PROMPT, "max_tokens": 24, "temperature": 0, "stream": True}):
+        text = event["choices"][0]["text"]
+        if text:
+            first = first or time.perf_counter() - t0
+            tokens += 1
+            print(text, end="", flush=True)
+        model = event.get("model", model)
+    print(f"\n      {tokens} chunks streamed by {model}, first after {1000 * (first or 0):.0f} ms")
+    answer, _ = _post(f"{base}/v1/chat/completions", {
+        "model": "lm", "max_tokens": 16, "temperature": 0,
+        "messages": [{"role": "user", "content": LM_QUESTION}]})
+    print(f"      POST /v1/chat/completions {LM_QUESTION!r} -> {answer['choices'][0]['message']['content']!r}")
+    res, _ = _post(f"{base}/v2/models/lm/generate", {"text_input": "two old farmers", "max_tokens": 16, "temperature": 0})
+    print(f"      POST /v2/models/lm/generate 'two old farmers' -> {res['text_output']!r} "
+          f"(version {res['model_version']})")
+
+
+def _run_lm(reg: Registry, root: str, epochs: Optional[int], port: int, t0: float) -> None:
+    """Train and publish the reference language model, serve it, stream answers."""
+    from maas_ray.serving.deploy import deploy
+    from maas_ray.train.lm.config import LMTrainConfig
+    from maas_ray.train.lm.pipeline import format_lm_epoch, train_and_publish_lm
+
+    with resources.as_file(EXAMPLES / "train" / "lm.yaml") as path:
+        cfg = LMTrainConfig.load(str(path), epochs=epochs)
+    print(f"[1/4] training a GPT-2-style language model on the reference corpus with Ray Train DDP "
+          f"({cfg.num_workers} CPU workers, {cfg.epochs} epochs); registry {root}")
+    report = train_and_publish_lm(cfg, reg, on_epoch=lambda m: print(f"      {format_lm_epoch(m)}", flush=True))
+    m = report.manifest
+    reg.set_alias("lm", "production", m.version)
+    print(f"      published lm:{m.version} (kind {m.kind}) test_perplexity={report.test_perplexity:.2f} "
+          f"parity_max_abs_diff={report.parity_max_abs_diff:.2e} -> alias production")
+    print("[2/4] greedy samples from the trained model:")
+    for prompt, text in list(report.samples.items())[:2]:
+        print(f"      {prompt!r} -> {text!r}")
+    if report.scores:
+        print("      held-out rules: " + "  ".join(f"{k}={v:.2f}" for k, v in report.scores.items()))
+    print("[3/4] serving deployments/lm-cpu.yaml: continuous batching, OpenAI and OIP generate routes")
+    app = yaml.safe_load((EXAMPLES / "lm-cpu.yaml").read_text())
+    app["http_options"]["port"] = port
+    deploy(app)
+    _query_lm(f"http://127.0.0.1:{port}")
+    print(f"done in {time.perf_counter() - t0:.0f}s. Keep it running with: serve run deployments/lm-cpu.yaml")
 
 
 def _train_config(demo: Demo, **overrides):
@@ -135,8 +200,6 @@ def run_quickstart(
     from maas_ray.train import train_and_publish
     from maas_ray.train.pipeline import format_epoch
 
-    demo = DEMOS[model]
-    app_config = f"deployments/{demo.app_config}"  # what users `serve run` in a checkout (the same file)
     root = registry_root or default_root()
     os.environ["MAAS_REGISTRY_ROOT"] = root  # replicas inherit it: the app config names no root
     from maas_ray.runtime import quick_train_reports
@@ -149,6 +212,11 @@ def run_quickstart(
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     on_epoch = (lambda m: print(f"      {format_epoch(m)}", flush=True))
     try:
+        if model == "lm":
+            _run_lm(reg, root, epochs, port, t0)
+            return 0
+        demo = DEMOS[model]
+        app_config = f"deployments/{demo.app_config}"  # what users `serve run` in a checkout (the same file)
         cfg = _train_config(demo, epochs=epochs)
         print(f"[1/4] training {demo.title} with Ray Train DDP ({cfg.num_workers} CPU workers, {cfg.epochs} epochs); "
               f"registry {root}")

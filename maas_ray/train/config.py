@@ -87,7 +87,8 @@ class TrainConfig(BaseModel):
     model_name: ModelName = Field(default="digits", description="Registry model to publish to.")
     model: str = Field(
         default="mlp",
-        description="Model: a built-in family ('mlp', 'cnn', 'text-transformer') or an import path "
+        description="Model: a built-in family ('mlp', 'cnn', 'text-transformer'; 'decoder-lm' trains a "
+        "language model instead, see docs/generative.md) or an import path "
         "'package.module:factory'; factory(data_spec, **model_args) returns an nn.Module mapping "
         "(batch, *input_shape) to (batch, num_classes) logits.",
     )

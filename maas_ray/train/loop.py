@@ -8,14 +8,15 @@ import math
 import os
 import tempfile
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from maas_ray.train.config import TrainConfig
-from maas_ray.train.data import DataSpec
+from maas_ray.train.data import DataSpec, _import
 from maas_ray.train.model import build_model
 
 logger = logging.getLogger(__name__)
@@ -57,13 +58,44 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
+@dataclass(frozen=True)
+class Task:
+    """What the loop trains: how to build the model from the spec, the loss, and the validation
+    metric that selects checkpoints. The loop config names it by import path (``"task"``)."""
+
+    config_cls: type  # the pydantic config the loop config's "train_config" validates as
+    build: Callable[[dict[str, Any]], nn.Module]  # model_spec -> model
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model output, targets) -> mean loss
+    metric: str  # reported, checkpointed and selected on
+    higher_is_better: bool
+    # (model, x_val, y_val, rank, world) -> {metric: value, ...}; the same value on every worker
+    evaluate: Callable[[nn.Module, torch.Tensor, torch.Tensor, int, int], dict[str, float]]
+
+
+def _build_classifier(spec: dict[str, Any]) -> nn.Module:
+    return build_model(spec["model"], spec["model_args"], DataSpec.from_dict(spec["data"]), probe=False)
+
+
+def _evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> dict[str, float]:
+    return {"val_accuracy": accuracy(model, x, y)}  # every worker: the same value, the same stop
+
+
+CLASSIFY = Task(TrainConfig, _build_classifier, nn.CrossEntropyLoss(), "val_accuracy", True, _evaluate_classifier)
+
+
+def resolve_task(path: Optional[str]) -> Task:
+    """The task a loop config names ('package.module:NAME'); None = classification."""
+    return CLASSIFY if path is None else _import(path, "training task")
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Train with DDP; select on validation accuracy; checkpoint from rank 0; resume."""
+    """Train with DDP; select on the task's validation metric; checkpoint from rank 0; resume."""
     import ray
     import ray.train
     import ray.train.torch
 
-    cfg = TrainConfig.model_validate(loop_config["train_config"])
+    task = resolve_task(loop_config.get("task"))
+    cfg = task.config_cls.model_validate(loop_config["train_config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Progress goes to the driver through this queue (one line per epoch there); worker
@@ -72,8 +104,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     streamed = loop_config["splits"] is None  # Ray Data shards instead of in-memory arrays
     splits = None if streamed else ray.get(loop_config["splits"])  # the driver loaded the data once
-    spec = loop_config["model_spec"]
-    model = build_model(spec["model"], spec["model_args"], DataSpec.from_dict(spec["data"]), probe=False)
+    model = task.build(loop_config["model_spec"])
     if loop_config.get("init_state") is not None:  # fine-tuning from a published parent
         model.load_state_dict(ray.get(loop_config["init_state"]))
 
@@ -90,6 +121,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
     bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if streamed:
+        assert task is CLASSIFY, "Ray Data streaming feeds classifiers only"
         rows_per_worker = math.ceil(loop_config["rows"]["train"] / world)
         batches_per_epoch = math.ceil(rows_per_worker / cfg.batch_size)  # for the LR schedule only
 
@@ -98,7 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             for b in shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch):
                 yield b["x"], b["y"]
 
-        def val_accuracy() -> float:
+        def val_metrics() -> dict[str, float]:
             bare.eval()
             counts = torch.zeros(2, device=device)  # (correct, seen) on this worker's shard
             with torch.no_grad():
@@ -106,7 +138,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                     counts += torch.stack([(bare(b["x"]).argmax(1) == b["y"]).sum().float(), torch.tensor(float(len(b["y"])), device=device)])
             if world > 1:
                 torch.distributed.all_reduce(counts)
-            return (counts[0] / counts[1].clamp(min=1)).item()
+            return {"val_accuracy": (counts[0] / counts[1].clamp(min=1)).item()}
     else:
         loader = DataLoader(
             # Object-store arrays are read-only; torch wants writable memory for its tensors.
@@ -124,8 +156,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 loader.sampler.set_epoch(epoch)
             yield from loader
 
-        def val_accuracy() -> float:
-            return accuracy(bare, x_val, y_val)  # every worker: the same value, the same stop
+        def val_metrics() -> dict[str, float]:
+            return task.evaluate(bare, x_val, y_val, rank, world)
 
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
     total_steps = steps_per_epoch * cfg.epochs
@@ -136,12 +168,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     amp = autocast_dtype(cfg.mixed_precision, device)
     # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not.
     scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
-    best_val, bad_epochs = -1.0, 0
+    best_val, bad_epochs = (-1.0 if task.higher_is_better else math.inf), 0
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         best_val, bad_epochs = saved["best_val"], saved["bad_epochs"]
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = task.loss
 
     history: list[dict[str, float]] = []
     t_start = time.perf_counter()
@@ -171,14 +203,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if world > 1:
             torch.distributed.all_reduce(loss_sum)
         train_seconds = time.perf_counter() - t0
-        val_acc = val_accuracy()
-        improved = val_acc > best_val
+        val = val_metrics()
+        val_acc = val[task.metric]
+        improved = val_acc > best_val if task.higher_is_better else val_acc < best_val
         best_val, bad_epochs = (val_acc, 0) if improved else (best_val, bad_epochs + 1)
         stop = cfg.patience is not None and bad_epochs >= cfg.patience
         metrics = {
             "epoch": epoch,
             "train_loss": (loss_sum[0] / loss_sum[1]).item(),
-            "val_accuracy": val_acc,
+            **val,
             "samples_per_s": loss_sum[1].item() / train_seconds,
             "epoch_seconds": time.perf_counter() - t0,
             "resumed_from_epoch": start_epoch,
@@ -196,7 +229,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                         "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(),
                         "epoch": epoch,
-                        "val_accuracy": val_acc,
+                        task.metric: val_acc,
                         "best_val": best_val,
                         "bad_epochs": bad_epochs,
                     },
@@ -205,6 +238,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
         if stop:
-            logger.info("early stop: no better val_acc for %d epochs (best %.4f)", bad_epochs, best_val)
+            logger.info("early stop: no better %s for %d epochs (best %.4f)", task.metric, bad_epochs, best_val)
             break
     return {"history": history, "start_epoch": start_epoch}

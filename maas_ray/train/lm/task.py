@@ -1,0 +1,50 @@
+"""The ``decoder-lm`` task of the generic DDP loop (:class:`maas_ray.train.loop.Task`):
+next-token cross-entropy, checkpoints selected on the lowest validation loss."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from maas_ray.train.lm.config import DecoderLMArgs, LMTrainConfig
+from maas_ray.train.lm.model import DecoderLM
+from maas_ray.train.loop import Task
+
+
+def build(spec: dict[str, Any]) -> DecoderLM:
+    return DecoderLM(DecoderLMArgs.model_validate(spec["model_args"]))
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of (B, T, vocab) logits against (B, T) next tokens (fp32 under autocast)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+@torch.no_grad()
+def token_loss_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """(sum of token losses, token count) over windows, in batches, as a float64 tensor."""
+    model.eval()
+    out = torch.zeros(2, dtype=torch.float64, device=x.device)
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i : i + batch_size])
+        yb = y[i : i + batch_size]
+        out[0] += F.cross_entropy(logits.flatten(0, 1).float(), yb.flatten(), reduction="sum").double()
+        out[1] += yb.numel()
+    return out
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> dict[str, float]:
+    """Validation loss and perplexity: each worker scores its share of the windows, all-reduced."""
+    sums = token_loss_sums(model, x[rank::world], y[rank::world])
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    loss = (sums[0] / sums[1].clamp(min=1)).item()
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+
+LM_TASK = Task(LMTrainConfig, build, next_token_loss, "val_loss", False, evaluate)
+TASK_PATH = f"{__name__}:LM_TASK"
