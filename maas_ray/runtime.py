@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 from importlib import metadata
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from maas_ray.errors import DependencyError, InferenceError
 
@@ -108,6 +108,7 @@ def create_session(
     device: str = "auto",
     intra_op_threads: Optional[int] = None,
     spinning: bool = False,
+    external_data: Optional[Mapping[str, bytes]] = None,
 ):
     """Create an InferenceSession, CUDA when requested/available, else CPU.
 
@@ -115,6 +116,9 @@ def create_session(
         device: ``"auto"`` (CUDA if this process sees a GPU and the GPU build is
             installed), ``"cuda"`` (fail if CUDA does not run) or ``"cpu"``.
         intra_op_threads: onnxruntime intra-op threads; size it to the replica's CPUs.
+        external_data: the graph's ONNX external data files (the name its initializers give
+            -> bytes), handed to onnxruntime from memory (weights over 2 GB; never written to
+            disk, so an encrypted version's weights stay off the disk in the clear).
         spinning: let the intra-op threads spin-wait for work between runs (onnxruntime's
             default). Off here: a spinning pool keeps its cores busy between batches, CPU that
             the ingress and the proxy on the same node need (fused placement, wide MLP, 2
@@ -136,6 +140,10 @@ def create_session(
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if external_data:  # onnxruntime copies what it needs while the session is created
+        names = list(external_data)
+        opts.add_external_initializers_from_files_in_memory(
+            names, [external_data[n] for n in names], [len(external_data[n]) for n in names])
     try:
         session = ort.InferenceSession(model_bytes, sess_options=opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types

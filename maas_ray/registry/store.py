@@ -179,6 +179,12 @@ class LoadedModel:
         """The name of the (first) extra file with this role, or None."""
         return next((n for n, e in self.manifest.files.items() if e.role == role), None)
 
+    def external_data(self) -> dict[str, bytes]:
+        """The loaded ONNX external data files (name -> bytes), for onnxruntime to read from
+        memory: a decrypted version's weights are then never written to disk in the clear."""
+        return {n: self.files[n] for n, e in self.manifest.files.items()
+                if e.role == ONNX_EXTERNAL_DATA and n in self.files}
+
     def write_to(self, directory: str) -> str:
         """Write model.onnx and the loaded extra files into ``directory``; returns the
         model.onnx path. A graph with external data must be opened from a path: its

@@ -25,11 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
 from typing import Any, AsyncIterator, Optional, Union
 
 from maas_ray.errors import ConfigError, InferenceError, MaasError, ModelNotReadyError
-from maas_ray.registry import ONNX_EXTERNAL_DATA
 from maas_ray.runtime import create_session
 from maas_ray.serving.config import ModelConfig
 from maas_ray.serving.metrics import ServingMetrics
@@ -85,11 +83,10 @@ class GenerativePipeline:
         if tokenizer_json is None:
             raise ConfigError(f"{self.label}: the manifest names tokenizer {spec.tokenizer_file!r}, "
                               f"which is not among its files {sorted(loaded.files)}")
-        with tempfile.TemporaryDirectory(prefix="maas-lm-") as tmp:
-            source = loaded.write_to(tmp) if loaded.file_for(ONNX_EXTERNAL_DATA) else loaded.model_bytes
-            session = create_session(source, device=model.device,
-                                     intra_op_threads=model.intra_op_threads or replica_cpus(),
-                                     spinning=model.intra_op_spinning)
+        # External data (weights > 2 GB) goes to onnxruntime from memory, never to disk.
+        session = create_session(loaded.model_bytes, device=model.device,
+                                 intra_op_threads=model.intra_op_threads or replica_cpus(),
+                                 spinning=model.intra_op_spinning, external_data=loaded.external_data())
         self.provider = session.get_providers()[0]
         logger.info("%s: generation on %s (pid %d)", self.label, self.provider, os.getpid())
         self.spec = spec

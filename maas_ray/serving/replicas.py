@@ -16,7 +16,6 @@ import gc
 import logging
 import math
 import os
-import tempfile
 import time
 from typing import Any, Callable, Optional, Union
 
@@ -101,18 +100,16 @@ def load_batched_runner(
     on_batch: Optional[Callable[[int], None]] = None,
 ) -> BatchedRunner:
     loaded = loaded or Registry(registry_root).load(model.name, version, skip_roles=SKIP_ROLES)  # checksums verified
-    with tempfile.TemporaryDirectory(prefix="maas-model-") as tmp:
-        # Weights in ONNX external data (> 2 GB): onnxruntime opens the graph from a path,
-        # reading the data file beside it while the session is created.
-        source = loaded.write_to(tmp) if loaded.file_for(ONNX_EXTERNAL_DATA) else loaded.model_bytes
-        cores = replica_cpus()
-        runner = OnnxRunner(
-            loaded.manifest,
-            source,
-            device=model.device,
-            intra_op_threads=model.intra_op_threads or cores,
-            spinning=model.intra_op_spinning,
-        )
+    cores = replica_cpus()
+    runner = OnnxRunner(
+        loaded.manifest,
+        loaded.model_bytes,
+        device=model.device,
+        intra_op_threads=model.intra_op_threads or cores,
+        spinning=model.intra_op_spinning,
+        # Weights in ONNX external data (> 2 GB) go to onnxruntime from memory, never to disk.
+        external_data=loaded.external_data(),
+    )
     runner.warm_up()
     return BatchedRunner(runner, model.batching, on_batch=on_batch, cores=cores)
 

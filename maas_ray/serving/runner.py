@@ -36,10 +36,12 @@ class OnnxRunner:
         intra_op_threads: Optional[int] = None,
         spinning: bool = False,
         session_factory: Callable = create_session,
+        external_data: Optional[dict[str, bytes]] = None,
     ) -> None:
         self.manifest = manifest
+        extra = {"external_data": external_data} if external_data else {}
         self.session = session_factory(model_bytes, device=device, intra_op_threads=intra_op_threads,
-                                       spinning=spinning)
+                                       spinning=spinning, **extra)
         self.provider = self.session.get_providers()[0]
         self.intra_op_threads = intra_op_threads  # None: onnxruntime's default (all cores)
         self.output_names = [o.name for o in manifest.outputs]

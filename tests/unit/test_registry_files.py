@@ -124,10 +124,18 @@ def test_text_preprocessor_tokenizes_with_the_versions_tokenizer():
         make_preprocessor(manifest, spec, files={})
 
 
-def test_a_version_with_external_data_is_served(reg):
-    """The serving loader opens such a graph from a temporary directory (no Ray needed with
-    intra_op_threads set)."""
+def test_a_version_with_external_data_is_served(reg, monkeypatch):
+    """The serving loader hands the external data to onnxruntime from memory: no file is written
+    (a decrypted version's weights never reach the disk in the clear). No Ray needed with
+    intra_op_threads set."""
     import asyncio
+
+    from maas_ray.registry import LoadedModel
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("the serving loader wrote the model to disk")
+
+    monkeypatch.setattr(LoadedModel, "write_to", no_disk)
 
     import torch
 
