@@ -7,6 +7,9 @@ library, and their conftest fixtures).
 - :mod:`tests.helpers.live`: the test cluster's settings and probes of a live Ray/Serve
 - :mod:`tests.helpers.s3`: the moto S3 server behind ``tests/integration/conftest.py:s3_endpoint``
 - :mod:`tests.helpers.tabular`: a small frame with categories and gaps, its column schema, a ZipMap ONNX
+- :mod:`tests.helpers.lm`: a tiny published language model (``publish_tiny_lm``) and torch's greedy reference
+- :mod:`tests.helpers.hostile_generate`: hostile bodies for the generative routes, with the status each must get
+- :mod:`tests.helpers.tls` / :mod:`tests.helpers.tls_front`: a throwaway CA; the ``maas tls-front`` process
 """
 
 from tests.helpers.images import digit_png, digit_png_bytes
