@@ -13,7 +13,7 @@ from typing import Any, Collection, Optional
 
 from pydantic import BaseModel
 
-from maas_ray.errors import MaasError
+from maas_ray.errors import ConfigError, MaasError
 
 logger = logging.getLogger("maas_ray.cli")
 
@@ -180,12 +180,32 @@ def cmd_models(args: argparse.Namespace) -> int:
         def spec(name: str, params: Optional[str]) -> ProcessorSpec:
             return ProcessorSpec(name=name, params=json.loads(params) if params else {})
 
+        generative: dict[str, Any] = {}
+        if args.tokenizer:  # a decoder LM exported elsewhere: the KV layout is read from the graph
+            from maas_ray.registry import ExtraFile
+            from maas_ray.registry.kv_layout import generation_spec_from_graph
+
+            if args.context_length is None:
+                raise ConfigError("--tokenizer publishes a generative version: give --context-length too")
+            with open(args.onnx_file, "rb") as f, open(args.tokenizer, "rb") as t:
+                graph, tokenizer = f.read(), t.read()
+            template = None
+            if args.chat_template:
+                with open(args.chat_template, encoding="utf-8") as c:
+                    template = c.read()
+            generative = {
+                "generation": generation_spec_from_graph(
+                    graph, tokenizer, context_length=args.context_length, eos_token=args.eos_token,
+                    bos_token=args.bos_token, chat_template=template),
+                "files": {"tokenizer.json": ExtraFile(tokenizer, role="tokenizer")},
+            }
         m = reg.publish(
             args.model,
             args.onnx_file,
             preprocessor=spec(args.preprocessor, args.preprocessor_params),
             postprocessor=spec(args.postprocessor, args.postprocessor_params),
             description=args.description,
+            **generative,
         )
         print(f"published {m.model}:{m.version} sha256={m.sha256}"
               f"{'  encrypted (kek ' + m.encryption.kek_id + ')' if m.encryption else ''}")
@@ -267,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocessor", default="tensor")
     p.add_argument("--postprocessor-params", default=None, help="JSON object.")
     p.add_argument("--description", default="")
+    p.add_argument("--tokenizer", default=None, help="A generative (decoder LM) graph's tokenizer.json: publishes "
+                   "kind: generative, the KV-cache layout read from the graph (docs/generative.md).")
+    p.add_argument("--context-length", type=int, default=None, help="With --tokenizer: most tokens per sequence.")
+    p.add_argument("--eos-token", default=None, help="With --tokenizer: the end-of-sequence special token "
+                   "(default: <|endoftext|>, </s>, ... whichever the tokenizer has).")
+    p.add_argument("--bos-token", default=None, help="With --tokenizer: a special token prepended to prompts.")
+    p.add_argument("--chat-template", default=None, help="With --tokenizer: a Jinja chat template file.")
     _add_artifact_flags(p)
     p = msub.add_parser("alias", parents=[common], help="Point an alias (e.g. production) at a version.")
     p.add_argument("model")

@@ -1,5 +1,6 @@
 """``maas tls-front`` (the real CLI and the HAProxy that ships with ray[serve]) in front of a real
-Serve app: gRPC and HTTP over mutual TLS with the stock tritonclient clients, and what is refused.
+Serve app: gRPC and HTTP over mutual TLS with the stock tritonclient clients and the stock
+``openai`` client (a streamed completion from a generative version), and what is refused.
 
 The app has the listeners of deployments/*.yaml (HTTP, and the OIP v2 gRPC servicer). The front
 asks for client certificates signed by a throwaway CA (tests/helpers/tls.py). No maas route
@@ -21,6 +22,7 @@ from maas_ray.registry import Registry
 from maas_ray.serving.deploy import deploy
 from maas_ray.serving.grpc import SERVICER_FUNCTION
 from tests.helpers import HTTP_PORT, linear_onnx, wait_until
+from tests.helpers.lm import publish_tiny_lm
 from tests.helpers.tls import make_tls_files
 from tests.helpers.tls_front import free_port, header_echo, tls_front
 
@@ -53,6 +55,7 @@ def front(ray_cluster, registry_root, files):
     from ray import serve
 
     Registry(registry_root).publish("front-lin", linear_onnx(4, 3, seed=SEED))
+    publish_tiny_lm(Registry(registry_root), "front-lm", seed=SEED)
     deploy({
         "http_options": {"host": "127.0.0.1", "port": HTTP_PORT},
         "grpc_options": {"port": GRPC_PORT, "grpc_servicer_functions": [SERVICER_FUNCTION]},
@@ -60,6 +63,8 @@ def front(ray_cluster, registry_root, files):
             "name": "frontapp", "route_prefix": "/", "import_path": "maas_ray.serving.app:build_app",
             "args": {"registry_root": registry_root,
                      "models": [{"name": "front-lin", "placement": "ingress", "intra_op_threads": 1,
+                                 "versions": [{"version": "latest"}]},
+                                {"name": "front-lm", "placement": "ingress", "intra_op_threads": 1,
                                  "versions": [{"version": "latest"}]}],
                      "ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}},
         }],
@@ -162,6 +167,31 @@ def test_plain_http_on_the_tls_port_is_refused(front):
     with pytest.raises(httpx.HTTPError):
         r = httpx.get(f"http://127.0.0.1:{https}/v2/health/live", timeout=10)
         raise AssertionError(f"plain HTTP answered {r.status_code}")
+
+
+def test_the_openai_client_streams_over_mutual_tls(front, files):
+    """The stock openai client, given an httpx client with the CA and a client certificate,
+    streams a completion through the front; without the certificate it cannot connect."""
+    import openai
+
+    https, _ = front
+    context = ssl.create_default_context(cafile=files.ca)
+    context.load_cert_chain(files.client_cert, files.client_key)
+    with httpx.Client(verify=context, timeout=30) as http:
+        client = openai.OpenAI(base_url=f"https://127.0.0.1:{https}/v1", api_key="unused", http_client=http,
+                               max_retries=0)
+        stream = client.completions.create(model="front-lm", prompt="the cat", max_tokens=8, temperature=0,
+                                           stream=True)
+        chunks = [c.choices[0] for c in stream]
+        whole = client.completions.create(model="front-lm", prompt="the cat", max_tokens=8, temperature=0)
+    assert chunks[-1].finish_reason in ("stop", "length")
+    assert "".join(c.text for c in chunks) == whole.choices[0].text
+    assert whole.usage.completion_tokens >= 1
+    with httpx.Client(verify=ssl.create_default_context(cafile=files.ca), timeout=10) as no_cert:
+        bare = openai.OpenAI(base_url=f"https://127.0.0.1:{https}/v1", api_key="unused", http_client=no_cert,
+                             max_retries=0)
+        with pytest.raises(openai.APIConnectionError):
+            bare.completions.create(model="front-lm", prompt="the cat", max_tokens=4)
 
 
 def test_the_front_sets_forwarding_and_certificate_headers_and_drops_the_clients(files):
