@@ -67,9 +67,10 @@ def served(ray_cluster, tmp_path_factory):
     deploy({
         "http_options": {"host": "127.0.0.1", "port": HTTP_PORT},
         "applications": [
-            {"name": "gen", "route_prefix": "/", "import_path": "maas_ray.serving.app:build_app", "args": gen},
+            {"name": "gen", "route_prefix": "/", "import_path": "maas_ray.serving.app:build_app", "args": gen,
+             "logging_config": {"enable_access_log": False}},  # as the shipped YAMLs: no line per request
             {"name": "limited", "route_prefix": "/limited", "import_path": "maas_ray.serving.app:build_app",
-             "args": limited},
+             "args": limited, "logging_config": {"enable_access_log": False}},
         ],
     })
     with httpx.Client(base_url=URL, timeout=60, headers={"authorization": f"Bearer {keys['all']}"}) as client:

@@ -61,6 +61,7 @@ def front(ray_cluster, registry_root, files):
         "grpc_options": {"port": GRPC_PORT, "grpc_servicer_functions": [SERVICER_FUNCTION]},
         "applications": [{
             "name": "frontapp", "route_prefix": "/", "import_path": "maas_ray.serving.app:build_app",
+            "logging_config": {"enable_access_log": False},
             "args": {"registry_root": registry_root,
                      "models": [{"name": "front-lin", "placement": "ingress", "intra_op_threads": 1,
                                  "versions": [{"version": "latest"}]},
