@@ -27,17 +27,15 @@ import logging
 import os
 from typing import Any, AsyncIterator, Optional, Union
 
-from maas_ray.errors import ConfigError, InferenceError, MaasError, ModelNotReadyError
+from maas_ray.errors import ConfigError, InferenceError, MaasError
 from maas_ray.runtime import create_session
 from maas_ray.serving.config import ModelConfig
 from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.replicas import (
     SKIP_ROLES,
-    app_name,
+    VersionServer,
     artifact_registry,
-    freeze_startup_objects,
     replica_cpus,
-    use_serve_logging,
 )
 from maas_ray.serving.types import GenerateRequest, GenerationChunk
 
@@ -142,36 +140,16 @@ class GenerativePipeline:
             self._started = False
 
 
-class GenerativeServer:
+class GenerativeServer(VersionServer):
     """Deployment for a generative version in ``fused`` (or ``split``) placement.
 
     A version that fails to load keeps its replica up and reports ``failed`` with the reason,
     as :class:`~maas_ray.serving.replicas.ModelServer` does; the ingress routes nothing to it.
     """
 
-    def __init__(
-        self, registry_root: Optional[str], model: dict[str, Any], version: int, limits: Optional[dict] = None,
-        security: Optional[dict[str, Any]] = None,
-    ) -> None:
-        use_serve_logging()
-        cfg = ModelConfig.model_validate(model)
-        self.label = f"{cfg.name}:{version}"
-        self.metrics = ServingMetrics(app=app_name(), models=[cfg.name])
-        self.metrics.start()
-        self.pipeline: Optional[GenerativePipeline] = None
-        self.reason: Optional[str] = None
-        try:
-            self.pipeline = GenerativePipeline(registry_root, cfg, version, metrics=self.metrics, security=security)
-        except Exception as exc:
-            self.reason = f"{type(exc).__name__}: {exc}"
-            logger.error("%s failed to load: %s", self.label, self.reason)
-        self.metrics.version_state(cfg.name, version, "ready" if self.pipeline else "failed")
-        freeze_startup_objects()
-
-    def _ready(self) -> GenerativePipeline:
-        if self.pipeline is None:
-            raise ModelNotReadyError(f"{self.label} failed to load: {self.reason}", 5.0)
-        return self.pipeline
+    def _load(self, registry_root: Optional[str], cfg: ModelConfig, version: int, limits: Optional[dict],
+              security: Optional[dict[str, Any]]) -> GenerativePipeline:
+        return GenerativePipeline(registry_root, cfg, version, metrics=self.metrics, security=security)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Nothing to apply (Serve calls it with the deployment's user_config)."""

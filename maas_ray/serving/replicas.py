@@ -244,8 +244,9 @@ class LocalPipeline:
         return out
 
 
-class ModelServer:
-    """Deployment for ``fused`` placement (pre+infer+post) and ``split`` inference (infer only).
+class VersionServer:
+    """The start every per-version deployment shares (classifier and generative): its label and
+    metrics, and the version loaded by :meth:`_load`.
 
     A version that fails to load (checksum mismatch, broken graph) keeps its replica up and
     reports ``failed`` with the reason: restarting would fail the same way, and the ingress
@@ -261,24 +262,34 @@ class ModelServer:
         self.label = f"{cfg.name}:{version}"
         self.metrics = ServingMetrics(app=app_name(), models=[cfg.name])
         self.metrics.start()
-        self.pipeline: Optional[LocalPipeline] = None
+        self.pipeline: Any = None
         self.reason: Optional[str] = None
         try:
-            self.pipeline = LocalPipeline(
-                registry_root, cfg, version,
-                limits=None if limits is None else Limits.model_validate(limits), metrics=self.metrics,
-                security=security,
-            )
+            self.pipeline = self._load(registry_root, cfg, version, limits, security)
         except Exception as exc:
             self.reason = f"{type(exc).__name__}: {exc}"
             logger.error("%s failed to load: %s", self.label, self.reason)
         self.metrics.version_state(cfg.name, version, "ready" if self.pipeline else "failed")
         freeze_startup_objects()
 
-    def _ready(self) -> LocalPipeline:
+    def _load(self, registry_root: Optional[str], cfg: ModelConfig, version: int, limits: Optional[dict],
+              security: Optional[dict[str, Any]]) -> Any:
+        raise NotImplementedError
+
+    def _ready(self) -> Any:
         if self.pipeline is None:
             raise ModelNotReadyError(f"{self.label} failed to load: {self.reason}", 5.0)
         return self.pipeline
+
+
+class ModelServer(VersionServer):
+    """Deployment for ``fused`` placement (pre+infer+post) and ``split`` inference (infer only)."""
+
+    def _load(self, registry_root: Optional[str], cfg: ModelConfig, version: int, limits: Optional[dict],
+              security: Optional[dict[str, Any]]) -> LocalPipeline:
+        return LocalPipeline(registry_root, cfg, version,
+                             limits=None if limits is None else Limits.model_validate(limits),
+                             metrics=self.metrics, security=security)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         if self.pipeline is not None:
