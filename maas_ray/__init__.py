@@ -27,6 +27,7 @@ from maas_ray.errors import (
     RequestTimeoutError,
     TrainingError,
     UnauthenticatedError,
+    VersionInUseError,
     VersionNotFoundError,
 )
 from maas_ray.registry import Manifest, ProcessorSpec, Registry, TensorSpec
@@ -70,6 +71,7 @@ __all__ = [
     "TrainReport",
     "TrainingError",
     "UnauthenticatedError",
+    "VersionInUseError",
     "VersionNotFoundError",
     "build_app",
     "train_and_publish",

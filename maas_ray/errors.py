@@ -11,6 +11,7 @@ with, pickles across Ray processes (all constructor arguments go to
     │   ├── ModelNotFoundError (404, NOT_FOUND)
     │   ├── VersionNotFoundError (404, NOT_FOUND)
     │   ├── PublishConflictError (409, ALREADY_EXISTS)
+    │   ├── VersionInUseError (409, FAILED_PRECONDITION)  delete refused: an alias or app uses it
     │   └── IntegrityError (500, DATA_LOSS)      sha256 mismatch, truncated artifact
     ├── ParityError (500, INTERNAL)              exported ONNX disagrees with torch
     ├── TrainingError (500, INTERNAL)            training failed, left no checkpoint, or missed
@@ -56,6 +57,7 @@ __all__ = [
     "RequestTimeoutError",
     "TrainingError",
     "UnauthenticatedError",
+    "VersionInUseError",
     "VersionNotFoundError",
 ]
 
@@ -112,6 +114,17 @@ class PublishConflictError(RegistryError):
 
     status_code = 409
     grpc_code = "ALREADY_EXISTS"
+
+
+class VersionInUseError(RegistryError):
+    """Deleting a version was refused: an alias names it or a running app serves it. 409.
+
+    FAILED_PRECONDITION, not ALREADY_EXISTS: retrying cannot help until the alias is moved or
+    the app stops serving the version (gRPC's own example: rmdir on a non-empty directory).
+    """
+
+    status_code = 409
+    grpc_code = "FAILED_PRECONDITION"
 
 
 class IntegrityError(RegistryError):

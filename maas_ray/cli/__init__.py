@@ -212,6 +212,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.models_cmd == "alias":
         v = reg.set_alias(args.model, args.alias, args.version)
         print(f"{args.model}:{args.alias} -> {v}")
+    elif args.models_cmd == "delete":  # refused while an alias or a serving app points at it
+        from maas_ray.cli import serving_apps
+
+        v = reg.check_delete(args.model, args.version)  # unknown, or named by an alias: before asking Serve
+        serving, why = serving_apps.find_serving(reg, args.model)
+        if serving is None:
+            print(f"note: serving apps not checked: {why}; only aliases are checked", file=sys.stderr)
+        reg.check_delete(args.model, v, serving=serving or {})
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise ConfigError(f"not deleting {args.model}:{v} without confirmation: stdin is not a terminal; "
+                                  "pass --yes")
+            if input(f"delete {args.model}:{v}? This cannot be undone. [y/N] ").strip().lower() not in ("y", "yes"):
+                print(f"{args.model}:{v} not deleted")
+                return 1
+        reg.delete_version(args.model, v, serving=serving or {})
+        print(f"deleted {args.model}:{v}")
     return 0
 
 
@@ -299,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("alias")
     p.add_argument("version")
+    p = msub.add_parser("delete", parents=[common], help="Delete a version; refused while an alias or a serving "
+                        "app (read from the Ray dashboard, $RAY_DASHBOARD_ADDRESS / $RAY_ADDRESS) points at it.")
+    p.add_argument("model")
+    p.add_argument("version", help="The version number (not an alias).")
+    p.add_argument("--yes", action="store_true", help="Delete without asking (needed when stdin is not a terminal).")
     for p in msub.choices.values():
         p.set_defaults(func=cmd_models)
 

@@ -51,6 +51,7 @@ from maas_ray.errors import (
     ModelNotFoundError,
     PublishConflictError,
     RegistryError,
+    VersionInUseError,
     VersionNotFoundError,
 )
 from maas_ray.registry import crypto, signing
@@ -533,6 +534,76 @@ class Registry:
         self._delete_file(path, missing=lambda exc: gone)  # deleted meanwhile: as if never there
         self.audit.append("alias.delete", f"{model}@{alias}", model=model, actor=self.actor,
                           before={"version": before}, after=None)
+
+    # ---- deleting versions ---------------------------------------------------------------
+    def check_delete(self, model: str, version: Union[int, str], *,
+                     serving: Collection[tuple[str, int]] = ()) -> int:
+        """Raise what :meth:`delete_version` would refuse with, without deleting; returns the
+        version number. ``serving``: see :meth:`delete_version`."""
+        if isinstance(version, bool) or not str(version).isdigit():
+            raise ConfigError(f"delete takes a version number, not {version!r}; `maas models describe "
+                              f"{model} {version}` shows which version an alias names")
+        version = self.resolve(model, int(version))  # ModelNotFoundError / VersionNotFoundError
+        reasons = []
+        named_by = sorted(a for a, v in self.aliases(model).items() if v == version)
+        if named_by:
+            several = len(named_by) > 1
+            reasons.append(f"alias{'es' * several} {', '.join(named_by)} name{'s' * (not several)} it (move "
+                           f"{'them' if several else 'it'} first: `maas models alias {model} ALIAS VERSION`)")
+        if (model, version) in serving:
+            apps = serving.get((model, version)) if isinstance(serving, Mapping) else None
+            names = [apps] if isinstance(apps, str) else sorted(apps or [])
+            plural = len(names) > 1
+            reasons.append(f"serving app{'s' * plural} {', '.join(names)} serve{'s' * (not plural)} it "
+                           "(`serve status`; redeploy without it or move its alias first)"
+                           if names else "a serving app serves it")
+        if reasons:
+            raise VersionInUseError(f"cannot delete {model}:{version}: {'; and '.join(reasons)}")
+        return version
+
+    def delete_version(self, model: str, version: Union[int, str], *,
+                       serving: Collection[tuple[str, int]] = ()) -> None:
+        """Remove a version from the registry; refused while an alias names it or an app serves it.
+
+        Args:
+            version: a version number (not an alias: deleting is explicit).
+            serving: the ``(model, version)`` pairs running apps serve (``maas models delete`` reads
+                them from Serve: :mod:`maas_ray.cli.serving_apps`); a mapping from those pairs to
+                app names makes the refusal name the apps.
+
+        Raises:
+            VersionInUseError: (409) an alias names the version, or it is in ``serving``.
+            ModelNotFoundError, VersionNotFoundError: (404) no such model or version.
+
+        The manifest goes first, so the version vanishes from :meth:`list_versions` (and
+        :meth:`resolve`, :meth:`load`) at once; the rest of its directory is removed after. A
+        failure there leaves invisible files behind (logged), never a half-visible version. The
+        version's claim stays (a tombstone is written if none is left), so its number is never
+        published again: replica caches and the audit trail keep meaning one artifact per
+        number. Deleting the last version drops the model from :meth:`list_models`; its
+        ``_aliases``/``_claims`` stay. The alias check and the delete are not one transaction:
+        an alias set to this version in between would name a deleted version.
+        """
+        version = self.check_delete(model, version, serving=serving)
+        directory = self._path(model, version)
+        try:
+            before: dict[str, Any] = {"version": version, "sha256": self.describe(model, version).sha256}
+        except IntegrityError:  # a damaged version can be deleted too
+            before = {"version": version}
+        claims = self._path(model, "_claims", version)
+        if not any(i.type == pafs.FileType.File for i in self._children(claims, recursive=True)):
+            self._write(f"{claims}/deleted", b"")  # the number stays taken (a registry copied without _claims)
+        self._delete_file(f"{directory}/{MANIFEST_FILE}",  # the version is invisible from here on
+                          missing=lambda exc: VersionNotFoundError(f"{model}:{version} was deleted meanwhile"))
+        try:
+            self._fs.delete_dir(directory)
+        except FileNotFoundError:
+            pass
+        except (OSError, ArrowException) as exc:
+            logger.warning("deleted %s:%d, but could not remove the rest of %r (invisible, never read): %s",
+                           model, version, directory, exc)
+        logger.info("deleted %s:%d", model, version)
+        self.audit.append("delete", f"{model}:{version}", model=model, actor=self.actor, before=before, after=None)
 
     # ---- publishing ----------------------------------------------------------------------
     def publish(
