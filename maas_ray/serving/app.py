@@ -19,17 +19,21 @@ from maas_ray.serving.config import AppArgs, ModelConfig
 from maas_ray.serving.generation import GenerativeServer, engine_config
 from maas_ray.serving.ingress import Ingress
 from maas_ray.serving.keys import KeyStore, resolve_auth
+from maas_ray.serving.pool import ModelPool
+from maas_ray.serving.pool_router import ROUTER_PATH
 from maas_ray.serving.processors import resolve_processor
 from maas_ray.serving.replicas import ModelServer, PostprocessServer, PreprocessServer
 
 logger = logging.getLogger(__name__)
 
 INGRESS_NAME = "Ingress"
+POOL_NAME = "ModelPool"
 DEFAULTS: dict[str, dict[str, Any]] = {
     "ingress": {"max_ongoing_requests": 512, "ray_actor_options": {"num_cpus": 0.25}},
     "inference": {"max_ongoing_requests": 512, "ray_actor_options": {"num_cpus": 1}},
     "preprocess": {"max_ongoing_requests": 512, "ray_actor_options": {"num_cpus": 0.25}},
     "postprocess": {"max_ongoing_requests": 512, "ray_actor_options": {"num_cpus": 0.25}},
+    "pool": {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 1}},
 }
 
 
@@ -124,6 +128,14 @@ def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
         ingress_defaults = {**ingress_defaults, "ray_actor_options": {"num_cpus": 1}}
     ingress = serve.deployment(Ingress, name=INGRESS_NAME, user_config=args.ingress_user_config(),
                                **_queue_bound(args, args.ingress.serve_options(ingress_defaults)))
+    pool = None
+    if args.dynamic is not None:  # the registry's other models, loaded on demand (serving/pool.py)
+        options = _queue_bound(args, args.dynamic.pool.serve_options(DEFAULTS["pool"]))
+        options.setdefault("request_router_config", {"request_router_class": ROUTER_PATH})
+        pool = serve.deployment(ModelPool, name=POOL_NAME, **options).bind(
+            registry_root=args.registry_root, dynamic=args.dynamic.model_dump(mode="json"),
+            limits=args.limits.model_dump(), security=args.security.model_dump())
+        logger.info("built a model pool for registry models matching %s", args.dynamic.models)
     logger.info("built app for %s", {m: v for m, v in resolved.items()})
     refs = {m.name: {str(v.version): n for v, n in zip(m.versions, resolved[m.name])} for m in args.models}
-    return ingress.bind(args=args.model_dump(mode="json"), routes=routes, resolved=refs)
+    return ingress.bind(args=args.model_dump(mode="json"), routes=routes, resolved=refs, pool=pool)

@@ -115,3 +115,28 @@ def asgi_ingress(build_app: Callable[[Any], Any]) -> Callable[[_C], _C]:
         return serve.ingress()(cls)
 
     return decorate
+
+
+def report_multiplexed_ids(model_ids: list[str]) -> bool:
+    """Tell Serve's routers which multiplexed model IDs this replica holds, as ``@serve.multiplexed``
+    does for its own cache (``_ModelMultiplexWrapper._push_model_ids_info``): handle calls made with
+    ``.options(multiplexed_model_id=...)`` then go to a replica that reports the ID, else to the one
+    with the fewest IDs. maas-ray keeps its own cache (a byte budget, loads concurrent across models,
+    nothing in flight evicted: serving/cache.py) and reports through the same channel, so routing is
+    Serve's. Returns False outside a replica (unit tests)."""
+    from ray.serve._private.common import RequestRoutingInfo
+    from ray.serve.context import _get_global_client, _get_internal_replica_context
+
+    context = _get_internal_replica_context()
+    if context is None:
+        return False
+    _get_global_client().record_request_routing_info(
+        RequestRoutingInfo(replica_id=context.replica_id, multiplexed_model_ids=list(model_ids)))
+    return True
+
+
+def multiplexed_model_id() -> str:
+    """The multiplexed model ID of the request being served ('' when none was given)."""
+    from ray import serve
+
+    return serve.get_multiplexed_model_id()

@@ -326,13 +326,105 @@ class ArtifactSecurity(BaseModel):
         return v
 
 
+class HotModels(BaseModel):
+    """When a dynamic version gets more replicas than one (its measured rate x replica time per request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_utilization: float = Field(
+        default=0.7, gt=0, le=1,
+        description="Share of one replica's time a version may use before it is held by one more replica: a "
+        "version needs ceil(rate x busy seconds per request / target_utilization) replicas.",
+    )
+    max_replicas_per_model: Optional[int] = Field(
+        default=None, ge=1, description="Most replicas one version is spread over (default: the pool's replicas).")
+    window_s: float = Field(default=10.0, gt=0, description="The window a version's request rate is measured over.")
+
+
+class DynamicModels(BaseModel):
+    """Serve every registry model matching ``models`` (and published later) from one pool of replicas:
+    a version loads into a replica on its first request and the least recently used idle version is
+    evicted when the replica's memory budget is full (docs/many-models.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(
+        default_factory=lambda: ["*"], min_length=1,
+        description="Registry model names to serve, as shell patterns (fnmatch): ['*'] = every model of the "
+        "registry, ['fraud-*', 'churn']. A model the app lists in `models` is served as configured there.",
+    )
+    exclude: list[str] = Field(default_factory=list, description="Patterns of model names not to serve.")
+    version: str = Field(
+        default="production",
+        description="The alias an unpinned request reaches; a model without that alias: its latest version. "
+        "Requests may pin any version (/versions/{v}/, gRPC model_version) and user_config.traffic may split "
+        "a dynamic model's traffic like a configured one's.",
+    )
+    memory_budget_bytes: int = Field(
+        default=2 << 30, ge=1 << 20,
+        description="Per pool replica: bytes its loaded versions may hold (measured when each loads: the "
+        "session, its buffers and the processors' files); beyond it the least recently used idle version is "
+        "evicted. A version with requests in flight is never evicted.",
+    )
+    max_models_per_replica: Optional[int] = Field(
+        default=None, ge=1, description="A second bound: most versions one pool replica holds (null: bytes only).")
+    load_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="A request for a version that is not loaded waits this long for its load, then 503 with "
+        "Retry-After (the load goes on and serves the next request).",
+    )
+    max_concurrent_loads: int = Field(default=2, ge=1, description="Loads one pool replica runs at once.")
+    failure_ttl_s: float = Field(
+        default=10.0, ge=0,
+        description="A version that failed to load answers 503 with the reason for this long before a request "
+        "tries to load it again.",
+    )
+    refresh_interval_s: float = Field(
+        default=5.0, gt=0, description="How often the ingress re-reads the registry's model list and aliases.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Per version, as for models[].")
+    hot: HotModels = Field(default_factory=HotModels, description="Hot versions on more replicas.")
+    pool: DeploymentOptions = Field(
+        default_factory=DeploymentOptions,
+        description="The pool deployment's Serve options (num_replicas or autoscaling_config on its total load, "
+        "max_ongoing_requests, ray_actor_options).",
+    )
+    max_items: Optional[int] = Field(default=None, ge=1, description="Per-request item limit (default: limits).")
+    max_text_chars: Optional[int] = Field(
+        default=None, ge=1, description="Per-request string characters limit (default: limits).")
+
+    @field_validator("models", "exclude")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if not isinstance(pattern, str) or not pattern or len(pattern) > 128 or "/" in pattern:
+                raise ValueError(f"model name pattern {pattern!r}: expected 1-128 characters without '/'")
+        return v
+
+    def version_config(self, name: str, version: int) -> "ModelConfig":
+        """The per-version config a pool replica and the ingress use for a dynamic version: the
+        manifest's processors, this section's batching, limits and pool options."""
+        return ModelConfig(name=name, versions=[VersionConfig(version=version)], placement="fused",
+                           batching=self.batching, inference=self.pool, max_items=self.max_items,
+                           max_text_chars=self.max_text_chars)
+
+    def matches(self, name: str) -> bool:
+        import fnmatch
+
+        return (any(fnmatch.fnmatchcase(name, p) for p in self.models)
+                and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude))
+
+
 class AppArgs(BaseModel):
     """Arguments of :func:`maas_ray.serving.build_app`."""
 
     model_config = ConfigDict(extra="forbid")
 
     registry_root: Optional[str] = Field(default=None, description="Default: $MAAS_REGISTRY_ROOT.")
-    models: list[ModelConfig] = Field(min_length=1, description="Models served by this app.")
+    models: list[ModelConfig] = Field(
+        default_factory=list, description="Models served by this app, each with its versions, placement and scaling.")
+    dynamic: Optional[DynamicModels] = Field(
+        default=None, description="Serve the registry's other models from a pool of replicas that load them on "
+        "demand (many models on few replicas; docs/many-models.md).")
     ingress: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Ingress deployment options.")
     request_key_header: str = Field(default="x-request-key", description="Header that makes the split sticky.")
     limits: Limits = Field(default_factory=Limits, description="Request size, time and rate limits.")
@@ -347,6 +439,8 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _unique_models(self) -> "AppArgs":
+        if not self.models and self.dynamic is None:
+            raise ValueError("an app serves `models`, `dynamic`, or both: neither is set")
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"models listed twice: {names}")

@@ -92,7 +92,11 @@ class InferenceService(Protocol):
 
     async def server_ready(self) -> bool: ...
 
-    def index(self) -> list[dict[str, Any]]: ...
+    async def index(self, ready: bool = False) -> list[dict[str, Any]]: ...
+
+    async def load(self, model: str) -> int: ...
+
+    async def unload(self, model: str) -> list[int]: ...
 
 
 class IngressCore:
@@ -103,7 +107,9 @@ class IngressCore:
         args: AppArgs,
         routes: Mapping[str, Mapping[Any, dict[str, Any]]],
         resolved: Mapping[str, dict[str, int]],
+        pool: Any = None,
     ) -> None:
+        """``pool``: the model pool's handle, when ``args.dynamic`` serves the registry's other models."""
         self.args = args
         self.limits = args.limits
         self.metrics = ServingMetrics(app=app_name(), models=[m.name for m in args.models])
@@ -111,7 +117,7 @@ class IngressCore:
         self.admission = Admission(args)
         self.tokens: Optional[TokenLimiter] = TokenLimiter.from_limits(self.limits)
         self.deadlines = RequestDeadlines(self.limits.request_timeout_s)
-        self.versions = VersionTable(args, routes, resolved, self.metrics)
+        self.versions = VersionTable(args, routes, resolved, self.metrics, pool=pool)
         self.shadow = ShadowMirror(self._shadow_call, self.metrics)
         self.batching: dict[str, Any] = {}  # model -> the user_config batching entry last applied
         self.key_header = args.request_key_header.lower()
@@ -119,6 +125,10 @@ class IngressCore:
         # model -> (max items, max text characters, items per chunk): a request's work bound
         self.work = {m.name: (m.max_items or self.limits.max_items, m.max_text_chars or self.limits.max_text_chars,
                               m.batching.max_batch_size) for m in args.models}
+        dyn = args.dynamic
+        self.dynamic_work = None if dyn is None else (
+            dyn.max_items or self.limits.max_items, dyn.max_text_chars or self.limits.max_text_chars,
+            dyn.batching.max_batch_size)
         self.payload_logs = {
             m.name: PayloadLogger(m.name, m.payload_log, app=app_name(),
                                   on_drop=functools.partial(self.metrics.payload_log_dropped, m.name))
@@ -139,7 +149,8 @@ class IngressCore:
         loop = asyncio.get_running_loop()
         self._background = [loop.create_task(self.versions.poll_remote_versions()),
                             loop.create_task(self.versions.follow_aliases()),
-                            loop.create_task(self.deadlines.watch_forever())]
+                            loop.create_task(self.deadlines.watch_forever()),
+                            loop.create_task(self.versions.refresh_dynamic_forever())]
         if self.admission.keys is not None:
             self._background.append(loop.create_task(self.admission.keys.refresh_forever()))
 
@@ -175,6 +186,8 @@ class IngressCore:
             if given is not None and not isinstance(given, Mapping):
                 raise ConfigError(f"user_config.{section}: expected {{model: ...}}, got {given!r}")
             sections[section] = given or {}
+        for model in {*sections["traffic"], *sections["shadow"]}:  # a dynamic model may be named before its first request
+            self.versions.ensure_sync(model)
         traffic = {**built["traffic"], **sections["traffic"]}
         parsed_traffic = {model: self.versions.check_traffic(model, w) for model, w in traffic.items()}
         batching = {model: {**built["batching"].get(model, {}), **(entry or {})}
@@ -188,8 +201,8 @@ class IngressCore:
         shadow = built["shadow"] if user_config.get("shadow") is None else sections["shadow"]
         targets = {}
         for model, target in shadow.items():
-            slots = self.versions.of(model)
-            parsed_target = parse_shadow(model, target, lambda ref, m=model: self.versions.resolve(m, ref), set(slots))
+            parsed_target = parse_shadow(model, target, lambda ref, m=model: self.versions.resolve(m, ref),
+                                         self.versions.servable(model))
             if parsed_target is not None:
                 targets[model] = parsed_target
 
@@ -233,10 +246,14 @@ class IngressCore:
     async def pick(self, model: str, version: Optional[str], key: Optional[str]) -> VersionSlot:
         """The ready version this request goes to (404 unknown model/version, 503 not ready)."""
         self.ensure_background()
+        if self.versions.dynamic is not None:
+            await self.versions.ensure(model, version)
         if self.versions.loading.get(model):
             await self.versions.refresh_loading(model)
         slot = self.versions.pick(model, version, key)
         if slot.state != "ready":
+            if slot.dynamic:  # loads it in a pool replica (or fails with the reason)
+                await self.versions.warm(model, slot)
             slot.require_ready(model)
         return slot
 
@@ -250,7 +267,7 @@ class IngressCore:
         ``decode`` stage. The request's work is checked against the model's limits first (413);
         a request of more items than one batch runs a batch at a time, so that its deadline
         stops it between batches. ``request_id`` and ``protocol`` go to the payload log only."""
-        max_items, max_chars, chunk = self.work[model]
+        max_items, max_chars, chunk = self.work.get(model) or self.dynamic_work
         items = check_work(model, tensors, max_items, max_chars)
         plog = self.payload_logs.get(model)
         try:
@@ -367,7 +384,9 @@ class IngressCore:
         return out
 
     async def _shadow_call(self, model: str, version: int, tensors: Tensors, strict: bool) -> Tensors:
-        slot = self.versions.slots[model][version]
+        slot = self.versions.slot(model, version)
+        if slot.dynamic and slot.state != "ready":
+            await self.versions.warm(model, slot)
         slot.require_ready(model)
         outputs, _ = await slot.route.infer(tensors, strict)
         return outputs
@@ -378,14 +397,20 @@ class IngressCore:
         return {"name": "maas-ray", "version": __version__, "extensions": list(EXTENSIONS)}
 
     async def metadata(self, model: str, version: Optional[str]) -> dict[str, Any]:
+        if self.versions.dynamic is not None:
+            await self.versions.ensure(model, version)
         slots = self.versions.of(model)
         await self.versions.refresh_loading(model)
-        slot = slots[self.versions.likely_version(model)] if version is None else self.versions.pick(model, version,
-                                                                                                     None)
+        if version is None:
+            slot = self.versions.slot(model, self.versions.likely_version(model))
+        else:
+            slot = self.versions.pick(model, version, None)
+        if slot.dynamic and slot.state != "ready":  # the schema comes from the loaded version
+            await self.versions.warm(model, slot)
         manifest = slot.manifest
         return {
             "name": model,
-            "versions": [str(v) for v in sorted(slots)],
+            "versions": [str(v) for v in sorted(self.versions.servable(model))],
             "platform": "onnxruntime_onnx",
             "inputs": slot.describe.get("inputs", []),
             "outputs": slot.describe.get("outputs", []),
@@ -403,6 +428,8 @@ class IngressCore:
     async def model_ready(self, model: str, version: Optional[str]) -> dict[str, Any]:
         """{"name", "ready", ...}; ready means: answers unpinned requests (or this version's)."""
         self.ensure_background()
+        if self.versions.dynamic is not None:
+            await self.versions.ensure(model, version)
         await self.versions.refresh_loading(model)
         if version is None:
             self.versions.of(model)
@@ -415,9 +442,27 @@ class IngressCore:
 
     async def server_ready(self) -> bool:
         self.ensure_background()
-        for model in self.versions.slots:
+        for model in list(self.versions.slots):
             await self.versions.refresh_loading(model)
-        return all(router is not None for router in self.versions.routers.values())
+        return all(router is not None for model, router in self.versions.routers.items()
+                   if model not in self.versions.known)
 
-    def index(self) -> list[dict[str, Any]]:
-        return self.versions.index()
+    # ---- Triton's model repository extension ------------------------------------------
+    async def index(self, ready: bool = False) -> list[dict[str, Any]]:
+        """Every model version this app serves or can load, with its state (READY, LOADING,
+        UNAVAILABLE) and reason; ``ready``: only the READY ones."""
+        self.ensure_background()
+        if self.versions.dynamic is not None and not self.versions.registry_models:
+            await self.versions.refresh_dynamic()
+        rows = self.versions.index()
+        return [r for r in rows if r["state"] == "READY"] if ready else rows
+
+    async def load(self, model: str) -> int:
+        """Load a dynamic model's unpinned version into the pool (waits for it); its number."""
+        self.ensure_background()
+        return await self.versions.load(model)
+
+    async def unload(self, model: str) -> list[int]:
+        """Unload a dynamic model's versions from the pool; requests for it get 503 until a load."""
+        self.ensure_background()
+        return await self.versions.unload(model)

@@ -218,6 +218,7 @@ class GrpcService:
         answer: Callable[[Any], Any],
         call: Optional[Callable[[dict[str, str]], Awaitable[Any]]] = None,
         failed: Optional[Callable[[int, str], None]] = None,
+        admin: bool = False,
     ) -> Any:
         """One RPC: admission, ``call(request metadata)``, then ``answer(its result)``.
 
@@ -226,7 +227,7 @@ class GrpcService:
         ``answer`` runs outside the try: only admission and the call map to a status.
         """
         try:
-            meta = self._grpc_admit(grpc_context, model)
+            meta = self._grpc_admit(grpc_context, model, admin)
             result = None if call is None else await call(meta)
         except Exception as exc:
             status, error = self._grpc_fail(grpc_context, exc)
@@ -281,6 +282,31 @@ class GrpcService:
             grpc_context, request.name, pb.ModelMetadataResponse, answer,
             lambda _: self.core.metadata(request.name, request.version or None),
         )
+
+    # ---- Triton's model repository extension (admin scope) ---------------------------
+    @_parsed("RepositoryIndexResponse")
+    async def RepositoryIndex(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        pb = _pb()
+
+        def answer(rows: list[dict[str, Any]]) -> Any:
+            return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
+
+        return await self._grpc_answer(grpc_context, None, pb.RepositoryIndexResponse, answer,
+                                       lambda _: self.core.index(request.ready), admin=True)
+
+    @_parsed("RepositoryModelLoadResponse")
+    async def RepositoryModelLoad(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        pb = _pb()
+        return await self._grpc_answer(grpc_context, request.model_name, pb.RepositoryModelLoadResponse,
+                                       lambda _: pb.RepositoryModelLoadResponse(),
+                                       lambda _: self.core.load(request.model_name), admin=True)
+
+    @_parsed("RepositoryModelUnloadResponse")
+    async def RepositoryModelUnload(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        pb = _pb()
+        return await self._grpc_answer(grpc_context, request.model_name, pb.RepositoryModelUnloadResponse,
+                                       lambda _: pb.RepositoryModelUnloadResponse(),
+                                       lambda _: self.core.unload(request.model_name), admin=True)
 
     # ---- inference --------------------------------------------------------------------
     @_parsed("ModelInferResponse", counted=True)

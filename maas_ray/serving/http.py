@@ -40,7 +40,7 @@ from maas_ray.errors import (
 )
 from maas_ray.registry.manifest import OIP_TO_NUMPY
 from maas_ray.serving.codecs import v1, v2
-from maas_ray.serving.codecs.common import BINARY_HEADER, dumps
+from maas_ray.serving.codecs.common import BINARY_HEADER, dumps, parse_json
 from maas_ray.serving.core import InferenceService
 from maas_ray.serving.http_generate import GenerativeRoutes
 from maas_ray.serving.keys import extract_key
@@ -178,10 +178,39 @@ def build_api(ingress: InferenceService) -> FastAPI:
         body = await ingress.model_ready(model, version)
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
+    async def _body(request: Request) -> dict:
+        """A repository request's optional JSON object body (Triton's clients send one or none)."""
+        raw = await request.body()
+        if not raw.strip():
+            return {}
+        body = parse_json(raw)  # 400 for malformed or too deeply nested JSON
+        if not isinstance(body, dict):
+            raise InvalidInputError(f"request body: expected a JSON object, got {type(body).__name__}")
+        return body
+
     @api.post("/v2/repository/index", responses=_ERRORS)
     async def repository_index(request: Request) -> list:
+        """Triton's repository index: every model version this app serves or can load, with its state
+        (READY, LOADING, UNAVAILABLE) and reason; body ``{"ready": true}``: only the READY ones."""
         admit(request, admin=True)
-        return ingress.index()
+        ready = (await _body(request)).get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidInputError(f"ready: expected true or false, got {ready!r}")
+        return await ingress.index(ready)
+
+    @api.post("/v2/repository/models/{model}/load", responses=_ERRORS)
+    async def repository_load(model: str, request: Request) -> dict:
+        """Load a dynamic model's unpinned version into the model pool (returns when it is READY)."""
+        admit(request, model, admin=True)
+        await _body(request)
+        return {"name": model, "version": str(await ingress.load(model))}
+
+    @api.post("/v2/repository/models/{model}/unload", responses=_ERRORS)
+    async def repository_unload(model: str, request: Request) -> dict:
+        """Unload a dynamic model from the model pool; its requests get 503 until it is loaded again."""
+        admit(request, model, admin=True)
+        await _body(request)
+        return {"name": model, "unloaded": [str(v) for v in await ingress.unload(model)]}
 
     # Documentation only: HttpApp serves these on the lean path (see the module docstring).
     @api.post("/v2/models/{model}/infer", responses=_ERRORS, include_in_schema=True)

@@ -34,11 +34,13 @@ class Ingress:
         args: dict[str, Any],
         routes: dict[str, dict[int, dict[str, Any]]],
         resolved: dict[str, dict[str, int]],
+        pool: Any = None,
     ) -> None:
         """``routes``: per model, version -> handles of its deployments; ``resolved``: per model,
-        each configured version reference -> the number the builder resolved it to."""
+        each configured version reference -> the number the builder resolved it to; ``pool``: the
+        model pool's handle (``dynamic`` apps)."""
         use_serve_logging()
-        self.core = IngressCore(AppArgs.model_validate(args), routes, resolved)
+        self.core = IngressCore(AppArgs.model_validate(args), routes, resolved, pool=pool)
         self.grpc = GrpcService(self.core)
         freeze_startup_objects()
 
@@ -91,3 +93,12 @@ class Ingress:
 
     async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         return await self.grpc.ModelInfer(request, grpc_context)
+
+    async def RepositoryIndex(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self.grpc.RepositoryIndex(request, grpc_context)
+
+    async def RepositoryModelLoad(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self.grpc.RepositoryModelLoad(request, grpc_context)
+
+    async def RepositoryModelUnload(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self.grpc.RepositoryModelUnload(request, grpc_context)

@@ -27,6 +27,10 @@ PAYLOAD_LOG_DROPPED = "maas_payload_log_dropped"
 PROMPT_TOKENS = "maas_prompt_tokens"
 COMPLETION_TOKENS = "maas_completion_tokens"
 GENERATIONS = "maas_generations"
+# Dynamic models (serving/pool.py): loads by outcome, evictions by reason, cache lookups by result
+CACHE_LOADS = "maas_cache_loads"
+CACHE_EVICTIONS = "maas_cache_evictions"
+CACHE_LOOKUPS = "maas_cache_lookups"
 # Gauges
 IN_FLIGHT = "maas_requests_in_flight"
 VERSION_STATE = "maas_version_state"
@@ -34,6 +38,10 @@ VERSION_STATE = "maas_version_state"
 ENGINE_RUNNING = "maas_engine_running_sequences"
 ENGINE_WAITING = "maas_engine_waiting_sequences"
 ENGINE_KV_USAGE = "maas_engine_kv_cache_usage"
+# A pool replica's version cache: versions and bytes held, and its byte budget
+CACHE_VERSIONS = "maas_cache_versions_loaded"
+CACHE_BYTES = "maas_cache_bytes_held"
+CACHE_BUDGET = "maas_cache_budget_bytes"
 # Native Ray histograms (what the rollout controller divides)
 REQUEST_LATENCY = "maas_request_latency_seconds"
 SHADOW_AGREEMENT = "maas_shadow_agreement"
@@ -43,11 +51,17 @@ BATCH_SIZE = "maas_batch_size"
 SHADOW_DIFF = "maas_shadow_max_abs_diff"
 TIME_TO_FIRST_TOKEN = "maas_time_to_first_token_seconds"
 INTER_TOKEN_LATENCY = "maas_inter_token_latency_seconds"
+# Native Ray histograms of a pool replica: how long a load took; a request's time in the pool,
+# cold (it waited for its version's load) apart from warm
+CACHE_LOAD_LATENCY = "maas_cache_load_seconds"
+CACHE_REQUEST_LATENCY = "maas_cache_request_seconds"
 
-COUNTERS = (REQUESTS, ERRORS, SHADOW_DROPPED, PAYLOAD_LOG_DROPPED, PROMPT_TOKENS, COMPLETION_TOKENS, GENERATIONS)
-GAUGES = (IN_FLIGHT, VERSION_STATE, ENGINE_RUNNING, ENGINE_WAITING, ENGINE_KV_USAGE)
+COUNTERS = (REQUESTS, ERRORS, SHADOW_DROPPED, PAYLOAD_LOG_DROPPED, PROMPT_TOKENS, COMPLETION_TOKENS, GENERATIONS,
+            CACHE_LOADS, CACHE_EVICTIONS, CACHE_LOOKUPS)
+GAUGES = (IN_FLIGHT, VERSION_STATE, ENGINE_RUNNING, ENGINE_WAITING, ENGINE_KV_USAGE, CACHE_VERSIONS, CACHE_BYTES,
+          CACHE_BUDGET)
 HISTOGRAMS = (REQUEST_LATENCY, SHADOW_AGREEMENT, STAGE_LATENCY, BATCH_SIZE, SHADOW_DIFF, TIME_TO_FIRST_TOKEN,
-              INTER_TOKEN_LATENCY)
+              INTER_TOKEN_LATENCY, CACHE_LOAD_LATENCY, CACHE_REQUEST_LATENCY)
 
 # Suffixes: a histogram's three series; what Ray's agent appends to a counter.
 BUCKET, SUM, COUNT = "_bucket", "_sum", "_count"
@@ -67,6 +81,11 @@ LABEL_STAGE = "stage"
 LABEL_STATE = "state"
 LABEL_LE = "le"  # a histogram bucket's upper bound (Prometheus)
 LABEL_FINISH_REASON = "finish_reason"  # stop | length | cancelled | error
+LABEL_REPLICA = "replica"  # a pool replica's Serve replica id
+LABEL_OUTCOME = "outcome"  # a load: ok | failed
+LABEL_REASON = "reason"  # an eviction: lru | budget | unload
+LABEL_RESULT = "result"  # a cache lookup: hit | miss
+LABEL_CACHE = "cache"  # a pool request: warm | cold
 
 
 def exported(name: str, suffix: str = "") -> str:
@@ -117,6 +136,16 @@ RAY_INTER_TOKEN_LATENCY = exported(INTER_TOKEN_LATENCY)
 RAY_INTER_TOKEN_LATENCY_BUCKET = exported(INTER_TOKEN_LATENCY, BUCKET)
 RAY_INTER_TOKEN_LATENCY_SUM = exported(INTER_TOKEN_LATENCY, SUM)
 RAY_INTER_TOKEN_LATENCY_COUNT = exported(INTER_TOKEN_LATENCY, COUNT)
+RAY_CACHE_LOADS_TOTAL = exported(CACHE_LOADS, TOTAL)
+RAY_CACHE_EVICTIONS_TOTAL = exported(CACHE_EVICTIONS, TOTAL)
+RAY_CACHE_LOOKUPS_TOTAL = exported(CACHE_LOOKUPS, TOTAL)
+RAY_CACHE_VERSIONS = exported(CACHE_VERSIONS)
+RAY_CACHE_BYTES = exported(CACHE_BYTES)
+RAY_CACHE_BUDGET = exported(CACHE_BUDGET)
+RAY_CACHE_LOAD_LATENCY = exported(CACHE_LOAD_LATENCY)
+RAY_CACHE_LOAD_LATENCY_BUCKET = exported(CACHE_LOAD_LATENCY, BUCKET)
+RAY_CACHE_REQUEST_LATENCY = exported(CACHE_REQUEST_LATENCY)
+RAY_CACHE_REQUEST_LATENCY_BUCKET = exported(CACHE_REQUEST_LATENCY, BUCKET)
 
 # Every series the serving metrics export, as scraped.
 EXPORTED_NAMES = frozenset(

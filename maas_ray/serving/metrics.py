@@ -299,7 +299,7 @@ class ServingMetrics:
         if flush_interval_s <= 0:
             raise ValueError(f"flush_interval_s must be > 0, got {flush_interval_s!r}")
         self.app = app
-        self._models = None if models is None else frozenset(models)
+        self._models = None if models is None else set(models)
         self.flush_interval_s = flush_interval_s
         self._module = metrics_module
         self._ray: Optional[_RayMetrics] = None
@@ -446,6 +446,11 @@ class ServingMetrics:
         """``n`` payload log events of ``model`` dropped (called from the logger's thread too)."""
         with self._lock:
             self._payload_dropped[model] = self._payload_dropped.get(model, 0) + n
+
+    def add_model(self, model: str) -> None:
+        """Label ``model``'s requests by its name from now on (a dynamic model found in the registry)."""
+        if self._models is not None:
+            self._models.add(model)
 
     def version_state(self, model: str, version: int, state: str) -> None:
         if state not in VERSION_STATES:

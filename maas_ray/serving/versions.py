@@ -16,13 +16,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Mapping, Optional
 
-from maas_ray.errors import ModelNotFoundError, ModelNotReadyError, VersionNotFoundError
+from maas_ray.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError, VersionNotFoundError
 from maas_ray.registry import Manifest, Registry
 from maas_ray.serving.coalesce import Coalescer
 from maas_ray.serving.codecs.common import parse_version_ref
-from maas_ray.serving.config import AppArgs, ModelConfig
+from maas_ray.serving.cache import replicas_wanted
+from maas_ray.serving.config import AppArgs, DynamicModels, ModelConfig
 from maas_ray.serving.generation import GenerativePipeline
 from maas_ray.serving.metrics import ServingMetrics
+from maas_ray.serving.pool import routing_id
 from maas_ray.serving.replicas import LocalPipeline
 from maas_ray.serving.runner import rows
 from maas_ray.serving.traffic import TrafficRouter, parse_weights, weights_by_version
@@ -174,6 +176,81 @@ class GenerativeRoute:
         return await self.handles["infer"].stats.remote()
 
 
+class PoolRoute(Route):
+    """How the ingress reaches a dynamic version: coalesced handle calls to the model pool
+    (:mod:`maas_ray.serving.pool`) carrying the version's multiplexed model ID, so Serve routes
+    them to a replica that holds it (or makes one load it).
+
+    A hot version is spread over more replicas: it needs ``replicas_wanted(rate, busy)`` of them
+    (its request rate here x the pool time per request, over the target utilization), and its
+    calls rotate over that many routing IDs (``model:version``, ``model:version#1``, ...). An ID
+    no replica holds goes to the replica with the fewest versions, which loads it; when the
+    version cools, the extra IDs get no calls and their copies age out of the replicas' LRU.
+    """
+
+    def __init__(self, pool: Any, model: str, version: int, cfg: ModelConfig, dynamic: DynamicModels,
+                 max_queued: Optional[int], callers: int, pool_replicas: int) -> None:
+        super().__init__(handles={}, model=cfg, max_queued=max_queued, callers=callers)
+        self.pool, self.model, self.version = pool, model, version
+        self.hot = dynamic.hot
+        self.max_shards = max(1, dynamic.hot.max_replicas_per_model or pool_replicas)
+        self.shards = 1  # replicas this version is spread over now
+        self.used: set[int] = {0}  # shard IDs that got calls (an unload goes to each)
+        self._arrivals: list[float] = []  # request times in the rate window (pruned per decision)
+        self._busy_s = 0.0  # pool seconds per request (EWMA of a call's time / its requests)
+        self._decided = 0.0
+        self._next = 0
+
+    def _handle(self, shard: int) -> Any:
+        name = f"infer#{shard}"
+        if name not in self.handles:
+            self.handles[name] = self.pool.options(multiplexed_model_id=routing_id(self.model, self.version, shard))
+        return name
+
+    def _shard(self, now: float) -> int:
+        if now - self._decided >= 1.0:  # re-decide at most once a second
+            window = self.hot.window_s
+            self._arrivals = [t for t in self._arrivals if now - t <= window]
+            rate = len(self._arrivals) / window
+            wanted = replicas_wanted(rate, self._busy_s, target_utilization=self.hot.target_utilization,
+                                     max_replicas=self.max_shards)
+            if wanted != self.shards:
+                logger.info("%s:%d: %.1f requests/s x %.1f ms each -> on %d replica(s)", self.model, self.version,
+                            rate, self._busy_s * 1e3, wanted)
+            self.shards, self._decided = wanted, now
+        self._next = (self._next + 1) % self.shards
+        return self._next
+
+    async def _call(self, items: list[tuple[Tensors, bool]]) -> list:
+        start = time.perf_counter()
+        self._arrivals.extend([start] * len(items))
+        shard = self._shard(start)
+        self.used.add(shard)
+        out = await self._method(self._handle(shard), "infer_many").remote(items)
+        per_request = (time.perf_counter() - start) / max(1, len(items))
+        self._busy_s = per_request if self._busy_s == 0 else 0.8 * self._busy_s + 0.2 * per_request
+        return out
+
+    async def describe(self) -> dict[str, Any]:
+        return await self._method(self._handle(0), "describe").remote()
+
+    async def unload(self) -> None:
+        """Ask the replicas holding this version's routing IDs to unload it."""
+        for shard in sorted(self.used):
+            await self._method(self._handle(shard), "unload").remote()
+        self.used = {0}
+
+
+def _max_replicas(dynamic: DynamicModels) -> int:
+    """The most replicas the pool may run (its fixed count, or autoscaling's ceiling)."""
+    opts = dynamic.pool
+    if isinstance(opts.num_replicas, int):
+        return max(1, opts.num_replicas)
+    if opts.autoscaling_config:
+        return max(1, int(opts.autoscaling_config.get("max_replicas", 1)))
+    return 1
+
+
 @dataclass
 class VersionSlot:
     """One configured version of a model, as this ingress replica sees it."""
@@ -185,6 +262,9 @@ class VersionSlot:
     reason: Optional[str] = None
     schema: Optional[RequestSchema] = None
     describe: dict[str, Any] = field(default_factory=dict)
+    dynamic: bool = False  # loaded on demand in the model pool (PoolRoute)
+    since: float = 0.0  # when the state last changed (a dynamic version's failure is retried after a while)
+    warming: Optional[asyncio.Task] = None  # a dynamic version's first describe (its load), shared
 
     @property
     def generative(self) -> bool:
@@ -205,11 +285,20 @@ class VersionTable:
         routes: Mapping[str, Mapping[Any, dict[str, Any]]],
         resolved: Mapping[str, dict[str, int]],
         metrics: ServingMetrics,
+        pool: Any = None,
     ) -> None:
         """``routes``: per model, version -> the handles of its deployments ({} for ``ingress``
         placement); ``resolved``: per model, each configured version reference -> the number
-        the builder resolved it to (reused so the routes and the router never disagree)."""
+        the builder resolved it to (reused so the routes and the router never disagree);
+        ``pool``: the model pool's handle when ``args.dynamic`` is set."""
         self.args, self.limits, self.metrics = args, args.limits, metrics
+        self.dynamic: Optional[DynamicModels] = args.dynamic
+        self.pool = pool
+        self.known: dict[str, list[int]] = {}  # dynamic model -> its published versions, as last read
+        self.unloaded: set[tuple[str, int]] = set()  # dynamic versions unloaded through the repository API
+        self._absent: dict[str, float] = {}  # names not in the registry -> when that was checked
+        self._dynamic_read = 0.0  # when the registry's model list was last read
+        self.registry_models: dict[str, list[int]] = {}  # every dynamic model of the registry -> versions
         self.registry = Registry(args.registry_root)
         self.aliases: dict[str, dict[str, int]] = {}
         self.slots: dict[str, dict[int, VersionSlot]] = {}
@@ -249,6 +338,231 @@ class VersionTable:
         self._settle(m.name, slot, pipeline.describe())
         return GenerativeRoute(local=pipeline)
 
+    # ---- dynamic models ---------------------------------------------------------------
+    def is_dynamic(self, model: str) -> bool:
+        """Whether ``model`` is (or would be) served by the pool: not configured, and matched."""
+        return model not in self.models and self.dynamic is not None and self.dynamic.matches(model)
+
+    def _read_model(self, model: str) -> tuple[list[int], dict[str, int]]:
+        versions = self.registry.list_versions(model, must_exist=False)
+        return versions, (self.registry.aliases(model) if versions else {})
+
+    async def ensure(self, model: str, version: Optional[str] = None) -> None:
+        """Make a dynamic model known (read its versions and aliases from the registry, off the
+        loop); with a pinned ``version`` it does not know yet, re-read them (published since).
+        Names not in the registry are remembered for a few seconds, so a stream of requests for
+        made-up names costs one registry listing per name and interval."""
+        if not self.is_dynamic(model):
+            return
+        known = model in self.slots
+        if known and (version is None or self.resolve(model, version) in self.known[model]):
+            return
+        now = time.monotonic()
+        if self._absent.get(model, -1e9) > now - self.dynamic.refresh_interval_s:
+            return
+        try:
+            versions, aliases = await asyncio.to_thread(self._read_model, model)
+        except Exception as exc:  # a name the registry refuses, or the registry unreachable
+            logger.debug("reading %s from the registry: %r", model, exc)
+            versions, aliases = [], {}
+        if not versions:
+            if len(self._absent) > 4096:
+                self._absent.clear()
+            self._absent[model] = now
+            return
+        self._absent.pop(model, None)
+        self._update_dynamic(model, versions, aliases)
+
+    def ensure_sync(self, model: str) -> None:
+        """:meth:`ensure` for the control path (``reconfigure``, which Serve calls synchronously)."""
+        if self.is_dynamic(model) and model not in self.slots:
+            versions, aliases = self._read_model(model)
+            if versions:
+                self._update_dynamic(model, versions, aliases)
+
+    def _update_dynamic(self, model: str, versions: list[int], aliases: dict[str, int]) -> None:
+        """(Re)state a dynamic model's versions and aliases; its traffic follows them."""
+        assert self.dynamic is not None
+        new = model not in self.slots
+        self.known[model] = list(versions)
+        self.aliases[model] = {**aliases, "latest": versions[-1]}
+        if new:
+            self.slots[model] = {}
+            self.metrics.add_model(model)
+            default = self.dynamic.version if self.dynamic.version in aliases else "latest"
+            self.refs[model] = {default: 1.0}
+            logger.info("serving %s from the model pool (versions %s, unpinned requests: %s)", model, versions,
+                        default)
+        for gone in [v for v in self.slots[model] if v not in versions]:  # deleted from the registry
+            del self.slots[model][gone]
+        refs = {r: w for r, w in self.refs[model].items() if self.resolve(model, r) in versions}
+        self.set_traffic(model, refs or {"latest": 1.0})
+
+    def servable(self, model: str) -> set[int]:
+        """The version numbers requests and traffic may name: the deployed ones, or for a dynamic
+        model every published version."""
+        self.of(model)
+        return set(self.known[model]) if model in self.known else set(self.slots[model])
+
+    def slot(self, model: str, number: int) -> VersionSlot:
+        """A version's slot; a dynamic version's is made on first use (its load has not started)."""
+        slots = self.of(model)
+        slot = slots.get(number)
+        if slot is None:
+            if model not in self.known or number not in self.known[model]:
+                raise VersionNotFoundError(
+                    f"model {model!r} has no served version {number}; served: {sorted(self.servable(model))}")
+            assert self.dynamic is not None
+            cfg = self.dynamic.version_config(model, number)
+            bound = self.dynamic.pool.max_queued_requests or self.limits.max_queued_requests
+            route = PoolRoute(self.pool, model, number, cfg, self.dynamic, bound, self.args.ingress.min_replicas(),
+                              pool_replicas=_max_replicas(self.dynamic))
+            slot = slots[number] = VersionSlot(number, manifest=None, route=route, dynamic=True,
+                                               since=time.monotonic())
+        return slot
+
+    async def warm(self, model: str, slot: VersionSlot) -> None:
+        """Bring a dynamic version's slot to ready: read its manifest and ask the pool for its
+        describe() (which loads it in a replica). Concurrent callers share one attempt; each waits
+        at most the load timeout (then 503 with Retry-After, while the load goes on)."""
+        assert self.dynamic is not None
+        if (model, slot.number) in self.unloaded:
+            raise ModelNotReadyError(f"model {model!r} version {slot.number} is unloaded: load it with POST "
+                                     f"/v2/repository/models/{model}/load", 5.0)
+        if slot.state == "failed" and time.monotonic() - slot.since < self.dynamic.failure_ttl_s:
+            return
+        if slot.state == "ready":
+            return
+        if slot.warming is None or slot.warming.done():
+            slot.state, slot.since = "loading", time.monotonic()
+            slot.warming = asyncio.get_running_loop().create_task(self._warm(model, slot))
+        try:
+            await asyncio.wait_for(asyncio.shield(slot.warming), self.dynamic.load_timeout_s)
+        except asyncio.TimeoutError:
+            raise ModelNotReadyError(f"model {model!r} version {slot.number} is still loading after "
+                                     f"{self.dynamic.load_timeout_s:g}s; retry", 5.0) from None
+
+    async def _warm(self, model: str, slot: VersionSlot) -> None:
+        try:
+            if slot.manifest is None:
+                slot.manifest = await asyncio.to_thread(self.registry.describe, model, slot.number)
+            if slot.generative:
+                raise InvalidInputError(
+                    f"{model}:{slot.number} is a generative model: the model pool serves classifiers and tabular "
+                    "models; list it under the app's `models` to serve it")
+            info = await slot.route.describe()
+        except Exception as exc:
+            self._fail(model, slot, exc)
+        else:
+            self._settle(model, slot, info)
+        slot.since = time.monotonic()
+        self._rebuild_router(model)
+
+    async def refresh_dynamic(self) -> None:
+        """Re-read the registry's models matching the app's patterns (for the repository index)
+        and the versions and aliases of the dynamic models in use; traffic follows moved aliases,
+        a version nothing points to any more is unloaded from the pool."""
+        if self.dynamic is None:
+            return
+        try:
+            listing = await asyncio.to_thread(self._list_dynamic)
+        except Exception as exc:  # registry unreachable: keep serving what is known
+            logger.warning("reading the registry's models failed: %r", exc)
+            return
+        self.registry_models = {m: vs for m, (vs, _) in listing.items()}
+        for model in [m for m in self.known]:
+            if model not in listing:
+                logger.info("%s is no longer in the registry", model)
+                self._drop_dynamic(model)
+                continue
+            before = self._targets(model)
+            self._update_dynamic(model, *listing[model])
+            for number in before - self._targets(model):
+                await self._release(model, number)
+
+    def _list_dynamic(self) -> dict[str, tuple[list[int], dict[str, int]]]:
+        out = {}
+        for model in self.registry.list_models():
+            if self.is_dynamic(model):
+                versions, aliases = self._read_model(model)
+                if versions:
+                    out[model] = (versions, aliases if model in self.known else {})
+        return out
+
+    def _targets(self, model: str) -> set[int]:
+        """The versions a dynamic model's traffic refs (and its shadow) point at now."""
+        return {v for v, w in self.weights.get(model, {}).items() if w > 0}
+
+    async def _release(self, model: str, number: int) -> None:
+        """An alias moved off a dynamic version that no traffic names any more: unload it from the
+        pool after its requests in flight (a pinned request loads it again)."""
+        slot = self.slots.get(model, {}).get(number)
+        if slot is None or number in self._targets(model):
+            return
+        logger.info("%s:%d: no alias or traffic points at it any more; unloading it", model, number)
+        del self.slots[model][number]
+        try:
+            await slot.route.unload()
+        except Exception as exc:  # the pool will evict it as it ages anyway
+            logger.warning("unloading %s:%d: %r", model, number, exc)
+
+    def _drop_dynamic(self, model: str) -> None:
+        for table in (self.slots, self.known, self.aliases, self.refs, self.weights, self.routers, self.loading):
+            table.pop(model, None)
+
+    async def load(self, model: str) -> int:
+        """Repository API: (re)load a model's unpinned version into the pool; returns its number."""
+        await self.ensure(model)
+        if model not in self.known:
+            if model in self.models:
+                raise InvalidInputError(f"model {model!r} is configured by the app (its `models` section): "
+                                        "it is loaded as long as the app runs")
+            raise ModelNotFoundError(f"model {model!r} is not in the registry (or not served by this app)")
+        number = self.likely_version(model)
+        self.unloaded = {(m, v) for m, v in self.unloaded if m != model}
+        slot = self.slot(model, number)
+        if slot.state == "failed":
+            slot.state, slot.since = "loading", 0.0  # an explicit load retries at once
+        await self.warm(model, slot)
+        slot.require_ready(model)
+        return number
+
+    async def unload(self, model: str) -> list[int]:
+        """Repository API: unload every version of a dynamic model from the pool; requests for it get
+        503 until it is loaded again. Returns the versions unloaded."""
+        await self.ensure(model)
+        if model not in self.known:
+            if model in self.models:
+                raise InvalidInputError(f"model {model!r} is configured by the app (its `models` section): "
+                                        "change the app to stop serving it")
+            raise ModelNotFoundError(f"model {model!r} is not in the registry (or not served by this app)")
+        done = []
+        for number, slot in list(self.slots[model].items()):
+            self.unloaded.add((model, number))
+            await slot.route.unload()
+            del self.slots[model][number]
+            done.append(number)
+        for number in self.known[model]:
+            self.unloaded.add((model, number))
+        self._rebuild_router(model)
+        return done
+
+    def dynamic_index(self) -> list[dict[str, Any]]:
+        """The repository index rows of the registry's dynamic models, each version's state."""
+        rows = []
+        for model, versions in sorted({**self.registry_models, **self.known}.items()):
+            for number in versions:
+                slot = self.slots.get(model, {}).get(number)
+                if (model, number) in self.unloaded:
+                    state, reason = "UNAVAILABLE", "unloaded"
+                elif slot is None:
+                    state, reason = "UNAVAILABLE", "not loaded (loads on its first request)"
+                else:
+                    state, reason = slot.state.upper(), slot.reason or ""
+                    state = "UNAVAILABLE" if state == "FAILED" else state
+                rows.append({"name": model, "version": str(number), "state": state, "reason": reason})
+        return rows
+
     # ---- lookups ----------------------------------------------------------------------
     def of(self, model: str) -> dict[int, VersionSlot]:
         slots = self.slots.get(model)
@@ -269,32 +583,40 @@ class VersionTable:
         if version is None:
             router = self.routers[model]
             if router is None:
+                if model in self.known and any(m == model for m, _ in self.unloaded):
+                    raise ModelNotReadyError(f"model {model!r} is unloaded: load it with POST "
+                                             f"/v2/repository/models/{model}/load", 5.0)
                 states = {v: s.state for v, s in slots.items()}
                 raise ModelNotReadyError(f"model {model!r} has no ready version with traffic: {states}", 5.0)
-            return slots[router.choose(key)]
+            number = router.choose(key)
+            return slots[number] if number in slots else self.slot(model, number)
         number = self.resolve(model, version)
-        if number not in slots:
-            raise VersionNotFoundError(f"model {model!r} has no served version {version!r}; served: {sorted(slots)}")
-        return slots[number]
+        if number in slots:
+            return slots[number]
+        if model in self.known and number in self.known[model]:
+            return self.slot(model, number)
+        raise VersionNotFoundError(
+            f"model {model!r} has no served version {version!r}; served: {sorted(self.servable(model))}")
 
     def likely_version(self, model: str) -> int:
         """The version an unpinned request most likely reaches (the largest weight)."""
         router = self.routers[model]
         if router is not None:
             return max(router.weights.items(), key=lambda kv: (kv[1], kv[0]))[0]
-        return max(self.of(model))
+        return max(self.servable(model))
 
     def index(self) -> list[dict[str, Any]]:
         """Triton's repository index: every configured model version and its state."""
-        return [
+        rows = [
             {"name": m, "version": str(v), "state": s.state.upper(), "reason": s.reason or ""}
-            for m, slots in sorted(self.slots.items()) for v, s in sorted(slots.items())
+            for m, slots in sorted(self.slots.items()) if m not in self.known for v, s in sorted(slots.items())
         ]
+        return rows + self.dynamic_index()
 
     # ---- traffic ----------------------------------------------------------------------
     def check_traffic(self, model: str, weights: Any) -> dict[str, float]:
         """Validate one model's ``user_config.traffic`` entry against the deployed versions."""
-        return parse_weights(model, weights, lambda ref: self.resolve(model, ref), set(self.of(model)))
+        return parse_weights(model, weights, lambda ref: self.resolve(model, ref), self.servable(model))
 
     def set_traffic(self, model: str, refs: dict[str, float]) -> None:
         self.refs[model] = dict(refs)
@@ -303,10 +625,16 @@ class VersionTable:
 
     def _rebuild_router(self, model: str) -> None:
         """Split traffic over the ready versions only; None while none is ready."""
-        ready = {v: w for v, w in self.weights[model].items() if self.slots[model][v].state == "ready"}
+        if model in self.known:  # dynamic: every version that has not failed (the pool loads it on demand)
+            slots = self.slots[model]
+            ready = {v: w for v, w in self.weights[model].items()
+                     if (model, v) not in self.unloaded and (v not in slots or slots[v].state != "failed")}
+            self.loading[model] = False
+        else:
+            ready = {v: w for v, w in self.weights[model].items() if self.slots[model][v].state == "ready"}
+            self.loading[model] = any(s.state == "loading" for s in self.slots[model].values())
         live = {v: w for v, w in ready.items() if w > 0}
         self.routers[model] = TrafficRouter(ready) if live else None
-        self.loading[model] = any(s.state == "loading" for s in self.slots[model].values())
 
     # ---- version states ---------------------------------------------------------------
     def _settle(self, model: str, slot: VersionSlot, info: dict[str, Any]) -> None:
@@ -328,7 +656,7 @@ class VersionTable:
         """
         changed, settled = False, True
         for slot in slots:
-            if slot.route is None or slot.route.local is not None:
+            if slot.route is None or slot.route.local is not None or slot.dynamic:
                 continue
             try:
                 info = await asyncio.wait_for(slot.route.describe(), timeout_s)
@@ -364,7 +692,9 @@ class VersionTable:
         now names (in process, for ``ingress`` placement) and only then move its traffic."""
         while True:
             await asyncio.sleep(self.args.alias_poll_interval_s)
-            for model, mapping in self.aliases.items():
+            for model, mapping in list(self.aliases.items()):
+                if model in self.known:  # dynamic models: refresh_dynamic follows theirs
+                    continue
                 alias_refs = [r for r in self.refs[model] if not r.isdigit()]
                 if not alias_refs:
                     continue
@@ -389,8 +719,22 @@ class VersionTable:
                                        target, self.slots[model][target].state, mapping.get(ref))
                         continue
                     logger.info("%s alias %r moved %s -> %d: traffic follows", model, ref, mapping.get(ref), target)
+                    previous = mapping.get(ref)
                     mapping[ref] = target
                     self.set_traffic(model, self.refs[model])
+                    if placement == "ingress" and previous is not None and previous not in self.weights[model]:
+                        # nothing points at it any more: its pipeline goes once its requests in flight end
+                        logger.info("%s:%d: no version reference points at it any more; unloading it", model,
+                                    previous)
+                        self.slots[model].pop(previous, None)
+
+    async def refresh_dynamic_forever(self) -> None:
+        """:meth:`refresh_dynamic` every ``dynamic.refresh_interval_s``."""
+        if self.dynamic is None:
+            return
+        while True:
+            await self.refresh_dynamic()
+            await asyncio.sleep(self.dynamic.refresh_interval_s)
 
     async def _load_local(self, m: ModelConfig, number: int) -> None:
         """Load one more version into this replica (off the event loop) as a new slot."""

@@ -89,7 +89,7 @@ class FakeIngress:
     def server_metadata(self):
         return {"name": "maas-ray", "version": "0", "extensions": []}
 
-    def index(self):
+    async def index(self, ready=False):
         return [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
 
 
