@@ -5,7 +5,7 @@ pyarrow filesystems and object stores have no atomic append, so each event is it
     <root>/_audit/<yyyy-mm-dd>/<yyyymmddThhmmss.ffffffZ>-<uuid>.json
 
 A name sorts by time, and writers never contend for one file. Events: ``publish``,
-``alias.set``, ``alias.delete``, ``kek.rotate``, ``rollout.<decision>``, ``key.create``,
+``delete`` (a version), ``alias.set``, ``alias.delete``, ``kek.rotate``, ``rollout.<decision>``, ``key.create``,
 ``key.revoke``. The actor is the API key id when a change came through a keyed path, else
 ``$MAAS_ACTOR``, else the OS user. ``maas audit`` lists and filters them.
 """
@@ -35,7 +35,7 @@ class AuditEvent(BaseModel):
 
     time: datetime = Field(description="When, UTC.")
     actor: str = Field(description="API key id, $MAAS_ACTOR or the OS user.")
-    action: str = Field(description="publish, alias.set, alias.delete, kek.rotate, rollout.*, key.create, ...")
+    action: str = Field(description="publish, delete, alias.set, alias.delete, kek.rotate, rollout.*, key.create, ...")
     model: Optional[str] = Field(default=None, description="The model changed, if any.")
     target: str = Field(description="What changed: model:version, model@alias, a key id.")
     before: Any = Field(default=None, description="The state before (None: it did not exist).")

@@ -257,7 +257,7 @@ def start_rollout(config: RolloutConfig, registry_root: Optional[str] = None) ->
         if state["phase"] not in TERMINAL:
             raise ConfigError(f"a rollout of {config.model} in app {config.app!r} is already running ({state['id']})")
         ray.kill(existing, no_restart=True)
-    current = serve.get_app_handle(config.app).current_config.remote().result()
+    current = serve.get_app_handle(config.app).current_config.remote(config.model).result()
     if config.model not in current["resolved"]:
         raise ConfigError(f"app {config.app!r} does not serve {config.model!r}")
     states = current["states"][config.model]

@@ -218,10 +218,17 @@ class IngressCore:
                 self.versions.reconfigure_batching(model, entry)
             self.batching[model] = entry
 
-    def current_config(self) -> dict[str, Any]:
+    def current_config(self, model: Optional[str] = None) -> dict[str, Any]:
         """The user_config this replica runs with (what the rollout controller edits and restores),
-        plus the version each reference resolves to now and each version's state."""
+        plus the version each reference resolves to now and each version's state. ``model``: a
+        dynamic model to include even before its first request. A dynamic version is ``ready``
+        unless its load failed or it was unloaded: the pool loads it on its first request."""
         v = self.versions
+        if model is not None:
+            v.ensure_sync(model)
+        states = {m: {str(n): s.state for n, s in slots.items()} for m, slots in v.slots.items()}
+        for m, numbers in v.known.items():
+            states[m] = {str(n): v.dynamic_state(m, n) for n in numbers}
         return {
             "user_config": {
                 "traffic": {m: dict(refs) for m, refs in v.refs.items()},
@@ -230,7 +237,7 @@ class IngressCore:
             },
             "resolved": {m: dict(a) for m, a in v.aliases.items()},
             "weights": {m: {str(n): w for n, w in ws.items()} for m, ws in v.weights.items()},
-            "states": {m: {str(n): s.state for n, s in slots.items()} for m, slots in v.slots.items()},
+            "states": states,
         }
 
     def replicas(self) -> dict[str, Any]:

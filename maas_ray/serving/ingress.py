@@ -69,8 +69,8 @@ class Ingress:
         """Per generative model and version: its engine's stats (running, waiting, KV use, ...)."""
         return await self.core.generation_stats()
 
-    async def current_config(self) -> dict[str, Any]:
-        return self.core.current_config()
+    async def current_config(self, model: Optional[str] = None) -> dict[str, Any]:
+        return self.core.current_config(model)
 
     async def replicas(self) -> dict[str, Any]:
         return self.core.replicas()

@@ -547,6 +547,14 @@ class VersionTable:
         self._rebuild_router(model)
         return done
 
+    def dynamic_state(self, model: str, number: int) -> str:
+        """A dynamic version's state for the rollout controller: ``ready`` (served on demand),
+        ``failed`` (its last load failed) or ``unloaded``."""
+        if (model, number) in self.unloaded:
+            return "unloaded"
+        slot = self.slots.get(model, {}).get(number)
+        return "failed" if slot is not None and slot.state == "failed" else "ready"
+
     def dynamic_index(self) -> list[dict[str, Any]]:
         """The repository index rows of the registry's dynamic models, each version's state."""
         rows = []

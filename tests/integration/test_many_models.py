@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from maas_ray.registry import Registry
-from maas_ray.serving.deploy import deploy
+from maas_ray.serving.deploy import deploy, update_ingress_user_config
 from maas_ray.serving.grpc import SERVICER_FUNCTION
-from maas_ray.serving.metric_names import RAY_CACHE_EVICTIONS_TOTAL, RAY_CACHE_LOADS_TOTAL
+from maas_ray.serving.metric_names import RAY_CACHE_EVICTIONS_TOTAL, RAY_CACHE_LOADS_TOTAL, RAY_REQUESTS_TOTAL
 from tests.helpers import HTTP_PORT, linear_onnx, replica_pids, scrape, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -202,6 +202,39 @@ def test_stock_tritonclient_repository_index_load_unload_over_http_and_grpc(serv
         grpc.load_model("broken")
 
 
+def test_traffic_split_shadow_and_rollout_states_work_for_a_dynamic_model(served):
+    from ray import serve
+
+    reg = Registry(served)
+    for seed in (201, 202):
+        reg.publish("split", linear_onnx(IN, OUT, seed=seed))
+    reg.set_alias("split", "production", 1)
+    x = np.ones((1, IN), np.float32)
+    with httpx.Client() as client:
+        first = _infer(client, "split", x, retries=3)  # the app sees it within refresh_interval_s
+        assert first.status_code == 200 and first.json()["model_version"] == "1"  # the production alias
+
+        current = serve.get_app_handle(APP).current_config.remote("split").result()
+        assert current["states"]["split"] == {"1": "ready", "2": "ready"}  # what a rollout checks
+        assert current["user_config"]["traffic"]["split"] == {"production": 1.0}
+
+        update_ingress_user_config(APP, {"traffic": {"split": {"1": 1, "2": 1}},
+                                         "shadow": {"split": {"version": "2", "share": 1.0}}})
+        wait_until(lambda: serve.get_app_handle(APP).current_config.remote().result()["user_config"]["traffic"]
+                   .get("split") == {"1": 1.0, "2": 1.0})
+        seen = {}
+        for _ in range(30):
+            r = _infer(client, "split", x)
+            assert r.status_code == 200
+            version = r.json()["model_version"]
+            np.testing.assert_allclose(_logits(r), _expected(200 + int(version), x), rtol=1e-4, atol=1e-3)
+            seen[version] = seen.get(version, 0) + 1
+        assert set(seen) == {"1", "2"}
+    wait_until(lambda: scrape(RAY_REQUESTS_TOTAL, app=APP, model="split", version="2", protocol="shadow",
+                              status="200") > 0, timeout_s=30)
+    update_ingress_user_config(APP, {})
+
+
 def test_a_pool_replica_killed_while_loading_loses_no_request_beyond_a_retry(served):
     x = np.ones((1, IN), np.float32)
     cold = [f"m{i:02d}" for i in range(20, 30)]
@@ -220,3 +253,34 @@ def test_a_pool_replica_killed_while_loading_loses_no_request_beyond_a_retry(ser
     assert [s for _, s in results] == [200] * len(cold), results
     wait_until(lambda: len(replica_pids(APP, "ModelPool")) == 2 and victim not in replica_pids(APP, "ModelPool"),
                timeout_s=90)
+
+
+def test_a_hot_version_is_held_by_more_replicas(served):
+    """Its rate x pool time per request over the target utilization asks for 2 replicas: its
+    calls rotate over two routing IDs, and the second lands on the other replica."""
+    from ray import serve
+
+    serve.delete(APP)
+    args = {"registry_root": served, "ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+            "dynamic": {"models": ["m0*"], "memory_budget_bytes": BUDGET,
+                        "hot": {"target_utilization": 0.01, "window_s": 2},
+                        "pool": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}}}
+    deploy({"http_options": {"host": "127.0.0.1", "port": HTTP_PORT},
+            "applications": [{"name": APP, "route_prefix": "/", "import_path": "maas_ray.serving.app:build_app",
+                              "args": args, "logging_config": {"enable_access_log": False}}]})
+    x = np.ones((1, IN), np.float32)
+
+    def client_loop(_: int) -> list[int]:
+        with httpx.Client() as client:
+            return [_infer(client, "m03", x).status_code for _ in range(40)]
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        codes = [c for batch in pool.map(client_loop, range(6)) for c in batch]
+    assert set(codes) == {200}
+    pool_handle = serve.get_deployment_handle("ModelPool", APP)
+    holders = {}
+    for routing in ("m03:1", "m03:1#1"):
+        stats = pool_handle.options(multiplexed_model_id=routing).stats.remote().result(timeout_s=30)
+        holders[stats["replica"]] = [e["key"] for e in stats["entries"]]
+    assert len(holders) == 2, holders  # two replicas answered for the version's two routing IDs
+    assert all("m03:1" in keys for keys in holders.values()), holders
