@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from maas_ray.errors import InvalidInputError, ModelNotReadyError
+from maas_ray.errors import InvalidInputError, MaasError
 from maas_ray.serving import compat
 from maas_ray.serving.cache import VersionCache
 from maas_ray.serving.config import DynamicModels, Limits
@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 SHARD_SEP = "#"
 LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DEFAULT_BYTES_PER_ARTIFACT_BYTE = 2.0  # until a solo load measured this replica's own ratio
+SIZE_FOR_RATIO = 1 << 20  # artifacts at least this big teach the ratio; smaller ones the fixed cost
+MAX_RATIO = 8.0
+MAX_OVERHEAD = 64 << 20
 
 
 def version_key(model: str, version: int) -> str:
@@ -241,7 +244,8 @@ class ModelPool:
             failure_ttl_s=self.dynamic.failure_ttl_s, listener=_Listener(self))
         self._loads_running = 0
         self._lock = threading.Lock()  # guards _loads_running and _ratio (loads run in threads)
-        self._ratio = DEFAULT_BYTES_PER_ARTIFACT_BYTE
+        self._ratio = DEFAULT_BYTES_PER_ARTIFACT_BYTE  # learnt from solo loads of artifacts >= 1 MiB
+        self._overhead = 0  # per-version bytes beyond ratio x artifact, learnt from solo loads of small ones
         self._measured: dict[str, bool] = {}  # key -> its bytes were measured (else estimated)
         self._artifact: dict[str, int] = {}  # key -> artifact bytes (from the manifest)
         self._ids: dict[str, set[str]] = {}  # key -> the routing IDs this replica answered for it
@@ -271,9 +275,24 @@ class ModelPool:
     def _estimate(self, key: str) -> int:
         """Bytes to make room for before loading ``key`` (its artifact x the measured ratio)."""
         try:
-            return int(self._artifact_bytes(key) * self._ratio)
+            return self._predict(self._artifact_bytes(key))
         except Exception:  # an unreadable manifest: the load itself will say why
             return 0
+
+    def _predict(self, artifact: int) -> int:
+        return int(artifact * self._ratio) + self._overhead
+
+    def _learn(self, artifact: int, size: int) -> None:
+        """Fold a solo load's measured size into the estimate: large artifacts teach the bytes
+        held per artifact byte, small ones the fixed cost of a session (a 210-byte model's
+        session holds ~1 MB: folding that into a ratio would price a 1 MB model at gigabytes)."""
+        with self._lock:
+            if artifact >= SIZE_FOR_RATIO:
+                ratio = min(MAX_RATIO, max(1.0, size / artifact))
+                self._ratio = 0.8 * self._ratio + 0.2 * ratio
+            else:
+                extra = min(MAX_OVERHEAD, max(0, size - artifact))
+                self._overhead = int(0.8 * self._overhead + 0.2 * extra) if self._overhead else extra
 
     def _load(self, key: str) -> tuple[LocalPipeline, int]:
         """Runs in a thread (VersionCache): the version's pipeline and the bytes it holds."""
@@ -294,11 +313,10 @@ class ModelPool:
         artifact = self._artifact_bytes(key)
         if alone and before is not None and after is not None:
             size = max(after - before, artifact)
-            with self._lock:
-                self._ratio = max(1.0, 0.8 * self._ratio + 0.2 * size / max(1, artifact))
+            self._learn(artifact, size)
             self._measured[key] = True
         else:
-            size = int(artifact * self._ratio)
+            size = self._predict(artifact)
             self._measured[key] = False
         self.metrics.version_state(model, version, "ready")
         return pipeline, size
@@ -371,10 +389,10 @@ class ModelPool:
         try:
             async with self.cache.use(key) as pipeline:
                 info = pipeline.describe()
-        except ModelNotReadyError as exc:
+        except MaasError as exc:
             if self.cache.state(key)[0] == "LOADING":  # the caller's wait ran out; the load goes on
                 raise
-            return {"pid": os.getpid(), "state": "failed", "reason": str(exc)}
+            return {"pid": os.getpid(), "state": "failed", "reason": f"{type(exc).__name__}: {exc}"}
         held = {e["key"]: e["bytes"] for e in self.cache.stats()["entries"]}
         return {**info, "replica": self.replica, "bytes": held.get(key)}
 
@@ -389,7 +407,7 @@ class ModelPool:
         """This replica's cache: budget, bytes and versions held (LRU first), loads, evictions."""
         out = dict(self.cache.stats())
         out.update(replica=self.replica, pid=os.getpid(), rss_bytes=_rss_bytes(),
-                   bytes_per_artifact_byte=round(self._ratio, 3),
+                   bytes_per_artifact_byte=round(self._ratio, 3), session_overhead_bytes=self._overhead,
                    measured={k: self._measured.get(k, False) for k in self.cache.keys()})
         return out
 

@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Mapping, Optional
 
-from maas_ray.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError, VersionNotFoundError
+from maas_ray.errors import (
+    InvalidInputError, ModelNotFoundError, ModelNotReadyError, VersionNotFoundError, unwrap_remote,
+)
 from maas_ray.registry import Manifest, Registry
 from maas_ray.serving.coalesce import Coalescer
 from maas_ray.serving.codecs.common import parse_version_ref
@@ -359,18 +361,21 @@ class VersionTable:
             return
         now = time.monotonic()
         if self._absent.get(model, -1e9) > now - self.dynamic.refresh_interval_s:
-            return
+            return  # not in the registry, or (known) re-read for an unknown version this interval
+        if known:
+            self._absent[model] = now
         try:
             versions, aliases = await asyncio.to_thread(self._read_model, model)
         except Exception as exc:  # a name the registry refuses, or the registry unreachable
             logger.debug("reading %s from the registry: %r", model, exc)
             versions, aliases = [], {}
+        if len(self._absent) > 4096:
+            self._absent.clear()
         if not versions:
-            if len(self._absent) > 4096:
-                self._absent.clear()
             self._absent[model] = now
             return
-        self._absent.pop(model, None)
+        if not known:
+            self._absent.pop(model, None)
         self._update_dynamic(model, versions, aliases)
 
     def ensure_sync(self, model: str) -> None:
@@ -430,6 +435,8 @@ class VersionTable:
             raise ModelNotReadyError(f"model {model!r} version {slot.number} is unloaded: load it with POST "
                                      f"/v2/repository/models/{model}/load", 5.0)
         if slot.state == "failed" and time.monotonic() - slot.since < self.dynamic.failure_ttl_s:
+            if slot.generative:
+                raise InvalidInputError(slot.reason or f"{model}:{slot.number} is a generative model")
             return
         if slot.state == "ready":
             return
@@ -441,6 +448,8 @@ class VersionTable:
         except asyncio.TimeoutError:
             raise ModelNotReadyError(f"model {model!r} version {slot.number} is still loading after "
                                      f"{self.dynamic.load_timeout_s:g}s; retry", 5.0) from None
+        if slot.generative:  # not a retryable failure: the pool never serves it
+            raise InvalidInputError(slot.reason or f"{model}:{slot.number} is a generative model")
 
     async def _warm(self, model: str, slot: VersionSlot) -> None:
         try:
@@ -611,6 +620,9 @@ class VersionTable:
         router = self.routers[model]
         if router is not None:
             return max(router.weights.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        live = {v: w for v, w in self.weights.get(model, {}).items() if w > 0}
+        if model in self.known and live:  # all unloaded: the version its traffic goes to once loaded
+            return max(live.items(), key=lambda kv: (kv[1], kv[0]))[0]
         return max(self.servable(model))
 
     def index(self) -> list[dict[str, Any]]:
@@ -654,6 +666,7 @@ class VersionTable:
             logger.error("%s:%d failed to load and gets no traffic: %s", model, slot.number, slot.reason)
 
     def _fail(self, model: str, slot: VersionSlot, exc: BaseException) -> None:
+        exc = unwrap_remote(exc)  # a replica's error: its own message, not Ray's wrapper and traceback
         self._settle(model, slot, {"state": "failed", "reason": f"{type(exc).__name__}: {exc}"})
 
     async def _ask_remote(self, model: str, slots: Iterable[VersionSlot], timeout_s: Optional[float] = None) -> bool:
