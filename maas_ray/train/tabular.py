@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -800,6 +801,19 @@ def _check_installed(cfg: TabularTrainConfig) -> None:
             raise DependencyError(f"tabular training with {cfg.family} needs {module}: {TABULAR_INSTALL_HINT}") from exc
 
 
+def local_ray_options(cfg: TabularTrainConfig, ray_init: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """``ray.init`` options; a Ray started here gets a CPU beyond what the Ray Train workers
+    reserve. Ray Data reads each worker's shard with tasks that need a CPU of their own: with
+    only the machine's cores (2 workers x 1 CPU on 2 cores), the workers wait for their data and
+    the read waits for a CPU, forever. Logical CPUs only schedule: oversubscribing a little is
+    what the workers' reads need, not more cores."""
+    options = dict(ray_init or {})
+    if options.get("address") is None and "num_cpus" not in options:
+        needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 1
+        options["num_cpus"] = max(os.cpu_count() or 1, needed)
+    return options
+
+
 def train_tabular(
     cfg: TabularTrainConfig,
     registry: Any = None,
@@ -816,7 +830,7 @@ def train_tabular(
     _check_installed(cfg)
     registry = registry or Registry()
     if not ray.is_initialized():
-        ray.init(**(ray_init or {}))
+        ray.init(**local_ray_options(cfg, ray_init))
     t0 = time.perf_counter()
     data = load_tabular(cfg)
     say(f"data {cfg.data}: rows {data.identity['rows']}, {len(data.columns)} features")

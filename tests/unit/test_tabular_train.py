@@ -259,3 +259,16 @@ def test_dataset_files_of_a_file_a_directory_and_nothing(tmp_path):
         dataset_files(str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="holds no .csv files"):
         dataset_files(str(tmp_path / "d"), ".csv")
+
+
+def test_a_local_ray_gets_a_cpu_beyond_the_workers_for_ray_datas_reads(monkeypatch):
+    """2 workers x 1 CPU on 2 cores: without a spare logical CPU, Ray Data's read tasks never run
+    and `maas train` hangs (found by benchmarks/tabular_peers.py)."""
+    from maas_ray.train.tabular import TabularTrainConfig, local_ray_options
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    cfg = TabularTrainConfig.load("deployments/train/tabular-regression.yaml")
+    assert cfg.num_workers == 2
+    assert local_ray_options(cfg, {"address": None, "logging_level": 40})["num_cpus"] == 3
+    assert "num_cpus" not in local_ray_options(cfg, {"address": "auto"})  # a cluster has its own
+    assert local_ray_options(cfg, {"num_cpus": 8})["num_cpus"] == 8
