@@ -337,21 +337,9 @@ class Proc:
         raise TimeoutError(f"{self.name} not ready after {timeout_s}s: {last}; see {self.log_path}")
 
     def stop(self, timeout_s: float = 90.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            time.sleep(2)
-        if self.proc.poll() is None:
-            self.proc.wait(10)
-        self.log.close()
+        from benchmarks.systems import stop_server
+
+        stop_server(self.proc, self.log, first=signal.SIGINT, timeout_s=timeout_s)
 
 
 def _version(dist: str) -> str:

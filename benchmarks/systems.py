@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import httpx
 
@@ -46,6 +46,29 @@ METRICS_ENV = {"RAY_metrics_report_interval_ms": "1000"}
 # aggregates every second, and Ray exports them every second (METRICS_ENV).
 METRICS_LAG_S = 2.5
 _SERVE_FLAGS = (*RAY_TUNED_FLAGS, *THROUGHPUT_PROFILE, *METRICS_ENV, "RAY_ADDRESS")
+
+
+def stop_server(proc: "subprocess.Popen", log: Any, *, first: int = signal.SIGTERM, timeout_s: float = 90.0,
+                pause_s: float = 2.0) -> None:
+    """Stop a server started with ``start_new_session``: ``first`` (SIGTERM; SIGINT for ``serve
+    run``, which then shuts Serve down), up to ``timeout_s`` for it to exit, then SIGTERM and
+    SIGKILL to its process group (Ray agents that outlive their raylet stay in it, nothing else
+    is in it); close its log."""
+    if proc.poll() is None:
+        proc.send_signal(first)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        time.sleep(pause_s)
+    if proc.poll() is None:
+        proc.wait(10)
+    log.close()
 
 
 @dataclass
@@ -225,18 +248,4 @@ class Server:
         The group is the one ``start_new_session`` made for this server: Ray agents that
         outlive their raylet stay in it, and nothing else is in it.
         """
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            time.sleep(2)
-        if self.proc.poll() is None:
-            self.proc.wait(10)
-        self.log.close()
+        stop_server(self.proc, self.log, timeout_s=timeout_s)

@@ -50,7 +50,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -450,21 +449,9 @@ class Proc:
         raise TimeoutError(f"{self.name} not ready after {timeout_s}s: {last}; see {self.log_path}")
 
     def stop(self, timeout_s: float = 60.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            time.sleep(1)
-        if self.proc.poll() is None:
-            self.proc.wait(10)
-        self.log.close()
+        from benchmarks.systems import stop_server
+
+        stop_server(self.proc, self.log, timeout_s=timeout_s, pause_s=1.0)
 
 
 @dataclass
