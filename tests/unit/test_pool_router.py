@@ -135,3 +135,14 @@ def test_calls_without_a_model_id_leave_no_routing_memory():
     assert router._recent == {}
     ranks = asyncio.run(router.choose_replicas([_replica("a"), _replica("b")], None))
     assert sorted(_names(ranks)[0]) == ["a", "b"]
+
+
+def test_the_router_keeps_serves_multiplex_bookkeeping():
+    """Serve indexes every pending call by its model ID; only MultiplexMixin's matching cleans that
+    index (without it the ingress kept every call's request alive: benchmarks/many_models.py)."""
+    from ray.serve.request_router import FIFOMixin, MultiplexMixin
+
+    from maas_ray.serving.pool_router import PoolRouter
+
+    assert issubclass(PoolRouter, MultiplexMixin) and issubclass(PoolRouter, FIFOMixin)
+    assert hasattr(PoolRouter, "_get_pending_request_matching_multiplexed_model_id")
