@@ -11,6 +11,9 @@ a linear layer + softmax), one parquet file of ``--rows`` rows, on this machine'
   (tabular preprocessor -> onnxruntime -> classification postprocessor), one process;
 - ``maas batch``: run_batch with ``--actors`` actors (1 CPU each), wall time including Ray
   Data's read, the actor pool's start (model load) and the parquet write;
+- ``maas batch`` over ``--files`` files of ``--file-rows`` rows each (issue 26): the job's one
+  actor pool for all files (``run_batch``) against the former pipeline-and-pool per file
+  (``job._run_per_unit``, kept for this comparison only), alternated ``--rounds`` times;
 - HTTP: the version served by Serve (ingress placement, one replica), ``--clients`` threads
   each posting OIP v2 JSON requests of 256 rows (one tensor per column).
 """
@@ -34,6 +37,10 @@ def main() -> None:
     ap.add_argument("--http-rows", type=int, default=40_000)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--files", type=int, default=10, help="multi-file job: files")
+    ap.add_argument("--file-rows", type=int, default=10_000, help="multi-file job: rows per file")
+    ap.add_argument("--rounds", type=int, default=2, help="multi-file job: alternations of old and new")
+    ap.add_argument("--only-files", action="store_true", help="run only the multi-file comparison")
     args = ap.parse_args()
 
     import pyarrow as pa
@@ -78,6 +85,9 @@ def main() -> None:
     results["in-process pipeline (pre + onnxruntime + post)"] = args.rows / (time.perf_counter() - t0)
 
     try:
+        results.update(_multi_file(reg.root, m.version, root, args))
+        if args.only_files:
+            return _print(results, args, cores)
         report = run_batch(BatchConfig(model="churn", version=str(m.version), input=src,
                                        output=os.path.join(root, "out"), registry=reg.root,
                                        actors=args.actors, batch_size=args.batch_size))
@@ -88,11 +98,45 @@ def main() -> None:
 
         serve.shutdown()
         ray.shutdown()
-    print(f"\n{args.rows} rows, {cores} cores ({os.uname().nodename})\n")
+    _print(results, args, cores)
+
+
+def _print(results: dict, args: argparse.Namespace, cores: int) -> None:
+    print(f"\n{args.rows} rows (multi-file: {args.files} x {args.file_rows}), {cores} cores "
+          f"({os.uname().nodename})\n")
     print("| path | rows/s |\n|---|---:|")
     for k, v in results.items():
         name = f"HTTP v2 JSON, {args.clients} clients x 256-row requests" if k == "http" else k
         print(f"| {name} | {v:,.0f} |")
+
+
+def _multi_file(root_registry: str, version: int, root: str, args: argparse.Namespace) -> dict[str, float]:
+    """run_batch (one pool for the job) vs the former pool per file, on the same files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from maas_ray.batch import BatchConfig, run_batch
+    from maas_ray.batch.job import _run_per_unit
+    from tests.helpers.tabular_models import random_rows
+
+    src = os.path.join(root, "multi")
+    os.makedirs(src)
+    for i in range(args.files):
+        rows = random_rows(args.file_rows, seed=100 + i, missing_ages=False)
+        ids = np.arange(i * args.file_rows, (i + 1) * args.file_rows)
+        pq.write_table(pa.table({"id": ids, **{k: pa.array(v) for k, v in rows.items()}}),
+                       os.path.join(src, f"part-{i:03d}.parquet"))
+    runs: dict[str, list[float]] = {"one pool": [], "pool per file": []}
+    for r in range(args.rounds):
+        for name, fn in (("pool per file", _run_per_unit), ("one pool", run_batch)):
+            out = os.path.join(root, f"multi-out-{name.replace(' ', '-')}-{r}")
+            report = fn(BatchConfig(model="churn", version=str(version), input=src, output=out,
+                                    registry=root_registry, actors=args.actors, batch_size=args.batch_size))
+            assert report.rows == args.files * args.file_rows, report.line()
+            runs[name].append(report.rows_per_s)
+            print(f"round {r} {name}: {report.line()}", flush=True)
+    label = f"maas batch, {args.files} files x {args.file_rows} rows ({args.actors} actors), "
+    return {label + name + " (best of " + str(args.rounds) + ")": max(v) for name, v in runs.items()}
 
 
 def _http(root: str, version: int, rows: dict, args: argparse.Namespace) -> float:

@@ -12,6 +12,8 @@ from maas_ray.serving.replicas import LocalPipeline
 
 logger = logging.getLogger(__name__)
 
+UNIT_COLUMN = "__maas_unit"  # the input unit a row came from (one job scores many units in one pool)
+
 
 def load_pipeline(registry: Optional[str], model: str, version: int, *, device: str = "cpu",
                   threads: Optional[int] = None) -> LocalPipeline:
@@ -45,6 +47,10 @@ class VersionScorer:
     def __call__(self, table: Any) -> Any:
         import pyarrow as pa
 
+        unit = None
+        if UNIT_COLUMN in table.column_names:  # carried through whatever the plan passes on
+            unit = table.column(UNIT_COLUMN)
+            table = table.drop_columns([UNIT_COLUMN])
         names = tuple(table.column_names)
         if names not in self._plans:
             self._plans[names] = plan_columns(names, self.inputs, self.fmt)
@@ -53,4 +59,6 @@ class VersionScorer:
         outputs = self.score(tensors)
         columns = {c: table.column(c) for c in keep if c not in outputs}
         columns.update({n: array_to_column(a) for n, a in outputs.items()})
+        if unit is not None:
+            columns[UNIT_COLUMN] = unit
         return pa.table(columns)

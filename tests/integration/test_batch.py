@@ -192,3 +192,42 @@ def test_every_model_kind_in_the_registry(job, capsys, registry_root):
     df = pq.read_table(out).to_pandas().set_index("text")
     assert {t: float(df.loc[t, "value"]) for t in lines} == {
         t: float(sum(WORDS.get(w_, 1) for w_ in t.split())) for t in lines}
+
+
+def test_a_multi_file_job_starts_one_actor_pool(job, registry_root, ray_cluster):
+    """Eight files, 2 actors: the job creates 2 scoring actors in all (not 2 per file), each
+    file's rows land in its own folder, marked done, and on_unit hears of every file."""
+    from ray.util.state import list_actors
+
+    from maas_ray.batch import BatchConfig, run_batch
+
+    ref, _, _, root = job
+    model, version = ref.split(":")
+    src = root / "eight"
+    src.mkdir()
+    per = 1000
+    for i in range(8):
+        rows = random_rows(per, seed=100 + i)
+        pq.write_table(pa.table({
+            "id": np.arange(i * per, (i + 1) * per),
+            "age": pa.array(rows["age"], pa.float64(), from_pandas=True),
+            "income": rows["income"], "city": pa.array([c or None for c in rows["city"]], pa.string()),
+            "member": rows["member"], "visits": rows["visits"],
+        }), src / f"f{i}.parquet")
+
+    def scorer_actors() -> set[str]:
+        return {a.actor_id for a in list_actors(address=ray_cluster, detail=True, limit=10_000)
+                if "VersionScorer" in (a.class_name or "")}
+
+    before = scorer_actors()
+    heard: list[tuple[str, int]] = []
+    out = str(root / "eight-out")
+    report = run_batch(BatchConfig(model=model, version=version, input=str(src), output=out, registry=registry_root,
+                                   actors=2, batch_size=300), on_unit=lambda k, n: heard.append((k, n)))
+    assert report.rows == 8 * per and len(report.scored_units) == 8
+    assert len(scorer_actors() - before) == 2
+    assert sorted(k for k, _ in heard) == sorted(report.scored_units) and all(n == per for _, n in heard)
+    for i, key in enumerate(sorted(os.listdir(out))):
+        assert os.path.exists(os.path.join(out, key, "_SUCCESS"))
+        ids = pq.read_table(os.path.join(out, key)).column("id").to_pylist()
+        assert sorted(ids) == list(range(i * per, (i + 1) * per)), key
