@@ -42,13 +42,15 @@ from maas_ray.serving.keys import Principal
 from maas_ray.serving.limits import RequestDeadlines, TokenLimiter, check_work
 from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.payload_log import PayloadLogger
-from maas_ray.serving.replicas import app_name
+from maas_ray.serving.replicas import app_name, release_free_memory
 from maas_ray.serving.shadow import ShadowMirror, parse_shadow
 from maas_ray.serving.types import GenerateRequest, GenerationChunk, InferResult, Tensors
 from maas_ray.serving.versions import VersionSlot, VersionTable
 
 logger = logging.getLogger(__name__)
 
+# How often an ingress replica hands the allocator's free pages back to the OS.
+TRIM_INTERVAL_S = 10.0
 # The OIP extensions the server metadata advertises.
 EXTENSIONS = ("binary_tensor_data", "model_repository")
 
@@ -150,9 +152,19 @@ class IngressCore:
         self._background = [loop.create_task(self.versions.poll_remote_versions()),
                             loop.create_task(self.versions.follow_aliases()),
                             loop.create_task(self.deadlines.watch_forever()),
-                            loop.create_task(self.versions.refresh_dynamic_forever())]
+                            loop.create_task(self.versions.refresh_dynamic_forever()),
+                            loop.create_task(self._release_memory_forever())]
         if self.admission.keys is not None:
             self._background.append(loop.create_task(self.admission.keys.refresh_forever()))
+
+    @staticmethod
+    async def _release_memory_forever(interval_s: float = TRIM_INTERVAL_S) -> None:
+        """Hand the allocator's free pages back to the OS now and then (off the loop): requests for
+        many models leave freed memory the allocator would otherwise keep (replicas.release_free_memory)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            seconds = await asyncio.to_thread(release_free_memory)
+            logger.debug("released free memory in %.1f ms", seconds * 1e3)
 
     def check_health(self) -> None:
         """Keep the background loops alive (Serve's periodic health check calls this)."""

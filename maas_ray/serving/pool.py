@@ -43,7 +43,8 @@ from maas_ray.serving.metric_names import (
 )
 from maas_ray.serving.metrics import LATENCY_BUCKETS, ServingMetrics
 from maas_ray.serving.replicas import (
-    SKIP_ROLES, LocalPipeline, _per_item, app_name, artifact_registry, freeze_startup_objects, use_serve_logging,
+    SKIP_ROLES, LocalPipeline, _per_item, app_name, artifact_registry, freeze_startup_objects, release_free_memory,
+    use_serve_logging,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ DEFAULT_BYTES_PER_ARTIFACT_BYTE = 2.0  # until a solo load measured this replica
 SIZE_FOR_RATIO = 1 << 20  # artifacts at least this big teach the ratio; smaller ones the fixed cost
 MAX_RATIO = 8.0
 MAX_OVERHEAD = 64 << 20
+TRIM_EVERY_S = 30
 
 
 def version_key(model: str, version: int) -> str:
@@ -104,20 +106,6 @@ def _mallinfo2() -> Any:
 
 
 _MALLINFO2: Any = None
-
-
-def _malloc_trim() -> None:
-    """Give the pages freed by an unloaded version back to the OS (glibc ``malloc_trim``).
-
-    Without it the allocator keeps them for reuse: held bytes stayed under a 245 MiB budget
-    while a pool replica's resident memory grew to ~1.1 GB over a few hundred loads and
-    evictions (benchmarks/many_models.py), which the budget exists to prevent."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _rss_bytes() -> Optional[int]:
@@ -338,7 +326,7 @@ class ModelPool:
     def _unload(self, pipeline: LocalPipeline) -> None:
         del pipeline
         gc.collect()  # the session's buffers go now, not at the next collection
-        _malloc_trim()
+        release_free_memory()
 
     # ---- routing IDs ------------------------------------------------------------------
     def _note(self, routing: str, key: str) -> None:
@@ -374,12 +362,16 @@ class ModelPool:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
 
     async def _flush_forever(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)
+            ticks += 1
             try:
                 self.cache_metrics.flush()
             except Exception:  # a metrics backend problem must never reach a request
                 logger.debug("flushing pool metrics failed", exc_info=True)
+            if ticks % TRIM_EVERY_S == 0:  # what requests freed, beside what evictions free
+                await asyncio.to_thread(release_free_memory)
 
     # ---- handle API (what the ingress calls) -------------------------------------------
     async def infer_many(self, items: list) -> list:
