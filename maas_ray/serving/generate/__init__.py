@@ -11,8 +11,9 @@ Use::
     spec = loaded.manifest.generation
     tokenizer = LMTokenizer.from_bytes(loaded.files["tokenizer.json"], spec)
     engine = GenerationEngine(create_session(loaded.model_bytes), spec, tokenizer, EngineConfig()).start()
+    text = ""
     async for chunk in engine.generate(tokenizer.encode("Once upon"), SamplingParams(max_tokens=20)):
-        print(chunk.text, end="")
+        text += chunk.text  # the continuation, as it is made
 """
 
 from maas_ray.serving.generate.engine import EngineConfig, GenerationEngine
