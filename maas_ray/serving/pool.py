@@ -340,14 +340,10 @@ class ModelPool:
             self._report()
 
     def _report(self) -> None:
-        held = set(self.cache.keys()) | set(self.cache.stats().get("loading", []))
-        ids = frozenset(i for k, s in self._ids.items() if k in held or not self._settled(k) for i in s)
+        ids = frozenset(i for k, s in self._ids.items() if self.cache.state(k)[0] in ("READY", "LOADING") for i in s)
         if ids != self._reported:
             self._reported = ids
             compat.report_multiplexed_ids(sorted(ids))
-
-    def _settled(self, key: str) -> bool:
-        return self.cache.state(key)[0] != "LOADING"
 
     def _routing(self) -> tuple[str, str]:
         routing = compat.multiplexed_model_id()
