@@ -31,6 +31,7 @@ histogram in 0 (9 caught a flush part-way, at the flush's own rate).
 from __future__ import annotations
 
 import argparse
+import bisect
 import itertools
 import math
 import threading
@@ -56,6 +57,39 @@ def _busy() -> None:
 
 
 @ray.remote(num_cpus=0)
+
+class CountedHistogram:
+    """A histogram counted in process: cumulative buckets, sum and count."""
+
+    def __init__(self, bounds: tuple) -> None:
+        self.bounds, self.counts, self.sum, self.count = bounds, [0] * (len(bounds) + 1), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def snapshot(self) -> tuple:
+        return list(itertools.accumulate(self.counts)), self.sum, self.count
+
+
+class GaugeHistogram:
+    """The gauge-backed layout ServingMetrics used for dashboard histograms before: three gauges
+    (``_bucket{le}``, ``_sum``, ``_count``) set at each flush. Kept here to compare with native."""
+
+    def __init__(self, metrics, name: str, tag_keys: tuple, bounds: tuple) -> None:
+        self.les = [repr(float(b)) for b in bounds] + ["+Inf"]
+        self.bucket = metrics.Gauge(f"{name}_bucket", tag_keys=(*tag_keys, "le"))
+        self.sum = metrics.Gauge(f"{name}_sum", tag_keys=tag_keys)
+        self.count = metrics.Gauge(f"{name}_count", tag_keys=tag_keys)
+
+    def set(self, tags: dict, snapshot: tuple) -> None:
+        cumulative, total, count = snapshot
+        for le, value in zip(self.les, cumulative):
+            self.bucket.set(value, {**tags, "le": le})
+        self.sum.set(total, tags)
+        self.count.set(count, tags)
+
 class Emitter:
     def __init__(self, check: str) -> None:
         from ray.util import metrics
@@ -73,8 +107,8 @@ class Emitter:
             self.sm = m.ServingMetrics("app", models=["digits"])  # what replicas run: observed at its flush
             self.sm.start()
             self.native = metrics.Histogram("torn_native", boundaries=list(m.LATENCY_BUCKETS), tag_keys=("version",))
-            self.gauges = m._GaugeHistogram(metrics, "torn_gauges", "torn reads", ("version",), m.LATENCY_BUCKETS)
-            self.hists = {v: m._Hist(m.LATENCY_BUCKETS) for v in ("1", "2")}
+            self.gauges = GaugeHistogram(metrics, "torn_gauges", ("version",), m.LATENCY_BUCKETS)
+            self.hists = {v: CountedHistogram(m.LATENCY_BUCKETS) for v in ("1", "2")}
             self.lock = threading.Lock()
             threading.Thread(target=self._requests, daemon=True).start()
             threading.Thread(target=self._flush, daemon=True).start()
@@ -96,7 +130,7 @@ class Emitter:
                 self.native.observe(latency, {"version": version})
                 self.sm.request_finished("digits", int(version), "http_v2", 200, None, latency)
 
-    def _flush(self) -> None:  # as ServingMetrics flushes its gauge-backed histograms
+    def _flush(self) -> None:  # as ServingMetrics flushed its gauge-backed histograms before
         while True:
             time.sleep(1.0)
             with self.lock:

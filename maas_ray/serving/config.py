@@ -391,6 +391,12 @@ class DynamicModels(BaseModel):
     max_items: Optional[int] = Field(default=None, ge=1, description="Per-request item limit (default: limits).")
     max_text_chars: Optional[int] = Field(
         default=None, ge=1, description="Per-request string characters limit (default: limits).")
+    metrics_max_models: int = Field(
+        default=100, ge=0, le=1000,
+        description="Dynamic models labelled by name in each replica's metrics; the others share model "
+        "'_other' (models a traffic split or shadow names are always labelled). Ray's metrics agent keeps "
+        "2,000 label sets per metric name for its lifetime (deployments/monitoring/README.md).",
+    )
 
     @field_validator("models", "exclude")
     @classmethod

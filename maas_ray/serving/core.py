@@ -114,7 +114,8 @@ class IngressCore:
         """``pool``: the model pool's handle, when ``args.dynamic`` serves the registry's other models."""
         self.args = args
         self.limits = args.limits
-        self.metrics = ServingMetrics(app=app_name(), models=[m.name for m in args.models])
+        self.metrics = ServingMetrics(app=app_name(), models=[m.name for m in args.models],
+                                      max_models=args.dynamic.metrics_max_models if args.dynamic else None)
         self.metrics.start()
         self.admission = Admission(args)
         self.tokens: Optional[TokenLimiter] = TokenLimiter.from_limits(self.limits)
@@ -200,6 +201,8 @@ class IngressCore:
             sections[section] = given or {}
         for model in {*sections["traffic"], *sections["shadow"]}:  # a dynamic model may be named before its first request
             self.versions.ensure_sync(model)
+            if self.versions.is_dynamic(model) and model in self.versions.slots:
+                self.metrics.add_model(model, always=True)  # a rollout reads its versions by name
         traffic = {**built["traffic"], **sections["traffic"]}
         parsed_traffic = {model: self.versions.check_traffic(model, w) for model, w in traffic.items()}
         batching = {model: {**built["batching"].get(model, {}), **(entry or {})}

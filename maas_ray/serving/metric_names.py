@@ -45,7 +45,8 @@ CACHE_BUDGET = "maas_cache_budget_bytes"
 # Native Ray histograms (what the rollout controller divides)
 REQUEST_LATENCY = "maas_request_latency_seconds"
 SHADOW_AGREEMENT = "maas_shadow_agreement"
-# Histograms exported as three gauges <name>_bucket / _sum / _count (dashboards only)
+# Histograms counted in the replica and sent to native Ray histograms at each flush (dashboards,
+# and TTFT / inter-token latency for the generative rollout guards)
 STAGE_LATENCY = "maas_stage_latency_seconds"
 BATCH_SIZE = "maas_batch_size"
 SHADOW_DIFF = "maas_shadow_max_abs_diff"

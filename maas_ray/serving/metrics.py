@@ -5,8 +5,8 @@ flushes them to ``ray.util.metrics`` objects once per ``flush_interval_s``. Ray'
 agent serves them on each node's metrics export port, with ``ray_`` prepended to every name
 (:data:`EXPORTED_NAMES`). Measured in a Ray actor (timeit, 2-core box):
 request_started + request_finished with four stages 1.9-3.3 us (10.2 us when the latency
-below was observed on the request path), batch() 0.6 us; a flush of 14 histogram series
-(~300 gauge sets) 1.0 ms, once a second, plus one native observation per request.
+below was observed on the request path), batch() 0.6 us; a flush: one native observation
+per request and per counted histogram value (bounded per series, below).
 
 Why aggregate, measured in a Ray actor (Ray 2.60, 2-core box, 5 tags; Cython ``record``
 alone: 2.3 us with 1 tag, 3.8 with 3, 5.4 with 6):
@@ -18,15 +18,30 @@ in-flight gauge twice: ~28 us, 7.6 % of the ~370 us of CPU a tiny-model request 
 Deferring the same calls to a flush (as Serve's replica does with its latencies) moves
 that CPU, it does not remove it.
 
-Histograms that only dashboards read (per-stage latency, batch size, shadow differences) are
-therefore exported as three gauges per series in Prometheus's classic layout
-(``<name>_bucket{le=...}`` cumulative, ``<name>_sum``, ``<name>_count``), set at each flush
-from the in-process bucket counts. ``histogram_quantile`` and ``rate`` work on them as on a
-native histogram, and their counts and sums are exact. A flush costs O(series x buckets)
-gauge sets, independent of the request rate. The exposition declares them ``gauge``.
+Histograms that only dashboards read (per-stage latency, batch size, shadow differences) and
+the generative TTFT and inter-token histograms are counted in process instead (bucket counts,
+a dict update per value) and sent to Ray's native ``Histogram`` at each flush: one observation
+per value counted since the last flush, at the midpoint Ray's agent keeps for that bucket (the
+agent stores bucket counts and rebuilds ``_sum`` from midpoints anyway). Each series sends at
+most :data:`DASHBOARD_MAX_PER_FLUSH` values per flush (:data:`GENERATION_MAX_PER_FLUSH` for
+TTFT and ITL, which the rollout guards read), spread evenly over its buckets; beyond that the
+flush sends an even sample with the same bucket shares, so quantiles hold and ``_count`` under-
+counts (``ray_maas_requests_total`` is the request count). This bounds a flush's cost per series
+whatever the request rate.
 
-The two series the rollout controller divides are native Ray ``Histogram`` objects instead:
-end-to-end request latency (the p99 and error-rate guards), one observation per request, and
+Why not three gauges per series (``_bucket{le=...}``, ``_sum``, ``_count``), the layout this
+module used before: Ray's agent exports through OpenTelemetry's SDK, which keeps at most 2,000
+label sets per metric name for the agent's lifetime (``_DEFAULT_CARDINALITY_LIMIT``; Ray builds
+its ``PrometheusMetricReader`` without a limit of its own) and sends every new label set past that
+into one ``otel.metric.overflow`` series. Every label set ever reported counts, including each
+replica's ``WorkerId``. A gauge-backed histogram has one label set per bucket (18 for latency),
+so 2,000 were reached after ~28 model x version x stage x replica combinations: the many-models
+tests lost new apps' stage-latency series that way. A native histogram has one label set per
+series, 18x fewer. Dynamic apps also bound how many model names get a label of their own
+(``max_models``; the rest share :data:`OTHER_MODEL`).
+
+The two series the classifier rollout guards divide are native Ray ``Histogram`` objects
+observed value by value (exact, not sampled): end-to-end request latency (the p99 and error-rate guards), one observation per request, and
 shadow agreement, one observation per compared item (1 agreed, 0 not). Ray exports and
 ingests series one at a time, so a scrape can see part of a flush: some gauges (or one of two
 counters) a flush ahead of the others, and such a torn state can last a whole export
@@ -49,7 +64,7 @@ latency ``_sum`` is approximate; its buckets and count are exact.
 
 Ray's agent drops a gauge series that no emitter refreshed for two export intervals
 (``2 * max(RAY_metrics_report_interval_ms, 1000) ms``), so every flush re-sets every gauge
-series; ``flush_interval_s`` must stay under that (1 s by default against a 20 s TTL).
+series (in flight, version state, engine gauges); ``flush_interval_s`` must stay under that.
 """
 
 from __future__ import annotations
@@ -61,9 +76,8 @@ from bisect import bisect_left
 from typing import Any, Iterable, Optional
 
 # The names (maas_ray.serving.metric_names): Ray exports each as "ray_" + name (+ "_total" for
-# counters). Histograms: the three gauges <name>_bucket / _sum / _count, except
-# REQUEST_LATENCY and SHADOW_AGREEMENT, native Ray Histograms that Ray exports as the same
-# three series. Re-exported here: callers use metrics.REQUESTS, metrics.EXPORTED_NAMES, ...
+# counters). Histograms are native Ray Histograms, which Ray exports as <name>_bucket /
+# _sum / _count. Re-exported here: callers use metrics.REQUESTS, metrics.EXPORTED_NAMES, ...
 from maas_ray.serving.metric_names import (
     BATCH_SIZE,
     BUCKET,
@@ -107,7 +121,7 @@ logger = logging.getLogger(__name__)
 # for a call slot, the handle call's round trip).
 STAGES = ("decode", "queue", "inference", "encode", "hop")
 PROTOCOLS = ("http_v2", "http_v1", "grpc", "handle", "shadow",  # shadow: mirrored calls to a candidate
-             "openai", "http_generate", "handle_generate")  # generative routes
+             "openai", "http_generate", "handle_generate", "grpc_generate")  # generative routes
 # How a generation ended: the engine's finish reasons, a client that went away, an error.
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 VERSION_STATES = ("ready", "failed", "loading")
@@ -115,6 +129,9 @@ VERSION_STATES = ("ready", "failed", "loading")
 # so labelling it as sent would let any client create series without bound. Registry names
 # start with a letter or digit, so this cannot collide with a real model.
 UNKNOWN_MODEL = "_unknown"
+# The model label shared by served models past ``max_models`` (dynamic apps serving a whole
+# registry): their series would otherwise use up Ray's 2,000 label sets per metric name.
+OTHER_MODEL = "_other"
 # Seconds, 0.1 ms .. 30 s (Prometheus `le` buckets; the +Inf bucket is implicit).
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -141,50 +158,69 @@ MAX_PENDING_LATENCIES = 100_000
 # Measured with benchmarks/flush_stall.py (benchmarks/README.md, eighth round). 0 turns it off.
 FLUSH_YIELD_EVERY = 64
 FLUSH_YIELD_S = 50e-6
+# Values one in-process histogram series sends to Ray per flush (see the module docstring):
+# dashboard-only histograms, and TTFT / inter-token latency, which the rollout guards divide.
+DASHBOARD_MAX_PER_FLUSH = 512
+GENERATION_MAX_PER_FLUSH = 4096
 
 
 class _Hist:
-    """One histogram series in process: per-bucket counts (not cumulative), sum, count."""
+    """One histogram series in process: per-bucket counts (not cumulative), +Inf last."""
 
-    __slots__ = ("bounds", "counts", "sum", "count")
+    __slots__ = ("bounds", "counts", "sent")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # last: +Inf
-        self.sum = 0.0
-        self.count = 0
+        self.sent = [0] * (len(bounds) + 1)  # counts already sent to Ray (the flush's side)
 
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1  # first bound >= value: Prometheus `le`
-        self.sum += value
-        self.count += 1
 
-    def snapshot(self) -> tuple[list[int], float, int]:
-        """(cumulative bucket counts, +Inf last; sum; count)."""
-        cumulative, running = [], 0
-        for c in self.counts:
-            running += c
-            cumulative.append(running)
-        return cumulative, self.sum, self.count
+    def take(self) -> list[int]:
+        """Per-bucket counts since the last take (call under the owner's lock)."""
+        delta = [c - s for c, s in zip(self.counts, self.sent)]
+        self.sent = list(self.counts)
+        return delta
 
 
-class _GaugeHistogram:
-    """A classic Prometheus histogram exported as three Ray gauges (see the module docstring)."""
+def bucket_midpoints(bounds: tuple[float, ...]) -> list[float]:
+    """The value Ray's agent records for each bucket of a histogram with these (positive)
+    bounds, +Inf last: half the first bound, the middle of the others, twice the last bound.
+    Each lies strictly inside its bucket, so it is counted there."""
+    points = [bounds[0] / 2.0]
+    points += [(lo + hi) / 2.0 for lo, hi in zip(bounds, bounds[1:])]
+    points.append(bounds[-1] * 2.0)
+    return points
+
+
+def spread(counts: list[int], limit: int) -> list[int]:
+    """Bucket indices to observe for per-bucket ``counts``: one per count, or ``limit`` of
+    them with the same shares (largest remainder) when there are more. Spread evenly, so an
+    export that catches the flush part-way sees every bucket in about its share."""
+    total = sum(counts)
+    if total > limit:
+        exact = [c * limit / total for c in counts]
+        scaled = [int(x) for x in exact]
+        for i in sorted(range(len(counts)), key=lambda i: scaled[i] - exact[i])[:limit - sum(scaled)]:
+            scaled[i] += 1
+        counts, total = scaled, limit
+    # Bucket i's j-th value goes at position (j + 0.5) / counts[i]: a stable even interleave.
+    order = sorted(((j + 0.5) / c, i) for i, c in enumerate(counts) if c for j in range(c))
+    return [i for _, i in order]
+
+
+class _NativeHistogram:
+    """An in-process histogram family sent to a native Ray ``Histogram`` at each flush."""
 
     def __init__(self, module: Any, name: str, description: str, tag_keys: tuple[str, ...],
-                 bounds: tuple[float, ...]) -> None:
-        self.les = [repr(float(b)) for b in bounds] + ["+Inf"]
-        self.bucket = module.Gauge(f"{name}{BUCKET}", description=f"{description} (cumulative buckets)",
-                                   tag_keys=(*tag_keys, LABEL_LE))
-        self.sum = module.Gauge(f"{name}{SUM}", description=f"{description} (sum)", tag_keys=tag_keys)
-        self.count = module.Gauge(f"{name}{COUNT}", description=f"{description} (count)", tag_keys=tag_keys)
+                 bounds: tuple[float, ...], max_per_flush: int) -> None:
+        self.metric = module.Histogram(name, description=description, boundaries=list(bounds), tag_keys=tag_keys)
+        self.values = bucket_midpoints(bounds)
+        self.max_per_flush = max_per_flush
 
-    def set(self, tags: dict[str, str], snapshot: tuple[list[int], float, int]) -> None:
-        cumulative, total, count = snapshot
-        for le, value in zip(self.les, cumulative):
-            self.bucket.set(value, {**tags, LABEL_LE: le})
-        self.sum.set(total, tags)
-        self.count.set(count, tags)
+    def observations(self, tags: dict[str, str], delta: list[int]) -> list[tuple[float, dict[str, str]]]:
+        return [(self.values[i], tags) for i in spread(delta, self.max_per_flush)]
 
 
 class _RayMetrics:
@@ -201,13 +237,13 @@ class _RayMetrics:
         self.latency = module.Histogram(
             REQUEST_LATENCY, description="End-to-end request latency in the replica, seconds.",
             boundaries=list(LATENCY_BUCKETS), tag_keys=request_tags)
-        self.stage_latency = _GaugeHistogram(
+        self.stage_latency = _NativeHistogram(
             module, STAGE_LATENCY, "Per-stage latency (decode+preprocess, queue, inference, postprocess+encode, "
             "and in fused placement the hop to the inference replica), seconds",
-            (LABEL_APP, LABEL_MODEL, LABEL_VERSION, LABEL_STAGE), LATENCY_BUCKETS)
-        self.batch_size = _GaugeHistogram(
+            (LABEL_APP, LABEL_MODEL, LABEL_VERSION, LABEL_STAGE), LATENCY_BUCKETS, DASHBOARD_MAX_PER_FLUSH)
+        self.batch_size = _NativeHistogram(
             module, BATCH_SIZE, "Items per inference batch", (LABEL_APP, LABEL_MODEL, LABEL_VERSION),
-            BATCH_BUCKETS)
+            BATCH_BUCKETS, DASHBOARD_MAX_PER_FLUSH)
         self.in_flight = module.Gauge(
             IN_FLIGHT, description="Requests in progress in this replica.", tag_keys=(LABEL_APP, LABEL_MODEL))
         shadow_tags = (LABEL_APP, LABEL_MODEL, LABEL_VERSION)
@@ -221,9 +257,9 @@ class _RayMetrics:
         self.payload_log_dropped = module.Counter(
             PAYLOAD_LOG_DROPPED, description="Payload log events dropped (queue full or sink failing; "
             "maas_ray.serving.payload_log).", tag_keys=(LABEL_APP, LABEL_MODEL))
-        self.shadow_diff = _GaugeHistogram(
+        self.shadow_diff = _NativeHistogram(
             module, SHADOW_DIFF, "Largest absolute difference between primary and candidate float outputs",
-            shadow_tags, DIFF_BUCKETS)
+            shadow_tags, DIFF_BUCKETS, DASHBOARD_MAX_PER_FLUSH)
         version_tags = (LABEL_APP, LABEL_MODEL, LABEL_VERSION)
         self.prompt_tokens = module.Counter(
             PROMPT_TOKENS, description="Prompt tokens of finished generations.", tag_keys=version_tags)
@@ -232,12 +268,12 @@ class _RayMetrics:
         self.generations = module.Counter(
             GENERATIONS, description="Finished generations by finish reason (stop, length, cancelled: the client "
             "went away, error).", tag_keys=(*version_tags, LABEL_FINISH_REASON))
-        self.ttft = _GaugeHistogram(
+        self.ttft = _NativeHistogram(
             module, TIME_TO_FIRST_TOKEN, "Time from a generative request's arrival at the ingress to its first "
-            "token, seconds", version_tags, LATENCY_BUCKETS)
-        self.itl = _GaugeHistogram(
+            "token, seconds", version_tags, LATENCY_BUCKETS, GENERATION_MAX_PER_FLUSH)
+        self.itl = _NativeHistogram(
             module, INTER_TOKEN_LATENCY, "Time between a stream's consecutive token events at the ingress, seconds",
-            version_tags, TOKEN_BUCKETS)
+            version_tags, TOKEN_BUCKETS, GENERATION_MAX_PER_FLUSH)
         self.engine_running = module.Gauge(
             ENGINE_RUNNING, description="Sequences in a generative version's running batch (per engine replica).",
             tag_keys=version_tags)
@@ -265,11 +301,16 @@ def agreement_observations(compared: int, agreed: int,
 
 
 def _observe_yielding(observe: Any, observations: Iterable[tuple[float, dict[str, str]]]) -> None:
-    """``observe(value, tags)`` for each pair, releasing the GIL for :data:`FLUSH_YIELD_S`
+    """``observe(value, tags)`` for each pair, paced as :func:`_observe_paced`."""
+    _observe_paced((observe, value, tags) for value, tags in observations)
+
+
+def _observe_paced(observations: Iterable[tuple[Any, float, dict[str, str]]]) -> None:
+    """``observe(value, tags)`` for each triple, releasing the GIL for :data:`FLUSH_YIELD_S`
     after every :data:`FLUSH_YIELD_EVERY` of them (a real sleep: ``sleep(0)`` releases the GIL
     but this thread usually takes it back before the waiting loop thread wakes)."""
     every = FLUSH_YIELD_EVERY
-    for n, (value, tags) in enumerate(observations, 1):
+    for n, (observe, value, tags) in enumerate(observations, 1):
         observe(value, tags)
         if every and n % every == 0:
             time.sleep(FLUSH_YIELD_S)
@@ -289,17 +330,32 @@ class ServingMetrics:
         app: the Serve application name (the ``app`` label).
         flush_interval_s: seconds between flushes once :meth:`start` ran.
         models: the served model names; requests naming any other model are labelled
-            :data:`UNKNOWN_MODEL`. None labels every name as given (trusted callers only).
+            :data:`UNKNOWN_MODEL` until :meth:`add_model` names them. None labels every name as
+            given (trusted callers only).
+        max_models: how many names beyond ``models`` get a label of their own (those
+            :meth:`add_model` names, or with ``models=None`` the first ones seen); later ones
+            share :data:`OTHER_MODEL` and version ``none``. None: no bound. Ray's agent keeps
+            2,000 label sets per metric name (see the module docstring).
         metrics_module: where ``Counter`` and ``Gauge`` come from; ``ray.util.metrics``
             by default (imported on first use). Unit tests pass fakes.
     """
 
     def __init__(self, app: str, *, flush_interval_s: float = 1.0, models: Optional[Iterable[str]] = None,
-                 metrics_module: Any = None) -> None:
+                 max_models: Optional[int] = None, metrics_module: Any = None) -> None:
         if flush_interval_s <= 0:
             raise ValueError(f"flush_interval_s must be > 0, got {flush_interval_s!r}")
         self.app = app
-        self._models = None if models is None else set(models)
+        if max_models is not None and max_models < 0:
+            raise ValueError(f"max_models must be >= 0, got {max_models!r}")
+        # Names labelled as given; None: every name (trusted callers), unless bounded below.
+        self._models: Optional[set[str]] = None if models is None else set(models)
+        self._max_models = max_models
+        self._admit_new = models is None and max_models is not None  # trusted, but bounded
+        if self._admit_new:
+            self._models = set()
+        self._admitted = 0  # names labelled beyond `models`
+        self._others: set[str] = set()  # names past max_models: OTHER_MODEL
+        self._label_lock = threading.Lock()
         self.flush_interval_s = flush_interval_s
         self._module = metrics_module
         self._ray: Optional[_RayMetrics] = None
@@ -327,18 +383,42 @@ class ServingMetrics:
         self._latencies: dict[tuple, list[float]] = {}  # (model, version, protocol, status) -> seconds
         self._pending = 0
         self._latencies_dropped = 0
-        # Flush-side state: what Ray has been told (counters get deltas) and the last snapshots.
+        # Flush-side state: what Ray has been told (counters get deltas; histograms keep theirs).
         self._sent: dict[tuple, int] = {}
-        self._snapshots: dict[tuple, tuple[list[int], float, int]] = {}
         self._tags: dict[tuple, dict[str, str]] = {}  # label dicts by series (also the request path's latency)
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._last_error_log = 0.0
 
     # ---- request path (dict updates only) ----------------------------------------------
+    def _label(self, model: str) -> str:
+        """The model label: the name, :data:`UNKNOWN_MODEL` or :data:`OTHER_MODEL`."""
+        models = self._models
+        if models is None or model in models:
+            return model
+        if model in self._others:
+            return OTHER_MODEL
+        return self._admit(model) if self._admit_new else UNKNOWN_MODEL
+
+    def _admit(self, model: str, always: bool = False) -> str:
+        assert self._models is not None
+        with self._label_lock:
+            if model in self._models:
+                return model
+            if always or self._max_models is None or self._admitted < self._max_models:
+                self._admitted += not always
+                self._others.discard(model)
+                self._models.add(model)
+                return model
+            if model not in self._others:
+                self._others.add(model)
+                logger.warning("model %r is labelled %r in metrics: %d model names are labelled already "
+                               "(max_models; Ray keeps 2,000 label sets per metric name)", model, OTHER_MODEL,
+                               self._max_models)
+            return OTHER_MODEL
+
     def request_started(self, model: str) -> None:
-        if self._models is not None and model not in self._models:
-            model = UNKNOWN_MODEL
+        model = self._label(model)
         with self._lock:
             self._in_flight[model] = self._in_flight.get(model, 0) + 1
 
@@ -353,8 +433,9 @@ class ServingMetrics:
         stages: Optional[dict[str, float]] = None,
     ) -> None:
         """Count one finished request; ``stages``: seconds per name in :data:`STAGES`."""
-        if self._models is not None and model not in self._models:
-            model = UNKNOWN_MODEL
+        model = self._label(model)
+        if model is OTHER_MODEL:
+            version = None
         key = (model, version, protocol, status)
         with self._lock:
             self._in_flight[model] = self._in_flight.get(model, 0) - 1
@@ -384,7 +465,7 @@ class ServingMetrics:
                 self._latencies_dropped += 1
 
     def batch(self, model: str, version: int, size: int) -> None:
-        key = (model, version)
+        key = self._version_key(model, version)
         with self._lock:
             hist = self._batches.get(key)
             if hist is None:
@@ -393,7 +474,7 @@ class ServingMetrics:
 
     def shadow(self, model: str, version: int, *, compared: int, agreed: int, max_abs_diff: Optional[float]) -> None:
         """One mirrored request's agreement with the primary (see maas_ray.serving.shadow)."""
-        key = (model, version)
+        key = self._version_key(model, version)
         with self._lock:
             counts = self._shadow.setdefault(key, [0, 0, 0])
             counts[0] += compared
@@ -409,9 +490,8 @@ class ServingMetrics:
         """One finished generation (all of it in one call, so a token costs the stream nothing
         here): its token counts, how it ended (:data:`FINISH_REASONS`), the time to its first
         token and the gaps between its token events."""
-        if self._models is not None and model not in self._models:
-            model = UNKNOWN_MODEL
-        key = (model, version)
+        key = self._version_key(model, version)
+        model, version = key
         with self._lock:
             counts = self._tokens.get(key)
             if counts is None:
@@ -438,7 +518,7 @@ class ServingMetrics:
             self._engines[(model, version)] = stats
 
     def shadow_dropped(self, model: str, version: int) -> None:
-        key = (model, version)
+        key = self._version_key(model, version)
         with self._lock:
             self._shadow.setdefault(key, [0, 0, 0])[2] += 1
 
@@ -447,14 +527,22 @@ class ServingMetrics:
         with self._lock:
             self._payload_dropped[model] = self._payload_dropped.get(model, 0) + n
 
-    def add_model(self, model: str) -> None:
-        """Label ``model``'s requests by its name from now on (a dynamic model found in the registry)."""
+    def _version_key(self, model: str, version: Optional[int]) -> tuple[str, Optional[int]]:
+        label = self._label(model)
+        return (label, None) if label is OTHER_MODEL else (label, version)
+
+    def add_model(self, model: str, *, always: bool = False) -> None:
+        """Label ``model``'s requests by its name from now on (a dynamic model found in the
+        registry), unless ``max_models`` names are labelled already; ``always``: regardless
+        (a model a rollout or shadow reads by name)."""
         if self._models is not None:
-            self._models.add(model)
+            self._admit(model, always)
 
     def version_state(self, model: str, version: int, state: str) -> None:
         if state not in VERSION_STATES:
             raise ValueError(f"state must be one of {VERSION_STATES}, got {state!r}")
+        if self._label(model) != model:  # one state per version: nothing to share a label
+            return
         with self._lock:
             self._states[(model, version)] = state
 
@@ -519,19 +607,12 @@ class ServingMetrics:
                 tokens = {k: list(v) for k, v in self._tokens.items()}
                 finishes = dict(self._finishes)
                 engines = dict(self._engines)
-                for kind, source in (("ttft", self._ttft), ("itl", self._itl)):
-                    for key, hist in source.items():
-                        self._snapshots[(kind, key)] = hist.snapshot()
-                # Snapshot every histogram (O(series x buckets) once a second): cheaper than
-                # marking the changed ones on every request.
-                for kind, source in (("batch", self._batches),
-                                     ("shadow_diff", self._shadow_diff)):
-                    for key, hist in source.items():
-                        self._snapshots[(kind, key)] = hist.snapshot()
-                for (model, version), per_stage in self._stages.items():
-                    for stage, hist in per_stage.items():
-                        self._snapshots[("stage", (model, version, stage))] = hist.snapshot()
+                # O(series x buckets) once a second: cheaper than marking the changed series on
+                # every request. Only the counts since the last flush are sent.
+                deltas = [(kind, key, delta) for kind, source in self._histograms()
+                          for key, hist in source for delta in (hist.take(),) if any(delta)]
             self._export_latencies(latencies, dropped)
+            self._export_histograms(deltas)
             self._export(in_flight, requests, errors, states)
             self._export_shadow(shadow)
             for model, total in payload_dropped.items():
@@ -585,6 +666,41 @@ class ServingMetrics:
         except Exception:  # the rest of the flush (counters, gauges) still goes out
             self._log_failure("recording request latencies")
 
+    def _histograms(self) -> Iterable[tuple[str, Iterable[tuple[tuple, _Hist]]]]:
+        """Every in-process histogram series as (kind, ((key, histogram), ...)) (under the lock)."""
+        yield "stage", (((model, version, stage), hist) for (model, version), per_stage in self._stages.items()
+                        for stage, hist in per_stage.items())
+        yield "batch", self._batches.items()
+        yield "shadow_diff", self._shadow_diff.items()
+        yield "ttft", self._ttft.items()
+        yield "itl", self._itl.items()
+
+    def _export_histograms(self, deltas: list[tuple[str, tuple, list[int]]]) -> None:
+        """Each series' new bucket counts as native observations, the series interleaved (as
+        :meth:`_export_latencies` does), so a scrape part-way through sees every series alike."""
+        if not deltas:
+            return
+        r = self._ray
+        assert r is not None
+        families = {"stage": (r.stage_latency, self._stage_tags), "batch": (r.batch_size, self._batch_tags),
+                    "shadow_diff": (r.shadow_diff, self._batch_tags), "ttft": (r.ttft, self._batch_tags),
+                    "itl": (r.itl, self._batch_tags)}
+        series = []
+        for kind, key, delta in deltas:
+            family, make_tags = families[kind]
+            series.append((family.metric.observe, family.observations(self._tag((kind, key), make_tags, key), delta)))
+
+        def interleaved():
+            for i in range(max(len(obs) for _, obs in series)):
+                for observe, obs in series:
+                    if i < len(obs):
+                        yield (observe, *obs[i])
+
+        try:
+            _observe_paced(interleaved())
+        except Exception:  # the rest of the flush (counters, gauges) still goes out
+            self._log_failure("recording histograms")
+
     def _export(self, in_flight: dict, requests: dict, errors: dict, states: dict) -> None:
         r = self._ray
         assert r is not None
@@ -593,17 +709,6 @@ class ServingMetrics:
         for key, total in errors.items():
             self._inc(r.errors, ("errors", key), total, self._error_tags, key)
         # Gauges are re-set at every flush: Ray's agent expires series nobody refreshes.
-        for (kind, key), snapshot in self._snapshots.items():
-            if kind == "stage":
-                r.stage_latency.set(self._tag(("stage", key), self._stage_tags, key), snapshot)
-            elif kind == "shadow_diff":
-                r.shadow_diff.set(self._tag(("shadow_diff", key), self._batch_tags, key), snapshot)
-            elif kind == "ttft":
-                r.ttft.set(self._tag(("ttft", key), self._batch_tags, key), snapshot)
-            elif kind == "itl":
-                r.itl.set(self._tag(("itl", key), self._batch_tags, key), snapshot)
-            else:
-                r.batch_size.set(self._tag(("batch", key), self._batch_tags, key), snapshot)
         for model, n in in_flight.items():
             r.in_flight.set(n, {LABEL_APP: self.app, LABEL_MODEL: model})
         for (model, version), current in states.items():

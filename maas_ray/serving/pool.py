@@ -236,7 +236,8 @@ class ModelPool:
         self.limits = None if limits is None else Limits.model_validate(limits)
         self.registry = artifact_registry(registry_root, security)
         self.replica = self._replica_id()
-        self.metrics = ServingMetrics(app=app_name(), models=None)  # batch sizes and states by version
+        self.metrics = ServingMetrics(app=app_name(), models=None,  # batch sizes and states by version
+                                      max_models=self.dynamic.metrics_max_models)
         self.metrics.start()
         self.cache_metrics = PoolMetrics(app_name(), self.replica, self.dynamic.memory_budget_bytes)
         self.cache: VersionCache[LocalPipeline] = VersionCache(

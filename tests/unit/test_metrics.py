@@ -39,7 +39,7 @@ from maas_ray.serving import metric_names as _names
 GENERATIVE_METRICS = {
     _names.PROMPT_TOKENS, _names.COMPLETION_TOKENS, _names.GENERATIONS,
     _names.ENGINE_RUNNING, _names.ENGINE_WAITING, _names.ENGINE_KV_USAGE,
-    *(h + part for h in (_names.TIME_TO_FIRST_TOKEN, _names.INTER_TOKEN_LATENCY) for part in HISTOGRAM_PARTS),
+    _names.TIME_TO_FIRST_TOKEN, _names.INTER_TOKEN_LATENCY,  # native histograms
 }
 
 pytestmark = pytest.mark.unit
@@ -105,9 +105,10 @@ def test_no_ray_objects_before_first_use(fake):
     assert set(FakeMetric.registry) == {
         REQUESTS, ERRORS, IN_FLIGHT, VERSION_STATE,
         REQUEST_LATENCY, SHADOW_AGREEMENT, SHADOW_DROPPED, PAYLOAD_LOG_DROPPED,
-        *(h + part for h in (STAGE_LATENCY, BATCH_SIZE, SHADOW_DIFF) for part in HISTOGRAM_PARTS),
+        STAGE_LATENCY, BATCH_SIZE, SHADOW_DIFF,
         *GENERATIVE_METRICS,
     }
+    assert all(isinstance(FakeMetric.registry[h], FakeHistogram) for h in (STAGE_LATENCY, BATCH_SIZE, SHADOW_DIFF))
     assert FakeMetric.registry[REQUESTS].calls == 1
 
 
@@ -242,27 +243,70 @@ def test_a_failing_latency_observation_never_reaches_the_request_or_the_flush(fa
     assert caplog.text.count("recording request latencies failed") == 1  # at most once a minute
 
 
-def test_stage_histogram_buckets_are_cumulative_and_exact(fake):
+def buckets_of(values, bounds):
+    """Per-bucket counts (+Inf last) of ``values`` as Prometheus counts them (``le`` inclusive)."""
+    counts = [0] * (len(bounds) + 1)
+    for v in values:
+        counts[next((i for i, b in enumerate(bounds) if v <= b), len(bounds))] += 1
+    return counts
+
+
+def test_stage_histograms_send_each_value_once_at_its_buckets_midpoint(fake):
+    """One native observation per counted value, in the value's bucket (le inclusive), at the
+    midpoint Ray's agent records for that bucket."""
     sm = ServingMetrics("app", metrics_module=fake)
     observations = [0.00005, 0.0001, 0.0003, 0.004, 0.004, 1.0, 45.0]  # 0.0001 and 1.0 sit on a bound
     for s in observations:
         sm.request_finished("digits", 2, "http_v2", 200, None, s, {"inference": s})
     sm.flush()
     tags = {"app": "app", "model": "digits", "version": "2", "stage": "inference"}
-    buckets = {le: value(STAGE_LATENCY + BUCKET, **tags, le=le)
-               for le in [repr(b) for b in LATENCY_BUCKETS] + ["+Inf"]}
-    assert buckets["0.0001"] == 2  # le is inclusive
-    assert buckets["0.00025"] == 2
-    assert buckets["0.0005"] == 3
-    assert buckets["0.0025"] == 3
-    assert buckets["0.005"] == 5
-    assert buckets["0.5"] == 5
-    assert buckets["1.0"] == 6
-    assert buckets["30.0"] == 6
-    assert buckets["+Inf"] == 7
-    assert list(buckets.values()) == sorted(buckets.values())
-    assert value(STAGE_LATENCY + COUNT, **tags) == 7
-    assert value(STAGE_LATENCY + SUM, **tags) == pytest.approx(sum(observations))
+    sent = value(STAGE_LATENCY, **tags)
+    assert buckets_of(sent, LATENCY_BUCKETS) == buckets_of(observations, LATENCY_BUCKETS)
+    assert set(sent) <= set(m.bucket_midpoints(LATENCY_BUCKETS))
+    assert FakeMetric.registry[STAGE_LATENCY].boundaries == list(LATENCY_BUCKETS)
+    sm.flush()
+    assert len(value(STAGE_LATENCY, **tags)) == 7  # an idle series sends nothing more
+    sm.request_finished("digits", 2, "http_v2", 200, None, 0.02, {"inference": 0.02})
+    sm.flush()
+    assert value(STAGE_LATENCY, **tags)[7:] == [pytest.approx((0.01 + 0.025) / 2)]
+
+
+def test_bucket_midpoints_are_the_ones_rays_agent_records():
+    """Ray's OpenTelemetryMetricRecorder rebuilds observations from these midpoints; each must
+    fall in its own bucket."""
+    assert m.bucket_midpoints((1.0, 2.0, 4.0)) == [0.5, 1.5, 3.0, 8.0]
+    for bounds in (LATENCY_BUCKETS, m.BATCH_BUCKETS, m.DIFF_BUCKETS, m.TOKEN_BUCKETS):
+        points = m.bucket_midpoints(bounds)
+        assert [buckets_of([p], bounds).index(1) for p in points] == list(range(len(bounds) + 1))
+
+
+@pytest.mark.parametrize("counts, limit", [([3, 0, 1], 10), ([600, 300, 100, 0], 100), ([999, 1], 10),
+                                          ([1, 1, 1, 1, 1], 2), ([0, 0], 5)])
+def test_spread_keeps_counts_or_their_shares_and_interleaves(counts, limit):
+    picked = m.spread(counts, limit)
+    total = sum(counts)
+    assert len(picked) == min(total, limit)
+    got = [picked.count(i) for i in range(len(counts))]
+    if total <= limit:
+        assert got == counts
+    else:
+        assert all(abs(g - c * limit / total) < 1 for g, c in zip(got, counts))  # largest remainder
+    if counts == [600, 300, 100, 0]:  # evenly spread: every prefix holds about its share
+        assert picked[:10].count(0) in (5, 6, 7) and 2 in picked[:20]
+
+
+def test_a_series_sends_at_most_its_bound_per_flush_with_the_same_shares(fake, monkeypatch):
+    monkeypatch.setattr(m, "DASHBOARD_MAX_PER_FLUSH", 50)
+    sm = ServingMetrics("app", metrics_module=fake)
+    for i in range(1000):
+        s = 0.004 if i % 10 else 0.3  # 10 % slow
+        sm.request_finished("digits", 1, "http_v2", 200, None, s, {"queue": s})
+    sm.flush()
+    sent = value(STAGE_LATENCY, app="app", model="digits", version="1", stage="queue")
+    assert len(sent) == 50
+    assert buckets_of(sent, LATENCY_BUCKETS) == buckets_of([0.004] * 45 + [0.3] * 5, LATENCY_BUCKETS)
+    tags = {"app": "app", "model": "digits", "version": "1", "protocol": "http_v2", "status": "200"}
+    assert len(value(REQUEST_LATENCY, **tags)) == 1000  # the rollout's latency stays exact
 
 
 def test_stages_and_batches(fake):
@@ -271,18 +315,34 @@ def test_stages_and_batches(fake):
     assert tuple(stages) == STAGES
     sm.request_finished("digits", 1, "http_v2", 200, None, 0.004, stages)
     sm.request_finished("digits", 1, "handle", 200, None, 0.004, stages)
-    for size in (1, 3, 32, 2000):
+    sizes = (1, 3, 32, 2000)
+    for size in sizes:
         sm.batch("digits", 1, size)
     sm.flush()
     base = {"app": "app", "model": "digits", "version": "1"}
     for stage, seconds in stages.items():
-        assert value(STAGE_LATENCY + COUNT, **base, stage=stage) == 2
-        assert value(STAGE_LATENCY + SUM, **base, stage=stage) == pytest.approx(2 * seconds)
-    assert value(STAGE_LATENCY + BUCKET, **base, stage="inference", le="0.0025") == 0
-    assert value(STAGE_LATENCY + BUCKET, **base, stage="inference", le="0.005") == 2
-    assert [value(BATCH_SIZE + BUCKET, **base, le=le) for le in ("1.0", "2.0", "4.0", "32.0", "1024.0", "+Inf")] \
-        == [1, 1, 2, 3, 3, 4]
-    assert value(BATCH_SIZE + SUM, **base) == 2036
+        assert buckets_of(value(STAGE_LATENCY, **base, stage=stage), LATENCY_BUCKETS) == \
+            buckets_of([seconds, seconds], LATENCY_BUCKETS)
+    assert buckets_of(value(BATCH_SIZE, **base), m.BATCH_BUCKETS) == buckets_of(sizes, m.BATCH_BUCKETS)
+
+
+def test_histogram_series_are_interleaved_in_a_flush(fake):
+    """As request latencies: a scrape part-way through a flush sees every series about alike
+    (the generative rollout guards divide TTFT and inter-token series of two versions)."""
+    order = []
+
+    class Recording(FakeHistogram):
+        def observe(self, value, tags=None):
+            if self.name == _names.TIME_TO_FIRST_TOKEN:
+                order.append(tags["version"])
+            super().observe(value, tags)
+
+    sm = ServingMetrics("app", metrics_module=SimpleNamespace(Counter=FakeCounter, Gauge=FakeGauge, Histogram=Recording))
+    for version in (1, 2):
+        for _ in range(3):
+            sm.generation("lm", version, prompt_tokens=3, completion_tokens=4, finish_reason="stop", ttft_s=0.05)
+    sm.flush()
+    assert order == ["1", "2"] * 3
 
 
 def test_gauges_are_refreshed_every_flush(fake):
@@ -291,11 +351,43 @@ def test_gauges_are_refreshed_every_flush(fake):
     sm.request_finished("digits", 1, "http_v2", 200, None, 0.001, {"inference": 0.001})
     sm.version_state("digits", 1, "ready")
     sm.flush()
-    bucket = FakeMetric.registry[STAGE_LATENCY + BUCKET]
     state = FakeMetric.registry[VERSION_STATE]
-    before = (bucket.calls, state.calls)
+    before = state.calls
     sm.flush()
-    assert bucket.calls == 2 * before[0] and state.calls == 2 * before[1]
+    assert state.calls == 2 * before
+
+
+def test_dynamic_model_labels_are_bounded(fake, caplog):
+    """Ray's agent keeps 2,000 label sets per metric name: a dynamic app labels at most
+    max_models names; the others share OTHER_MODEL with version none."""
+    sm = ServingMetrics("app", models=["configured"], max_models=2, metrics_module=fake)
+    for name in ("a", "b", "c", "d"):
+        sm.add_model(name)
+    sm.add_model("d", always=True)  # named by a traffic split or shadow: always labelled
+    for name in ("configured", "a", "b", "c", "d", "never-added"):
+        sm.request_started(name)
+        sm.request_finished(name, 3, "http_v2", 200, None, 0.001, {"inference": 0.001})
+        sm.batch(name, 3, 4)
+        sm.version_state(name, 3, "ready")
+    sm.flush()
+    labels = {(dict(k)["model"], dict(k)["version"]) for k in FakeMetric.registry[REQUESTS].values}
+    assert labels == {("configured", "3"), ("a", "3"), ("b", "3"), ("d", "3"), (m.OTHER_MODEL, "none"),
+                      (m.UNKNOWN_MODEL, "3")}
+    assert {dict(k)["model"] for k in FakeMetric.registry[BATCH_SIZE].values} == \
+        {"configured", "a", "b", "d", m.OTHER_MODEL, m.UNKNOWN_MODEL}
+    assert {dict(k)["model"] for k in FakeMetric.registry[VERSION_STATE].values} == {"configured", "a", "b", "d"}
+    assert caplog.text.count("'c' is labelled '_other'") == 1
+
+
+def test_trusted_metrics_with_a_bound_label_the_first_names_seen(fake):
+    sm = ServingMetrics("app", models=None, max_models=1, metrics_module=fake)  # the model pool's
+    for name in ("a", "b", "a"):
+        sm.batch(name, 1, 2)
+    sm.flush()
+    assert {(dict(k)["model"], dict(k)["version"]) for k in FakeMetric.registry[BATCH_SIZE].values} == \
+        {("a", "1"), (m.OTHER_MODEL, "none")}
+    with pytest.raises(ValueError, match="-1"):
+        ServingMetrics("app", max_models=-1)
 
 
 def test_version_state(fake):
@@ -332,7 +424,8 @@ def test_flush_errors_never_reach_the_request_path(fake, caplog):
     assert caplog.text.count("agent down") <= 2  # rate-limited
 
 
-def test_concurrent_recording_and_flushing(fake):
+def test_concurrent_recording_and_flushing(fake, monkeypatch):
+    monkeypatch.setattr(m, "DASHBOARD_MAX_PER_FLUSH", 10**6)  # exact counts, whatever a flush finds
     sm = ServingMetrics("app", flush_interval_s=0.001, metrics_module=fake)
     sm.start()
 
@@ -349,7 +442,7 @@ def test_concurrent_recording_and_flushing(fake):
     sm.stop()
     tags = {"app": "app", "model": "digits", "version": "1"}
     assert value(REQUESTS, **tags, protocol="http_v2", status="200") == 8000
-    assert value(STAGE_LATENCY + COUNT, **tags, stage="queue") == 8000
+    assert len(value(STAGE_LATENCY, **tags, stage="queue")) == 8000
     assert value(IN_FLIGHT, app="app", model="digits") == 0
 
 
@@ -390,9 +483,7 @@ def test_shadow_agreement_drops_and_differences(fake):
     tags = {"app": "app", "model": "digits", "version": "2"}
     assert sorted(value(SHADOW_AGREEMENT, **tags)) == [0.0, 1.0, 1.0, 1.0, 1.0]  # 4 of 5 agreed
     assert value(SHADOW_DROPPED, **tags) == 1
-    assert value(SHADOW_DIFF + COUNT, **tags) == 1
-    assert value(SHADOW_DIFF + BUCKET, **tags, le="0.1") == 1
-    assert value(SHADOW_DIFF + BUCKET, **tags, le="0.01") == 0
+    assert buckets_of(value(SHADOW_DIFF, **tags), m.DIFF_BUCKETS) == buckets_of([0.02], m.DIFF_BUCKETS)
 
 
 def test_agreement_is_observed_per_item_once_and_spread_evenly(fake):

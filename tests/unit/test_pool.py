@@ -159,7 +159,8 @@ def serve_side(monkeypatch):
     monkeypatch.setattr(replicas, "replica_cpus", lambda default=1: 1)  # Ray's runtime context auto-starts Ray
     monkeypatch.setattr(pool_mod, "freeze_startup_objects", lambda: None)  # no gc.freeze in the test process
     monkeypatch.setattr(pool_mod, "ServingMetrics",
-                        lambda app, models=None: ServingMetrics(app, models=models, metrics_module=FakeModule()))
+                        lambda app, models=None, max_models=None: ServingMetrics(
+                            app, models=models, max_models=max_models, metrics_module=FakeModule()))
     side.fake = FakeModule()  # the pool's cache metrics (PoolMetrics) flush here
     return side
 
