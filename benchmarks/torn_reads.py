@@ -56,8 +56,6 @@ def _busy() -> None:
         pass
 
 
-@ray.remote(num_cpus=0)
-
 class CountedHistogram:
     """A histogram counted in process: cumulative buckets, sum and count."""
 
@@ -90,6 +88,8 @@ class GaugeHistogram:
         self.sum.set(total, tags)
         self.count.set(count, tags)
 
+
+@ray.remote(num_cpus=0)
 class Emitter:
     def __init__(self, check: str) -> None:
         from ray.util import metrics

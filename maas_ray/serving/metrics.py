@@ -27,7 +27,10 @@ most :data:`DASHBOARD_MAX_PER_FLUSH` values per flush (:data:`GENERATION_MAX_PER
 TTFT and ITL, which the rollout guards read), spread evenly over its buckets; beyond that the
 flush sends an even sample with the same bucket shares, so quantiles hold and ``_count`` under-
 counts (``ray_maas_requests_total`` is the request count). This bounds a flush's cost per series
-whatever the request rate.
+whatever the request rate. Measured (``benchmarks/metrics_flush_cost.py``, thread CPU, loaded
+2-core box): four stage series add 2.3 ms to the flush after 100 requests and 6.6-6.8 ms after
+1,000-5,000 (the bound), against 0.4 ms for the gauge layout below and 6-31 ms for the exact
+request-latency observations of the same flushes: at most ~0.7 % of a core per model version.
 
 Why not three gauges per series (``_bucket{le=...}``, ``_sum``, ``_count``), the layout this
 module used before: Ray's agent exports through OpenTelemetry's SDK, which keeps at most 2,000
@@ -160,7 +163,7 @@ FLUSH_YIELD_EVERY = 64
 FLUSH_YIELD_S = 50e-6
 # Values one in-process histogram series sends to Ray per flush (see the module docstring):
 # dashboard-only histograms, and TTFT / inter-token latency, which the rollout guards divide.
-DASHBOARD_MAX_PER_FLUSH = 512
+DASHBOARD_MAX_PER_FLUSH = 256
 GENERATION_MAX_PER_FLUSH = 4096
 
 
