@@ -168,9 +168,11 @@ class IngressCore:
             logger.debug("released free memory in %.1f ms", seconds * 1e3)
 
     def check_health(self) -> None:
-        """Keep the background loops alive (Serve's periodic health check calls this)."""
+        """Keep the background loops alive (Serve's periodic health check calls this). A loop
+        that returned had nothing to do in this app (no dynamic models, no request timeout);
+        one that raised or was cancelled is restarted, with the others."""
         for task in self._background:
-            if task.done():
+            if task.done() and (task.cancelled() or task.exception() is not None):
                 logger.error("a background loop stopped (%r); restarting them", task)
                 for other in self._background:
                     other.cancel()

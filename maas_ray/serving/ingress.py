@@ -5,8 +5,9 @@ shadow, metrics: no transport) and puts every transport in front of it:
 
 - HTTP (OIP v2, v1, health, metadata, OpenAPI): :mod:`maas_ray.serving.http`, the ASGI app
   Serve builds per replica;
-- gRPC (OIP v2 ``inference.GRPCInferenceService``): :mod:`maas_ray.serving.grpc`; Serve's gRPC
-  proxy calls the deployment method named like the RPC, so each RPC is forwarded below;
+- gRPC (OIP v2 ``inference.GRPCInferenceService``): :mod:`maas_ray.serving.grpc`, and its
+  streaming ``ModelStreamInfer`` for generative versions: :mod:`maas_ray.serving.grpc_generate`;
+  Serve's gRPC proxy calls the deployment method named like the RPC, so each RPC is forwarded below;
 - Python handles (``MaasClient``, other Ray jobs): :mod:`maas_ray.serving.handle`.
 
 Nothing else lives here: what a request does is in the core, how it is spelled on the wire
@@ -22,6 +23,7 @@ from maas_ray.serving.compat import asgi_ingress
 from maas_ray.serving.config import AppArgs
 from maas_ray.serving.core import IngressCore
 from maas_ray.serving.grpc import GrpcService
+from maas_ray.serving.grpc_generate import GrpcGenerateService
 from maas_ray.serving.http import HttpApp, build_api
 from maas_ray.serving.replicas import freeze_startup_objects, use_serve_logging
 from maas_ray.serving.types import GenerateRequest, GenerationChunk
@@ -42,6 +44,7 @@ class Ingress:
         use_serve_logging()
         self.core = IngressCore(AppArgs.model_validate(args), routes, resolved, pool=pool)
         self.grpc = GrpcService(self.core)
+        self.grpc_generate = GrpcGenerateService(self.core)
         freeze_startup_objects()
 
     # ---- Serve's lifecycle hooks ------------------------------------------------------
@@ -93,6 +96,11 @@ class Ingress:
 
     async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         return await self.grpc.ModelInfer(request, grpc_context)
+
+    async def ModelStreamInfer(self, requests: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
+        """Bidi streaming: Serve passes the client's request messages as an async iterator."""
+        async for response in self.grpc_generate.stream(requests, grpc_context):
+            yield response
 
     async def RepositoryIndex(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         return await self.grpc.RepositoryIndex(request, grpc_context)

@@ -85,3 +85,30 @@ def test_a_bad_user_config_is_refused_whole(core, user_config, message):
 def test_an_unknown_model_in_user_config_is_refused(core):
     with pytest.raises(ModelNotFoundError):
         core.reconfigure({"traffic": {"nope": {"1": 1}}})
+
+
+def test_health_checks_keep_loops_with_nothing_to_do_and_restart_failed_ones(core, caplog):
+    """A static app's dynamic-refresh loop returns at once: that is not a stopped loop (it was
+    logged as an error and every loop restarted at each health check). A loop that raised is."""
+    import asyncio
+
+    async def scenario():
+        core.ensure_background()
+        await asyncio.sleep(0.05)  # the loops with nothing to do in this app return
+        assert any(t.done() for t in core._background)
+        first = list(core._background)
+        core.check_health()
+        assert core._background == first and "background loop stopped" not in caplog.text
+
+        async def broken():
+            raise RuntimeError("registry gone")
+
+        core._background.append(asyncio.get_running_loop().create_task(broken()))
+        await asyncio.sleep(0)
+        core.check_health()
+        assert "background loop stopped" in caplog.text and core._background != first
+        for task in core._background:
+            task.cancel()
+        core._background = []
+
+    asyncio.run(scenario())

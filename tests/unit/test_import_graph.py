@@ -44,7 +44,7 @@ SERVING_LAYERS = [
     {"replicas", "generation", "pool", "pool_router"},
     {"versions"},
     {"core"},
-    {"http", "grpc", "handle", "http_generate"},
+    {"http", "grpc", "handle", "http_generate", "grpc_generate"},
     {"ingress"},
     {"app", "client", "deploy", "__init__"},
 ]
