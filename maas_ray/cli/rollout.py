@@ -38,6 +38,9 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             shadow_s=args.shadow, steps=[float(s) for s in args.steps.split(",")], interval_s=args.interval,
             max_error_rate=args.max_error_rate, max_p99_ratio=args.max_p99_ratio,
             min_agreement=None if args.min_agreement < 0 else args.min_agreement, min_requests=args.min_requests,
+            max_ttft_p99_ratio=args.max_ttft_p99_ratio, max_itl_p99_ratio=args.max_itl_p99_ratio,
+            min_generation_agreement=None if args.min_generation_agreement < 0 else args.min_generation_agreement,
+            min_overlap=args.min_overlap,
         )
         state = start_rollout(config, args.registry)
         print(f"rollout {state['id']}: {args.model} {state['baseline']} -> {args.candidate} in app {args.app!r}, "
@@ -58,9 +61,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     for record in state.get("history", []):
         ev = record["evidence"]
         where = "shadow" if record["phase"] == "shadow" else f"step {record['weight']:g} %"
+        latency = (f"TTFT p99 ratio {_fmt(ev.get('ttft_p99_ratio'))}, ITL p99 ratio {_fmt(ev.get('itl_p99_ratio'))}"
+                   if ev.get("kind") == "generative" else f"p99 ratio {_fmt(ev['p99_ratio'])}")
         print(f"  {where}: {record['verdict']} (candidate requests {ev['candidate_requests']:.0f}, "
-              f"error rate {_fmt(ev['error_rate'])}, p99 ratio {_fmt(ev['p99_ratio'])}, "
-              f"agreement {_fmt(ev['agreement'])})")
+              f"error rate {_fmt(ev['error_rate'])}, {latency}, agreement {_fmt(ev['agreement'])})")
     if state.get("decision"):
         print(f"  decision: {state['decision']['decision']}: {state['decision']['why']}")
     return 0
@@ -85,6 +89,14 @@ def add_rollout_parser(sub: argparse._SubParsersAction, common: argparse.Argumen
     p.add_argument("--min-agreement", type=float, default=0.98,
                    help="Guard: top-1 agreement with the primary (default 0.98; negative: off).")
     p.add_argument("--min-requests", type=int, default=20, help="Candidate requests a step needs (default 20).")
+    p.add_argument("--max-ttft-p99-ratio", type=float, default=1.5,
+                   help="Guard (generative): time-to-first-token p99 candidate/baseline (default 1.5).")
+    p.add_argument("--max-itl-p99-ratio", type=float, default=1.5,
+                   help="Guard (generative): inter-token latency p99 candidate/baseline (default 1.5).")
+    p.add_argument("--min-generation-agreement", type=float, default=0.9,
+                   help="Guard (generative): share of mirrored generations that agreed (default 0.9; negative: off).")
+    p.add_argument("--min-overlap", type=float, default=0.5,
+                   help="Generative: word overlap a sampled generation needs to agree (default 0.5).")
     for name in ("status", "abort"):
         q = rsub.add_parser(name, parents=[common], help=f"{name.capitalize()} the model's rollout.")
         q.add_argument("model")

@@ -13,6 +13,12 @@ The state, every window's evidence and the decision are written to the registry
 (``<model>/_rollouts/<id>.json``) after every change. The actor restarts on failure
 (``max_restarts=-1``) and resumes from that record: the current step is re-applied and judged
 on a fresh window, so traffic never stays split at an unjudged step.
+
+A generative candidate (its manifest's ``kind`` is ``generative``, read from the registry when
+the rollout starts) is judged by :func:`maas_ray.rollout.evidence.judge_generative`: time to
+first token and inter-token latency against the baseline's, error rate, and the agreement of
+its mirrored generations (``max_ttft_p99_ratio``, ``max_itl_p99_ratio``,
+``min_generation_agreement``, ``min_overlap``), instead of the request p99 and top-1 agreement.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from maas_ray.errors import ConfigError
 from maas_ray.registry import Registry
-from maas_ray.rollout.evidence import Snapshot, judge
+from maas_ray.rollout.evidence import Evidence, Snapshot, judge, judge_generative
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +63,22 @@ class RolloutConfig(BaseModel):
         default=0.98, ge=0, le=1, description="Guard: top-1 agreement with the primary (classifiers); null: off.")
     min_requests: int = Field(default=20, ge=1, description="Candidate requests a window needs to be judged.")
     alias: str = Field(default="production", description="Alias moved to the candidate on promotion.")
+    max_ttft_p99_ratio: float = Field(
+        default=1.5, gt=0, description="Guard (generative): candidate time-to-first-token p99 / baseline's.")
+    max_itl_p99_ratio: float = Field(
+        default=1.5, gt=0, description="Guard (generative): candidate inter-token latency p99 / baseline's.")
+    min_generation_agreement: Optional[float] = Field(
+        default=0.9, ge=0, le=1,
+        description="Guard (generative): share of mirrored generations that agreed with the primary (greedy: "
+                    "identical text; sampled: word overlap >= min_overlap); null: off.")
+    min_overlap: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Generative: a sampled mirrored generation agrees when its word overlap (multiset Jaccard) "
+                    "with the primary's is at least this.")
+    min_latency_samples: int = Field(
+        default=10, ge=1,
+        description="Generative: generations (TTFT observations) the candidate and the baseline each need in a "
+                    "window before their TTFT and inter-token p99 ratios are judged.")
 
     @field_validator("steps")
     @classmethod
@@ -84,6 +106,8 @@ class RolloutController:
             raise ConfigError(f"no rollout record {model}/{rollout_id}")
         self.state = state
         self.config = RolloutConfig.model_validate(state["config"])
+        self.generative = (state.get("kind") or version_kind(self.registry, model, self.config.candidate)) \
+            == "generative"
         self._lock = threading.Lock()
         self._abort = threading.Event()
         self._thread = threading.Thread(target=self._run_safely, name="maas-rollout", daemon=True)
@@ -128,16 +152,7 @@ class RolloutController:
                     self._rollback("aborted by the operator", phase="aborted")
                     return
                 after = Snapshot.scrape(cfg.app, cfg.model)
-                evidence = judge(
-                    after.minus(before), cfg.candidate, self.state["baseline"],
-                    max_error_rate=cfg.max_error_rate, max_p99_ratio=cfg.max_p99_ratio,
-                    min_agreement=cfg.min_agreement, min_requests=cfg.min_requests,
-                    # At 100 % the baseline has no live traffic in this window: a p99 from an
-                    # earlier window (another load) is no fair comparison, so that step judges
-                    # errors only (the steps before it judged latency), as Flagger stops
-                    # analysing at full weight.
-                    baseline_p99_fallback=None,
-                )
+                evidence = self._judge(after.minus(before))
                 if evidence.failed or evidence.enough or extensions >= MAX_EXTENSIONS:
                     break
                 extensions += 1  # too few requests to judge: keep observing the same window
@@ -159,6 +174,22 @@ class RolloutController:
             self._set(phase_index=index + 1)
         self._promote()
 
+    def _judge(self, window: Snapshot) -> Evidence:
+        """The guards of the candidate's kind on one window. At 100 % the baseline has no live
+        traffic in the window: a p99 from an earlier window (another load) is no fair
+        comparison, so that step judges errors only (the steps before it judged latency), as
+        Flagger stops analysing at full weight."""
+        cfg = self.config
+        if self.generative:
+            return judge_generative(
+                window, cfg.candidate, self.state["baseline"], max_error_rate=cfg.max_error_rate,
+                max_ttft_p99_ratio=cfg.max_ttft_p99_ratio, max_itl_p99_ratio=cfg.max_itl_p99_ratio,
+                min_agreement=cfg.min_generation_agreement, min_requests=cfg.min_requests,
+                min_latency_samples=cfg.min_latency_samples)
+        return judge(window, cfg.candidate, self.state["baseline"], max_error_rate=cfg.max_error_rate,
+                     max_p99_ratio=cfg.max_p99_ratio, min_agreement=cfg.min_agreement,
+                     min_requests=cfg.min_requests, baseline_p99_fallback=None)
+
     # ---- traffic ------------------------------------------------------------------------
     def _apply(self, weight: Optional[float]) -> None:
         """Shadow: the original traffic, every request mirrored to the candidate. Step: the
@@ -175,8 +206,10 @@ class RolloutController:
         traffic[str(self.state["baseline"])] = 100.0 - live
         traffic[str(cfg.candidate)] = float(live)
         user_config["traffic"][cfg.model] = traffic
-        user_config.setdefault("shadow", {})[cfg.model] = (
-            {"version": str(cfg.candidate), "share": 1.0} if live < 100 else None)
+        target = {"version": str(cfg.candidate), "share": 1.0}
+        if self.generative:
+            target["min_overlap"] = cfg.min_overlap
+        user_config.setdefault("shadow", {})[cfg.model] = target if live < 100 else None
         _push(cfg.app, user_config)
 
     def _promote(self) -> None:
@@ -214,6 +247,11 @@ class RolloutController:
         with self._lock:
             self.state.setdefault("history", []).append(record)
         self._set(**changes)
+
+
+def version_kind(registry: Registry, model: str, version: int) -> str:
+    """``generative`` or ``predictive``: the version's manifest kind, which picks the guards."""
+    return registry.describe(model, version).kind
 
 
 def _number(ref: str, resolved: dict[str, int]) -> Optional[int]:
@@ -269,12 +307,16 @@ def start_rollout(config: RolloutConfig, registry_root: Optional[str] = None) ->
     if baseline == config.candidate or states.get(str(baseline)) != "ready":
         raise ConfigError(f"baseline {config.model}:{baseline} must be another ready version; states: {states}")
     rollout_id = f"{config.candidate}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    registry = Registry(registry_root)
+    kind = version_kind(registry, config.model, config.candidate)
+    if version_kind(registry, config.model, baseline) != kind:
+        raise ConfigError(f"candidate {config.model}:{config.candidate} is {kind} but baseline {baseline} is not: "
+                          "a rollout compares versions of one kind")
     state = {
-        "id": rollout_id, "config": config.model_dump(), "baseline": baseline, "phase": "starting",
+        "id": rollout_id, "config": config.model_dump(), "baseline": baseline, "kind": kind, "phase": "starting",
         "phase_index": 0, "original_user_config": current["user_config"],
         "resolved": current["resolved"][config.model], "history": [], "created_at": _iso(time.time()),
     }
-    registry = Registry(registry_root)
     registry.write_record(config.model, KIND, rollout_id, state)
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(RolloutController)
     actor_cls.options(name=actor_name(config.app, config.model), namespace=NAMESPACE, lifetime="detached",

@@ -44,6 +44,7 @@ from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.payload_log import PayloadLogger
 from maas_ray.serving.replicas import app_name, release_free_memory
 from maas_ray.serving.shadow import ShadowMirror, parse_shadow
+from maas_ray.serving.shadow_generate import COMPLETED, GenerativeMirror
 from maas_ray.serving.types import GenerateRequest, GenerationChunk, InferResult, Tensors
 from maas_ray.serving.versions import VersionSlot, VersionTable
 
@@ -122,6 +123,7 @@ class IngressCore:
         self.deadlines = RequestDeadlines(self.limits.request_timeout_s)
         self.versions = VersionTable(args, routes, resolved, self.metrics, pool=pool)
         self.shadow = ShadowMirror(self._shadow_call, self.metrics)
+        self.generative_shadow = GenerativeMirror(self.shadow, self._shadow_generate, self.metrics)
         self.batching: dict[str, Any] = {}  # model -> the user_config batching entry last applied
         self.key_header = args.request_key_header.lower()
         self._background: list[asyncio.Task] = []
@@ -249,7 +251,9 @@ class IngressCore:
         return {
             "user_config": {
                 "traffic": {m: dict(refs) for m, refs in v.refs.items()},
-                "shadow": {m: {"version": str(t.version), "share": t.share} for m, t in self.shadow.targets.items()},
+                "shadow": {m: {"version": str(t.version), "share": t.share,
+                               **({} if t.min_overlap is None else {"min_overlap": t.min_overlap})}
+                           for m, t in self.shadow.targets.items()},
                 "batching": dict(self.batching),
             },
             "resolved": {m: dict(a) for m, a in v.aliases.items()},
@@ -348,7 +352,7 @@ class IngressCore:
         return InvalidInputError(
             f"model {model!r} version {slot.number} is a generative model: send its requests to POST "
             f"/v1/completions or /v1/chat/completions (model {model!r}), POST /v2/models/{model}/generate or "
-            "/generate_stream, or MaasClient.generate")
+            "/generate_stream, gRPC ModelStreamInfer, or MaasClient.generate")
 
     def token_key(self, principal: Principal, client: str) -> Optional[str]:
         """Whose token budget a generation is charged to (None: no token limit)."""
@@ -375,6 +379,9 @@ class IngressCore:
         start = time.perf_counter() if start is None else start
         stream = slot.route.generate(request)
         last, ttft, gaps, final, reason = start, None, [], None, "error"
+        # A mirrored copy runs alongside (shadow_generate); it gets the primary's text at the end.
+        mirror = self.generative_shadow.begin(model, slot.number, request, start)
+        texts: Optional[list[str]] = None if mirror is None else []
         try:
             async for chunk in stream:
                 now = time.perf_counter()
@@ -385,6 +392,8 @@ class IngressCore:
                         gaps.append(now - last)
                     last = now
                 final = chunk
+                if texts is not None:
+                    texts.append(chunk.text)
                 yield chunk
             reason = (final.finish_reason if final is not None else None) or "stop"
         except (asyncio.CancelledError, GeneratorExit):
@@ -397,6 +406,9 @@ class IngressCore:
                                     finish_reason=reason, ttft_s=ttft, itl_s=gaps)
             if who is not None and self.tokens is not None:
                 self.tokens.charge(who, prompt + completion)
+            if mirror is not None and not mirror.done():
+                completed = final is not None and final.finish_reason in COMPLETED
+                mirror.set_result("".join(texts) if completed else None)
 
     async def generation_stats(self) -> dict[str, Any]:
         """Every generative version's engine stats (running, waiting, KV use, ...), ops and tests."""
@@ -406,6 +418,20 @@ class IngressCore:
                 if slot.generative and slot.state == "ready":
                     out.setdefault(model, {})[str(number)] = await slot.route.stats()
         return out
+
+    async def _shadow_generate(self, model: str, version: int,
+                               request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        """A mirrored generation's chunks from ``version`` (:mod:`.shadow_generate`)."""
+        slot = self.versions.slot(model, version)
+        slot.require_ready(model)
+        if not slot.generative:
+            raise InvalidInputError(f"shadow target {model}:{version} is not a generative version")
+        stream = slot.route.generate(request)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()
 
     async def _shadow_call(self, model: str, version: int, tensors: Tensors, strict: bool) -> Tensors:
         slot = self.versions.slot(model, version)

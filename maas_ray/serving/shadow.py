@@ -7,6 +7,7 @@ replica, and a request that finds them all busy is not mirrored (counted as drop
 mirrored call records the candidate's latency and errors (``protocol="shadow"`` in the request
 metrics) and how it agrees with the primary: top-1 agreement where both answer a ``label``
 output (classifiers), the largest absolute difference over the float outputs both return.
+Generative models are mirrored to the same target by :mod:`maas_ray.serving.shadow_generate`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ SHADOW_TIMEOUT_S = 30.0
 class ShadowTarget:
     version: int
     share: float  # 0..1 of the model's requests
+    # Generative models: a sampled continuation agrees when its word overlap with the primary's
+    # is at least this (None: maas_ray.serving.shadow_generate.DEFAULT_MIN_OVERLAP).
+    min_overlap: Optional[float] = None
 
 
 def compare(primary: Tensors, candidate: Tensors) -> tuple[int, int, Optional[float]]:
@@ -51,19 +55,25 @@ def compare(primary: Tensors, candidate: Tensors) -> tuple[int, int, Optional[fl
 
 
 def parse_shadow(model: str, raw: Any, resolve: Callable[[str], Optional[int]], versions: set[int]) -> Optional[ShadowTarget]:
-    """``{"version": ref, "share": 0..1}`` (or null to stop mirroring) -> ShadowTarget."""
+    """``{"version": ref, "share": 0..1, "min_overlap": 0..1 (generative models, optional)}``
+    (or null to stop mirroring) -> ShadowTarget."""
     where = f"user_config.shadow.{model}"
     if raw is None:
         return None
-    if not isinstance(raw, dict) or set(raw) - {"version", "share"} or "version" not in raw:
-        raise ConfigError(f"{where}: expected {{version: <number or alias>, share: 0..1}}, got {raw!r}")
+    if not isinstance(raw, dict) or set(raw) - {"version", "share", "min_overlap"} or "version" not in raw:
+        raise ConfigError(f"{where}: expected {{version: <number or alias>, share: 0..1, min_overlap: 0..1 "
+                          f"(optional)}}, got {raw!r}")
     number = resolve(str(raw["version"]))
     if number not in versions:
         raise ConfigError(f"{where}.version: {raw['version']!r} is not deployed in this app; deployed: {sorted(versions)}")
     share = raw.get("share", 1.0)
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
         raise ConfigError(f"{where}.share: expected a number in [0, 1], got {share!r}")
-    return ShadowTarget(number, float(share))
+    overlap = raw.get("min_overlap")
+    if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, (int, float))
+                                or not 0 <= overlap <= 1):
+        raise ConfigError(f"{where}.min_overlap: expected a number in [0, 1], got {overlap!r}")
+    return ShadowTarget(number, float(share), None if overlap is None else float(overlap))
 
 
 class ShadowMirror:

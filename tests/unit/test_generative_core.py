@@ -18,6 +18,8 @@ from maas_ray.serving.core import IngressCore
 from maas_ray.serving.http_generate import GenerativeRoutes
 from maas_ray.serving.keys import ANONYMOUS
 from maas_ray.serving.limits import RequestDeadlines, TokenLimiter
+from maas_ray.serving.shadow import ShadowMirror
+from maas_ray.serving.shadow_generate import GenerativeMirror
 from maas_ray.serving.metrics import ServingMetrics
 from maas_ray.serving.types import GenerationChunk
 
@@ -151,6 +153,7 @@ class RecordingMetrics:
 
 def fake_core(route: FakeRoute, tokens: Optional[TokenLimiter] = None) -> SimpleNamespace:
     core = SimpleNamespace(tokens=tokens, metrics=RecordingMetrics())
+    core.generative_shadow = GenerativeMirror(ShadowMirror(None, core.metrics), None, core.metrics)  # no targets
     core.slot = SimpleNamespace(number=3, route=route, generative=True)
     return core
 
@@ -209,6 +212,7 @@ class FakeCore:
         self.metrics = RecordingMetrics()
         self.slot = SimpleNamespace(number=2, route=route, generative=generative)
         self.tokens = None
+        self.generative_shadow = GenerativeMirror(ShadowMirror(None, self.metrics), None, self.metrics)  # no targets
 
     def admit(self, api_key, client, model, *, admin=False):
         return ANONYMOUS

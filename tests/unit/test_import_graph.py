@@ -40,7 +40,8 @@ ALLOWED = {
 SERVING_LAYERS = [
     {"types", "metric_names", "compat"},
     {"codecs", "config", "status", "coalesce", "traffic", "limits", "keys", "metrics", "payload_log"},
-    {"processors", "text", "tabular", "plugins", "runner", "cache", "shadow", "admission", "generate"},
+    {"processors", "text", "tabular", "plugins", "runner", "cache", "shadow", "shadow_generate", "admission",
+     "generate"},
     {"replicas", "generation", "pool", "pool_router"},
     {"versions"},
     {"core"},
