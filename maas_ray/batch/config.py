@@ -34,4 +34,7 @@ class BatchConfig(BaseModel):
     def _no_scheme_but_s3(cls, v: str) -> str:
         if "://" in v and not v.startswith(("s3://", "file://")):
             raise ValueError(f"only local paths and s3:// are supported, got {v!r}")
+        if v.startswith("s3://") and "?" in v:
+            raise ValueError(f"query parameters are not supported in an s3:// URI, got {v!r}; set "
+                             "AWS_ENDPOINT_URL (and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) instead")
         return v

@@ -15,16 +15,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from maas_ray.batch.config import BatchConfig
+from maas_ray.batch.gpus import check_cluster_gpus
 from maas_ray.batch.scorer import UNIT_COLUMN, VersionScorer
 from maas_ray.batch.sources import (
     Unit,
     clear,
+    columns,
     detect_format,
     filesystem,
     is_done,
     list_units,
     mark_done,
     output_folder,
+    ray_read_args,
     read_unit,
     rows_written,
 )
@@ -64,17 +67,20 @@ def run_batch(config: BatchConfig, *, on_unit: Optional[Callable[[str, int], Non
     pool (each actor loading the version once) scores the whole job; each row carries its
     unit's key, and the sink writes it into that unit's output folder. ``on_unit(key, rows)``
     is told of each scored unit once the pipeline has finished, in the input's order. Raises
-    ConfigError for an input or model it cannot score, and the preprocessor's
-    InvalidInputError for bad rows.
+    ConfigError for an input or model it cannot score, or for ``gpus_per_actor`` > 0 on a
+    cluster that has (and can autoscale to) no node with that many GPUs, and the
+    preprocessor's InvalidInputError for bad rows.
     """
     import ray.data
 
     job = _Job(config)
     pending = job.pending()
     if pending:
+        if config.gpus_per_actor > 0:
+            check_cluster_gpus(config.gpus_per_actor)
         # One read per group of same-schema files (one group, usually): each row tagged with
         # its unit's key, cut into blocks of at most batch_size rows.
-        parts = [_read_tagged(group, job.fmt, ray.data).repartition(target_num_rows_per_block=config.batch_size)
+        parts = [_read_group(group, job.fmt, ray.data).repartition(target_num_rows_per_block=config.batch_size)
                  for group in _schema_groups(pending, job.fmt)]
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         # batch_size=None: a batch is one block (<= batch_size rows of one group), so a batch
@@ -95,7 +101,8 @@ def _run_per_unit(config: BatchConfig, *, on_unit: Optional[Callable[[str, int],
     for unit in job.pending():
         ds = read_unit(unit, job.fmt, ray.data).repartition(target_num_rows_per_block=config.batch_size)
         folder = output_folder(config.output, unit)[2]
-        job.write(lambda ds=ds, folder=folder: job.score(ds, batch_size=config.batch_size).write_parquet(folder))
+        job.write(lambda ds=ds, folder=folder: job.score(ds, batch_size=config.batch_size).write_parquet(
+            folder, **ray_read_args(folder)))
         job.finish(unit, on_unit)
     job.report.seconds = time.perf_counter() - job.t0
     return job.report
@@ -195,6 +202,21 @@ def _schema_groups(units: list[Unit], fmt: str) -> list[list[Unit]]:
     return list(groups.values())
 
 
+def _read_group(units: list[Unit], fmt: str, ray_data: Any) -> Any:
+    """One Ray dataset over a group of same-schema units, each row tagged with its unit's key.
+
+    Ray Data's ``include_paths`` writes the file's path into a column named ``path``,
+    overwriting a column of the input's own by that name; so a group whose files have a
+    ``path`` column is read file by file, each tagged as a whole, and the reads unioned (one
+    actor pool still scores them all)."""
+    if "path" not in columns(units[0], fmt):
+        return _read_tagged(units, fmt, ray_data)
+    logger.info("the input has a column named 'path': reading its %d file(s) one by one", len(units))
+    parts = [read_unit(u, fmt, ray_data).map_batches(_Tag(u.key), batch_format="pyarrow", batch_size=None,
+                                                      zero_copy_batch=True) for u in units]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
 def _read_tagged(units: list[Unit], fmt: str, ray_data: Any) -> Any:
     """One Ray dataset over the units, each row tagged with its unit's key (from the file
     path Ray Data reports; an image folder is one unit, tagged as a whole)."""
@@ -203,7 +225,7 @@ def _read_tagged(units: list[Unit], fmt: str, ray_data: Any) -> Any:
             _Tag(units[0].key), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
     uris = [u.uri for u in units]
     read = {"parquet": ray_data.read_parquet, "csv": ray_data.read_csv, "text": ray_data.read_text}[fmt]
-    return read(uris, include_paths=True).map_batches(
+    return read(uris, include_paths=True, **ray_read_args(uris[0])).map_batches(
         _TagByPath({u.path: u.key for u in units}), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
 
@@ -261,8 +283,12 @@ def split_by_unit(table: Any) -> dict[str, Any]:
 
 def _unit_sink(output: str) -> Any:
     """A Ray Data Datasink writing each block's rows into their units' output folders: one
-    parquet file per unit per write task, named uniquely (a retried task writes anew)."""
+    parquet file per unit per write task, named uniquely (a retried task writes anew). The
+    filesystem is opened here, on the driver, and travels with the sink to the write tasks
+    (an s3:// output's endpoint and credentials with it)."""
     from ray.data import Datasink
+
+    fs, root = filesystem(output)
 
     class _UnitSink(Datasink):
         def get_name(self) -> str:
@@ -277,7 +303,6 @@ def _unit_sink(output: str) -> Any:
                 if block.num_rows:
                     for key, part in split_by_unit(block).items():
                         groups.setdefault(key, []).append(part)
-            fs, root = filesystem(output)
             written = {}
             for key, parts in groups.items():
                 table = parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="default")

@@ -33,6 +33,10 @@ class VersionScorer:
     def __init__(self, registry: Optional[str], model: str, version: int, fmt: str, device: str,
                  threads: Optional[int]) -> None:
         self.pipeline = load_pipeline(registry, model, version, device=device, threads=threads)
+        # What onnxruntime really runs (device="cuda" already fails unless CUDA is first).
+        self.providers: list[str] = list(self.pipeline.batched.runner.session.get_providers())
+        logger.info("batch scorer %s:%s (device %s): onnxruntime providers %s", model, version, device,
+                    self.providers)
         self.fmt = fmt
         self.inputs = [r.name for r in self.pipeline.pre.request_inputs]
         self._plans: dict[tuple[str, ...], tuple[dict[str, Any], list[str]]] = {}

@@ -8,11 +8,14 @@ same input gives the same names on every run).
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import os
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -32,17 +35,68 @@ class Unit:
     key: str  # the output sub-folder's name
 
 
+# The environment an s3:// input or output is opened with, on the driver: the AWS SDK's own
+# variables. The filesystem built from them is handed (pickled) to every Ray Data read task,
+# scoring actor and write task, whose processes need not have these variables themselves.
+S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+          "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
 def filesystem(uri: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path within it) for a local path or an s3:// URI."""
+    """(pyarrow filesystem, path within it) for a local path or an s3:// URI.
+
+    For s3://, an endpoint (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``) and static
+    credentials (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``) set
+    here are written into the filesystem object, so that it works unchanged in Ray's other
+    processes; without them, each process uses the AWS SDK's default chain (instance role,
+    profile) as pyarrow does.
+    """
     import pyarrow.fs as pafs
 
     if uri.startswith("s3://"):
         try:
-            return pafs.FileSystem.from_uri(uri)
+            return s3_filesystem(uri)
+        except ConfigError:
+            raise
         except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError with the reason
             raise ConfigError(f"cannot open {uri}: {exc}") from exc
     local = uri[len("file://"):] if uri.startswith("file://") else uri
     return pafs.LocalFileSystem(), posixpath.abspath(local)
+
+
+def s3_filesystem(uri: str, env: Optional[Mapping[str, str]] = None) -> tuple[Any, str]:
+    """(S3FileSystem, bucket/key) for an s3:// URI, endpoint and credentials from ``env``
+    (default: this process's environment) written into it explicitly."""
+    import pyarrow.fs as pafs
+
+    env = os.environ if env is None else env
+    if "?" in uri:
+        raise ConfigError(f"{uri!r}: query parameters are not supported here; set AWS_ENDPOINT_URL "
+                          "(and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) instead")
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    if not endpoint and not (key and secret):
+        return pafs.FileSystem.from_uri(uri)  # the default chain, in every process
+    opts: dict[str, Any] = {}
+    if endpoint:
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"AWS_ENDPOINT_URL must be http(s)://host[:port], got {endpoint!r}")
+        opts.update(endpoint_override=parts.netloc, scheme=parts.scheme,
+                    region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1")
+        path = uri[len("s3://"):].rstrip("/")
+    else:  # AWS itself: from_uri finds the bucket's region
+        fs, path = pafs.FileSystem.from_uri(uri)
+        opts["region"] = fs.region
+    if key and secret:
+        opts.update(access_key=key, secret_key=secret, session_token=env.get("AWS_SESSION_TOKEN"))
+    return pafs.S3FileSystem(**opts), path
+
+
+def ray_read_args(uri: str) -> dict[str, Any]:
+    """The ``filesystem=`` a Ray Data read of ``uri`` needs: the explicit S3 filesystem for
+    s3:// (see :func:`filesystem`), nothing for a local path."""
+    return {"filesystem": filesystem(uri)[0]} if uri.startswith("s3://") else {}
 
 
 def _uri(original: str, path: str) -> str:
@@ -99,13 +153,30 @@ def list_units(uri: str, fmt: str) -> list[Unit]:
 
 def read_unit(unit: Unit, fmt: str, ray_data: Any) -> Any:
     """The unit's Ray dataset (``ray_data`` is the ``ray.data`` module)."""
+    fs = ray_read_args(unit.uri)
     if fmt == "parquet":
-        return ray_data.read_parquet(unit.uri)
+        return ray_data.read_parquet(unit.uri, **fs)
     if fmt == "csv":
-        return ray_data.read_csv(unit.uri)
+        return ray_data.read_csv(unit.uri, **fs)
     if fmt == "text":
-        return ray_data.read_text(unit.uri)
-    return ray_data.read_binary_files(unit.uri, include_paths=True, file_extensions=["png", "jpg", "jpeg"])
+        return ray_data.read_text(unit.uri, **fs)
+    return ray_data.read_binary_files(unit.uri, include_paths=True, file_extensions=["png", "jpg", "jpeg"], **fs)
+
+
+def columns(unit: Unit, fmt: str) -> list[str]:
+    """A parquet or CSV unit's column names (the parquet footer; the CSV header line); [] for
+    the other formats, whose columns batch scoring makes itself."""
+    if fmt not in ("parquet", "csv"):
+        return []
+    fs, path = filesystem(unit.uri)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with fs.open_input_file(path) as fh:
+            return list(pq.read_schema(fh).names)
+    with fs.open_input_stream(path) as fh:
+        header = fh.read(65536).split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")
+    return next(csv.reader([header]), [])
 
 
 # ---- columns <-> tensors ------------------------------------------------------------------------------------

@@ -29,6 +29,12 @@ parameters, the hook's name in the code that calls it). Paths are under ``site-p
    ``serve.ingress(builder)`` with a zero-argument builder (public, also run per replica, but
    without ``self``: the builder would reach the replica's state through a module-level
    registry the constructor fills), or rename :data:`ASGI_APP_HOOK`.
+5. ``ray._private.state.state.get_cluster_config()`` (``_private/state.py``): the node types
+   the autoscaler may start (``autoscaler_pb2.ClusterConfig.node_group_configs``: ``resources``,
+   ``max_count``), as Ray Train reads them before placing workers. :func:`autoscaler_node_gpus`
+   (``maas batch --gpus-per-actor``: refuse at once what no node type could ever place). If it
+   moves: the same protobuf is in the GCS internal KV (``GCS_AUTOSCALER_STATE_NAMESPACE``,
+   ``GCS_AUTOSCALER_CLUSTER_CONFIG_KEY`` in ``_raylet``); without it, judge by the alive nodes.
 
 :func:`serve_start` needs no private API: public ``serve.start`` (``serve/api.py``) is a
 pass-through to ``ray.serve._private.api.serve_start`` in 2.60, and the client it leaves
@@ -140,3 +146,14 @@ def multiplexed_model_id() -> str:
     from ray import serve
 
     return serve.get_multiplexed_model_id()
+
+
+def autoscaler_node_gpus() -> list[float]:
+    """GPUs of each node type the cluster's autoscaler may still start (``max_count`` != 0);
+    [] without an autoscaler (a local Ray, ``ray start`` by hand). Needs a connected Ray."""
+    from ray._private.state import state
+
+    config = state.get_cluster_config()
+    if config is None:
+        return []
+    return [float(g.resources.get("GPU", 0)) for g in config.node_group_configs if g.max_count != 0]

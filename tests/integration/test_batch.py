@@ -1,6 +1,8 @@
 """``maas batch`` on a 100k-row parquet (two files) with 2 actors, on the session's real Ray:
 every row scored exactly once, equal to the numpy reference and to the online answers over
-HTTP; a re-run skips the done inputs; a killed actor costs no row."""
+HTTP; a re-run skips the done inputs; a killed actor costs no row; s3:// input and output
+(moto on loopback) give the local answers, and an input's own ``path`` column survives; GPU
+actors are refused at once on a cluster without a GPU, and run on CUDA where there is one."""
 
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from maas_ray.cli import main
+from maas_ray.errors import ConfigError
 from maas_ray.registry import Registry
 from maas_ray.serving.deploy import deploy
 from tests.helpers import HTTP_PORT, wait_until
+from tests.helpers.s3 import BUCKET
 from tests.helpers.tabular_models import CLASSES, expected, publish_tabular, random_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -231,3 +235,108 @@ def test_a_multi_file_job_starts_one_actor_pool(job, registry_root, ray_cluster)
         assert os.path.exists(os.path.join(out, key, "_SUCCESS"))
         ids = pq.read_table(os.path.join(out, key)).column("id").to_pylist()
         assert sorted(ids) == list(range(i * per, (i + 1) * per)), key
+
+
+def read_units(fs, folder: str):
+    """Every unit folder under ``folder`` (their schemas may differ) as one frame, by id."""
+    import pyarrow.fs as pafs
+
+    tables = [pq.read_table(d.path, filesystem=fs) for d in fs.get_file_info(pafs.FileSelector(folder))
+              if d.type == pafs.FileType.Directory]
+    return pa.concat_tables(tables, promote_options="default").to_pandas().sort_values("id").reset_index(drop=True)
+
+
+def test_s3_input_and_output_give_the_local_answers_and_a_rerun_resumes(job, capsys, registry_root, s3_endpoint,
+                                                                      monkeypatch):
+    """Four parquet files on S3, two of them with a column of their own named ``path``, scored
+    from and to S3 exactly as the version's scorer scores them locally. The Ray workers were
+    started before the S3 variables were set, so only what the job hands them reaches the
+    endpoint."""
+    import pyarrow.fs as pafs
+
+    from maas_ray.batch.scorer import VersionScorer
+
+    ref = job[0]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{s3_endpoint}")  # credentials: the s3_endpoint fixture's
+    s3 = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http")
+    per, files = 5000, 4
+    model, version = ref.split(":")
+    scorer = VersionScorer(registry_root, model, int(version), "parquet", "cpu", 1)  # what each actor runs
+    local = []
+    all_rows: dict[str, list] = {}
+    for i in range(files):
+        rows = random_rows(per, seed=200 + i)
+        cols = {"id": np.arange(i * per, (i + 1) * per),
+                "age": pa.array(rows["age"], pa.float64(), from_pandas=True), "income": rows["income"],
+                "city": pa.array([c or None for c in rows["city"]], pa.string()), "member": rows["member"],
+                "visits": rows["visits"]}
+        if i >= 2:
+            cols["path"] = [f"user/{i}/{j}" for j in range(per)]  # the user's data, not Ray Data's
+        table = pa.table(cols)
+        pq.write_table(table, f"{BUCKET}/batch/in/p{i}.parquet", filesystem=s3)
+        local.append(scorer(table))
+        for k, v in rows.items():
+            all_rows.setdefault(k, []).extend(v)
+    local = pa.concat_tables(local, promote_options="default").to_pandas()
+
+    s3_in, s3_out = f"s3://{BUCKET}/batch/in", f"s3://{BUCKET}/batch/out"
+    assert run_cli(capsys, ref, s3_in, s3_out, registry_root).startswith(f"scored {files * per} rows")
+    remote = read_units(s3, f"{BUCKET}/batch/out")
+    assert remote["id"].tolist() == list(range(files * per))  # every row once
+    assert remote["label"].tolist() == local["label"].tolist()
+    np.testing.assert_array_equal(np.stack(remote["probabilities"].to_numpy()),
+                                  np.stack(local["probabilities"].to_numpy()))
+    np.testing.assert_allclose(np.stack(remote["probabilities"].to_numpy()), expected("classifier", all_rows),
+                               rtol=1e-5, atol=1e-6)
+    # the user's path column, as it was; null for the files without one
+    assert [p if isinstance(p, str) else None for p in remote["path"]] == \
+        [None] * (2 * per) + [f"user/{i}/{j}" for i in (2, 3) for j in range(per)]
+
+    done = [d for d in s3.get_file_info(pafs.FileSelector(f"{BUCKET}/batch/out")) if d.type == pafs.FileType.Directory]
+    assert len(done) == files and all(
+        s3.get_file_info(f"{d.path}/_SUCCESS").type == pafs.FileType.File for d in done)
+    line = run_cli(capsys, ref, s3_in, s3_out, registry_root)
+    assert line.startswith("scored 0 rows") and line.endswith(f"(skipped {files} done input(s))")
+    assert read_units(s3, f"{BUCKET}/batch/out")["id"].tolist() == list(range(files * per))
+
+
+@pytest.mark.timeout(120)  # the failure this guards against is a hang
+def test_gpus_per_actor_on_a_cluster_without_gpus_is_refused_at_once(job, registry_root, ray_cluster):
+    import ray
+
+    from maas_ray.batch import BatchConfig, run_batch
+
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        pytest.skip("this Ray cluster has a GPU")
+    ref, src, _, root = job
+    model, version = ref.split(":")
+    config = BatchConfig(model=model, version=version, input=src, output=str(root / "gpu-refused"),
+                         registry=registry_root, actors=1, gpus_per_actor=1)
+    with pytest.raises(ConfigError, match="gpus_per_actor=1 but no node of the Ray cluster has that many GPUs"):
+        run_batch(config)
+
+
+@pytest.mark.gpu
+def test_gpu_actors_ask_ray_for_a_gpu_and_run_onnxruntime_on_cuda(job, registry_root, ray_cluster):
+    import ray
+    from ray.util.state import list_actors
+
+    from maas_ray.batch import BatchConfig, run_batch
+    from maas_ray.batch.scorer import VersionScorer
+    from maas_ray.runtime import CUDA
+
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("the Ray cluster has no GPU resource")
+    ref, src, _, root = job
+    model, version = ref.split(":")
+    # What each actor runs: the version on CUDA (create_session fails unless CUDA comes first).
+    assert VersionScorer(registry_root, model, int(version), "parquet", "cuda", 1).providers[0] == CUDA
+
+    def gpu_scorers() -> set[str]:
+        return {a.actor_id for a in list_actors(address=ray_cluster, detail=True, limit=10_000)
+                if "VersionScorer" in (a.class_name or "") and (a.required_resources or {}).get("GPU", 0) >= 1}
+
+    before = gpu_scorers()
+    report = run_batch(BatchConfig(model=model, version=version, input=src, output=str(root / "gpu-out"),
+                                   registry=registry_root, actors=1, gpus_per_actor=1))
+    assert report.rows == ROWS and len(gpu_scorers() - before) == 1
