@@ -397,7 +397,9 @@ class IngressCore:
                 yield chunk
             reason = (final.finish_reason if final is not None else None) or "stop"
         except (asyncio.CancelledError, GeneratorExit):
-            reason = "cancelled"
+            # Closed after the last chunk (a non-streaming route reads it and closes) is not a
+            # cancellation: the generation had ended with that chunk's reason.
+            reason = (final.finish_reason if final is not None else None) or "cancelled"
             raise
         finally:
             await stream.aclose()

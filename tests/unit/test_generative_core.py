@@ -188,6 +188,22 @@ def test_core_generate_closed_early_cancels_the_stream_and_says_cancelled():
     assert route.closed and core.metrics.generations[0]["finish_reason"] == "cancelled"
 
 
+def test_core_generate_closed_right_after_its_final_chunk_keeps_the_finish_reason():
+    """A non-streaming route reads up to the final chunk and closes (max_tokens=1: the first
+    chunk is the last): the generation ended, it was not cancelled."""
+    route = FakeRoute(chunks(1))
+    core = fake_core(route)
+
+    async def run():
+        gen = IngressCore.generate(core, "lm", core.slot, None, protocol="p")
+        first = await gen.__anext__()
+        await gen.aclose()
+        return first
+
+    assert asyncio.run(run()).finish_reason == "length"
+    assert core.metrics.generations[0]["finish_reason"] == "length"
+
+
 def test_core_generate_refuses_a_spent_token_budget_before_starting():
     limiter = TokenLimiter(10)
     limiter.charge("k", 20)
