@@ -127,6 +127,10 @@ class ShadowConfig(BaseModel):
 
     version: Union[int, str] = Field(description="The candidate: a version number or alias listed in `versions`.")
     share: float = Field(default=1.0, ge=0.0, le=1.0, description="Share of requests mirrored, 0..1.")
+    min_overlap: Optional[float] = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Generative models: the word overlap (0..1) at which a sampled mirrored generation agrees "
+        "with the primary (default 0.5; greedy ones agree when identical). Not for classifiers.")
 
 
 class VersionConfig(BaseModel):
@@ -454,7 +458,8 @@ class AppArgs(BaseModel):
 
     def shadow_targets(self) -> dict[str, dict[str, Any]]:
         """The models' build-time ``shadow:`` settings, as the Ingress user_config writes them."""
-        return {m.name: {"version": str(m.shadow.version), "share": m.shadow.share}
+        return {m.name: {"version": str(m.shadow.version), "share": m.shadow.share,
+                         **({} if m.shadow.min_overlap is None else {"min_overlap": m.shadow.min_overlap})}
                 for m in self.models if m.shadow is not None}
 
     def ingress_user_config(self) -> dict[str, Any]:

@@ -28,6 +28,8 @@ def root(tmp_path):
         ({"versions": [{"version": 1}], "inference": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}}}, "not both"),
         ({"versions": [{"version": 1}], "placement": "ingress", "inference": {"num_replicas": 2}},
          "['inference'] options do not apply to placement 'ingress'"),
+        ({"versions": [{"version": 1}, {"version": 2, "weight": 0}], "shadow": {"version": 2, "min_overlap": 1.5}},
+         "models.0.shadow.min_overlap: Input should be less than or equal to 1 (got 1.5)"),
     ],
 )
 def test_bad_config_fails_at_build_time_naming_field_and_value(root, bad, message):
@@ -90,3 +92,11 @@ def test_min_replicas_is_the_fixed_count_or_the_autoscaling_floor():
     assert DeploymentOptions(autoscaling_config={"min_replicas": 3, "max_replicas": 5}).min_replicas() == 3
     assert DeploymentOptions(autoscaling_config={"min_replicas": 0, "max_replicas": 5}).min_replicas() == 1
     assert DeploymentOptions(num_replicas="auto").min_replicas() == 1
+
+
+def test_a_shadow_min_overlap_in_args_reaches_the_ingress_user_config(root):
+    from maas_ray.serving.config import AppArgs
+
+    args = AppArgs.model_validate(one_model_args(
+        root, versions=[{"version": 1}, {"version": 2, "weight": 0}], shadow={"version": 2, "min_overlap": 0.8}))
+    assert args.ingress_user_config()["shadow"] == {"m": {"version": "2", "share": 1.0, "min_overlap": 0.8}}
