@@ -24,6 +24,13 @@ import numpy as np
 from maas_ray.errors import ConfigError, MaasError, unwrap_remote
 
 logger = logging.getLogger(__name__)
+
+
+def shadow_failure(model: str, version: int, exc: BaseException) -> tuple[int, str]:
+    """(HTTP status, error class) a failed mirrored call is counted with (Ray's wrapper removed)."""
+    exc = unwrap_remote(exc)
+    logger.debug("shadow %s:%d failed: %r", model, version, exc)
+    return (exc.status_code if isinstance(exc, MaasError) else 500), type(exc).__name__
 Tensors = dict[str, np.ndarray]
 
 # A mirrored call that takes longer than this is abandoned (counted as an error): the
@@ -125,10 +132,7 @@ class ShadowMirror:
         except asyncio.TimeoutError:
             status, error = 504, "RequestTimeoutError"
         except Exception as exc:  # a failing candidate is what shadowing is for: count it, never raise
-            exc = unwrap_remote(exc)
-            status = exc.status_code if isinstance(exc, MaasError) else 500
-            error = type(exc).__name__
-            logger.debug("shadow %s:%d failed: %r", model, version, exc)
+            status, error = shadow_failure(model, version, exc)
         finally:
             self.in_flight -= 1
             self.metrics.request_finished(model, version, "shadow", status, error, time.perf_counter() - start)

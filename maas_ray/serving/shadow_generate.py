@@ -47,8 +47,7 @@ import time
 from collections import Counter
 from typing import Any, AsyncIterator, Callable, Optional
 
-from maas_ray.errors import MaasError, unwrap_remote
-from maas_ray.serving.shadow import ShadowMirror, ShadowTarget
+from maas_ray.serving.shadow import ShadowMirror, ShadowTarget, shadow_failure
 from maas_ray.serving.types import GenerateRequest, GenerationChunk
 
 logger = logging.getLogger(__name__)
@@ -156,10 +155,7 @@ class GenerativeMirror:
             except asyncio.TimeoutError:
                 status, error, reason = 504, "RequestTimeoutError", "cancelled"
             except Exception as exc:  # a failing candidate is what shadowing is for: count it, never raise
-                exc = unwrap_remote(exc)
-                status = exc.status_code if isinstance(exc, MaasError) else 500
-                error = type(exc).__name__
-                logger.debug("shadow %s:%d failed: %r", model, version, exc)
+                status, error = shadow_failure(model, version, exc)
             finally:
                 last = progress.last
                 self.metrics.generation(model, version, prompt_tokens=last.prompt_tokens if last else 0,

@@ -10,7 +10,6 @@ with the TTFT / ITL ratios and promotes the candidate with no caller-visible fai
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
@@ -25,6 +24,7 @@ from maas_ray.serving.metric_names import (
     RAY_TIME_TO_FIRST_TOKEN_COUNT,
 )
 from tests.helpers import HTTP_PORT, scrape, wait_until
+from tests.helpers.load import SteadyRequests
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 URL = f"http://127.0.0.1:{HTTP_PORT}"
@@ -90,33 +90,10 @@ def test_every_route_is_mirrored_and_prometheus_shows_the_candidates_agreement(s
     assert scrape(RAY_TIME_TO_FIRST_TOKEN_COUNT, **labels) >= 16  # the candidate's TTFT, from mirrored calls
 
 
-class Load:
+def Load() -> SteadyRequests:  # noqa: N802 - reads as the class it was
     """Steady greedy completions, counting what callers see."""
-
-    def __init__(self):
-        self.stop, self.seen = threading.Event(), []
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        with httpx.Client(base_url=URL, timeout=60) as c:
-            i = 0
-            while not self.stop.is_set():
-                body = {"model": "lm", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 8, "temperature": 0}
-                try:
-                    r = c.post("/v1/completions", json=body)
-                    self.seen.append((r.status_code, r.headers.get("x-model-version")))
-                except httpx.HTTPError as exc:
-                    self.seen.append((repr(exc), None))
-                i += 1
-                time.sleep(0.01)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(120)
+    return SteadyRequests(URL, "/v1/completions", lambda i: {
+        "model": "lm", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 8, "temperature": 0})
 
 
 def test_the_controller_judges_ttft_and_itl_and_promotes_an_identical_candidate(served):

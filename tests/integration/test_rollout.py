@@ -2,16 +2,15 @@
 with no caller-visible failure (surviving a controller kill on the way); candidates that error,
 are slow, or disagree are rolled back before they reach 50 %, naming the guard."""
 
-import threading
 import time
 
-import httpx
 import numpy as np
 import pytest
 
 from maas_ray.registry import ProcessorSpec, Registry
 from maas_ray.serving.deploy import deploy
 from tests.helpers import HTTP_PORT, fails_on_batches_onnx, linear_onnx, slow_onnx
+from tests.helpers.load import SteadyRequests
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 URL = f"http://127.0.0.1:{HTTP_PORT}"
@@ -43,39 +42,15 @@ def canary(ray_cluster, registry_root):
     serve.shutdown()
 
 
-class Load:
+def Load() -> SteadyRequests:  # noqa: N802 - reads as the class it was
     """Steady traffic (every third request two items) counting what callers see."""
+    rng = np.random.default_rng(0)
 
-    def __init__(self):
-        self.stop, self.seen = threading.Event(), []
-        self.thread = threading.Thread(target=self.run, daemon=True)
+    def body(i: int) -> dict:
+        n = 2 if i % 3 == 0 else 1
+        return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [n, 4], "data": rng.normal(size=n * 4).tolist()}]}
 
-    def run(self):
-        rng = np.random.default_rng(0)
-        with httpx.Client(base_url=URL, timeout=30) as c:
-            i = 0
-            while not self.stop.is_set():
-                n = 2 if i % 3 == 0 else 1
-                body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [n, 4],
-                                    "data": rng.normal(size=n * 4).tolist()}]}
-                try:
-                    r = c.post("/v2/models/canary/infer", json=body)
-                    self.seen.append((r.status_code, r.headers.get("x-model-version")))
-                except httpx.HTTPError as exc:
-                    self.seen.append((repr(exc), None))
-                i += 1
-                time.sleep(0.01)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(120)
-
-    def failures(self):
-        return [s for s in self.seen if s[0] != 200]
+    return SteadyRequests(URL, "/v2/models/canary/infer", body, timeout_s=30)
 
 
 def _wait_done(model, timeout_s=120.0):
