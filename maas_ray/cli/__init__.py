@@ -245,7 +245,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if len(chosen) != 1:
         raise ConfigError(f"pick exactly one of --int8, --fp16, --graph (got {chosen or 'none'})")
     settings: dict[str, Any] = {"method": chosen[0], "static": args.static}
-    for name in ("max_accuracy_drop", "threads", "calibration_size"):
+    for name in ("max_accuracy_drop", "threads", "calibration_size", "max_perplexity_increase", "eval_text"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     try:
@@ -254,6 +254,15 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise ConfigError(format_validation_error(exc, "optimize")) from exc
     r = optimize_and_publish(model, ref, cfg, _registry(args))
     m = r.manifest
+    if m.generation is not None:  # a generative version: perplexity and decode speed (docs/rollout.md)
+        print(
+            f"published {m.model}:{m.version} ({m.description})  "
+            f"perplexity {r.parent.perplexity:.4f} -> {r.child.perplexity:.4f} ({r.perplexity_increase:+.2%}) "
+            f"on {r.eval_tokens} tokens  decode {r.parent.decode_tokens_per_s:.0f} -> "
+            f"{r.child.decode_tokens_per_s:.0f} tokens/s ({r.speedup:.2f}x)  "
+            f"size {r.size_ratio:.2f}x ({int(m.metrics['size_bytes'])} bytes)"
+        )
+        return 0
     print(
         f"published {m.model}:{m.version} ({m.description})  "
         f"accuracy {r.parent.accuracy:.4f} -> {r.child.accuracy:.4f} ({r.accuracy_delta:+.4f})  "
@@ -353,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-accuracy-drop", type=float, default=None, help="Refuse to publish above this drop (default 0.01).")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads for the timings (default 1).")
     p.add_argument("--calibration-size", type=int, default=None, help="--static: validation rows (default 200).")
+    p.add_argument("--max-perplexity-increase", type=float, default=None, help="Generative versions: refuse to "
+                   "publish above this relative perplexity increase (default 0.02 = 2 %%).")
+    p.add_argument("--eval-text", default=None, metavar="FILE", help="Generative versions: held-out text to measure "
+                   "perplexity on (default: the test split of the version's recorded training data).")
     _add_artifact_flags(p)  # an encrypted parent's child is encrypted whether or not --encrypt is given
     p.set_defaults(func=cmd_optimize)
 

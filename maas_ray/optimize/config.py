@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -23,6 +24,24 @@ class OptimizeConfig(BaseModel):
     threads: int = Field(default=1, ge=1, description="onnxruntime intra-op threads for both parent and child timings.")
     batch_sizes: list[int] = Field(default=[1, 8, 32, 128], description="Batch sizes timed; the best throughput is reported.")
     timing_seconds: float = Field(default=0.5, gt=0, description="Time spent per batch size per model.")
+    # Generative (kind: generative) versions: perplexity and decode speed instead of accuracy and batches.
+    max_perplexity_increase: float = Field(
+        default=0.02,
+        description="Generative versions: refuse to publish when child perplexity / parent perplexity - 1 exceeds "
+        "this (relative; 0.02 = 2 % higher), both measured on the same held-out tokens.",
+    )
+    eval_text: Optional[str] = Field(
+        default=None,
+        description="Generative versions: a UTF-8 text file (documents separated by blank lines) to measure "
+        "perplexity on, instead of the test split rebuilt from the version's training config (required when "
+        "the version records none, e.g. one published with `maas models publish --tokenizer`).",
+    )
+    eval_tokens: int = Field(
+        default=16384, ge=2, description="Generative versions: most held-out tokens scored for perplexity."
+    )
+    decode_tokens: int = Field(
+        default=32, ge=1, description="Generative versions: greedy tokens decoded (batch 1) per tokens/s run."
+    )
 
     @field_validator("batch_sizes")
     @classmethod
@@ -36,6 +55,20 @@ class OptimizeConfig(BaseModel):
     def _drop(cls, v: float) -> float:
         if not -1.0 <= v <= 1.0:
             raise ValueError(f"max_accuracy_drop is an accuracy difference in [-1, 1], got {v}")
+        return v
+
+    @field_validator("max_perplexity_increase")
+    @classmethod
+    def _ppl(cls, v: float) -> float:
+        if not -1.0 < v <= 100.0:
+            raise ValueError(f"max_perplexity_increase is a relative increase in (-1, 100], got {v}")
+        return v
+
+    @field_validator("eval_text")
+    @classmethod
+    def _eval_file(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not os.path.isfile(v):
+            raise ValueError(f"eval_text must be a readable text file, got {v!r}")
         return v
 
     @model_validator(mode="after")

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from maas_ray.errors import ConfigError
 from maas_ray.optimize.config import OptimizeConfig
 from maas_ray.optimize.evaluate import Measurement, measure
 from maas_ray.optimize.transforms import transform
 from maas_ray.registry import ExtraFile, Manifest, ParentRef, Registry
+
+if TYPE_CHECKING:
+    from maas_ray.optimize.generative import GenerativeOptimizeReport
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +74,25 @@ def _held_out(parent: Manifest, tokenizer_json: Optional[str]):
 
 def optimize_and_publish(
     model: str, ref: Union[int, str, None], cfg: OptimizeConfig, registry: Optional[Registry] = None
-) -> OptimizeReport:
+) -> Union[OptimizeReport, "GenerativeOptimizeReport"]:
     """Derive an optimized version of ``model:ref`` and publish it as the next version.
+
+    A generative version (``kind: generative``) goes to
+    :func:`~maas_ray.optimize.generative.optimize_generative` (int8 only; perplexity and decode
+    tokens/s instead of accuracy and batches) and returns its ``GenerativeOptimizeReport``.
 
     Raises:
         ConfigError: the accuracy drop exceeds ``cfg.max_accuracy_drop`` (nothing published),
             or the parent's held-out data cannot be rebuilt.
     """
     registry = registry or Registry()
+    if registry.describe(model, ref).generation is not None:
+        from maas_ray.optimize.generative import optimize_generative
+
+        return optimize_generative(model, ref, cfg, registry)
+    if cfg.eval_text is not None:
+        raise ConfigError(f"eval_text applies to generative versions only; {model}:{ref} is a classifier "
+                          "(measured on its own test split)")
     loaded = registry.load(model, ref, skip_roles=("weights",))  # sha256-verified
     pm = loaded.manifest
     tok_name = loaded.file_for("tokenizer")
