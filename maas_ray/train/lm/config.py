@@ -71,7 +71,9 @@ class LMTrainConfig(TrainConfig):
         default=REFERENCE_CORPUS,
         description=f"{REFERENCE_CORPUS!r} (the generated reference corpus, offline), a text file (documents "
         "separated by blank lines), a folder of .txt/.md files, a .parquet/.jsonl file with a 'text' column "
-        "(one document per row), or 'package.module:loader' returning a list of documents.",
+        "(one document per row), a folder or an object-store prefix (s3://bucket/prefix, gs://...) of "
+        ".parquet/.jsonl files with a 'text' column or one remote such file (read through Ray Data), or "
+        "'package.module:loader' returning a list of documents.",
     )
     epochs: int = Field(default=6, ge=1, description="Epochs to train (at most; see patience).")
     batch_size: int = Field(default=16, ge=1, description="Per-worker sequences (of context_length tokens) per micro-step.")
@@ -104,7 +106,7 @@ class LMTrainConfig(TrainConfig):
     @field_validator("data")
     @classmethod
     def _data(cls, v: str) -> str:
-        if v == REFERENCE_CORPUS or (_IMPORT_PATH.match(v) and not os.path.exists(v)):
+        if v == REFERENCE_CORPUS or "://" in v or (_IMPORT_PATH.match(v) and not os.path.exists(v)):
             return v
         return os.path.abspath(os.path.expanduser(v))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Any, Callable, Optional
 
@@ -110,6 +111,8 @@ def train_and_publish_lm(
         if cfg.model_args != parent_args:
             logger.warning("fine-tuning keeps the parent's model_args %s, not %s", parent_args, cfg.model_args)
             cfg = cfg.model_copy(update={"model_args": parent_args})
+    if not ray.is_initialized() and ("://" in cfg.data or os.path.isdir(cfg.data)):
+        ray.init(**(ray_init or {}))  # a folder or prefix of tables is read with Ray Data; no workers yet
     splits = load_lm_splits(cfg, tokenizer_json=parent.tokenizer_json if parent else None)
     vocab = tk.load(splits.tokenizer_json).get_vocab_size()
     args = DecoderLMArgs.model_validate({**cfg.model_args, "vocab_size": vocab})
