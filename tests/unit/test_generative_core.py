@@ -174,8 +174,11 @@ def test_core_generate_records_ttft_gaps_tokens_and_charges_the_key():
     assert limiter._buckets["k"][0] == pytest.approx(93, abs=0.1)
 
 
-def test_core_generate_closed_early_cancels_the_stream_and_says_cancelled():
-    route = FakeRoute(chunks(5))
+@pytest.mark.parametrize("n, reason", [(5, "cancelled"), (1, "length")])
+def test_core_generate_closed_after_its_first_chunk(n, reason):
+    """Closed early, the stream is cancelled and says so. Closed right after its final chunk (a
+    non-streaming route reads it and closes; max_tokens=1), the generation had ended: its reason stays."""
+    route = FakeRoute(chunks(n))
     core = fake_core(route)
 
     async def run():
@@ -185,23 +188,7 @@ def test_core_generate_closed_early_cancels_the_stream_and_says_cancelled():
         return first
 
     assert asyncio.run(run()).text == "t0"
-    assert route.closed and core.metrics.generations[0]["finish_reason"] == "cancelled"
-
-
-def test_core_generate_closed_right_after_its_final_chunk_keeps_the_finish_reason():
-    """A non-streaming route reads up to the final chunk and closes (max_tokens=1: the first
-    chunk is the last): the generation ended, it was not cancelled."""
-    route = FakeRoute(chunks(1))
-    core = fake_core(route)
-
-    async def run():
-        gen = IngressCore.generate(core, "lm", core.slot, None, protocol="p")
-        first = await gen.__anext__()
-        await gen.aclose()
-        return first
-
-    assert asyncio.run(run()).finish_reason == "length"
-    assert core.metrics.generations[0]["finish_reason"] == "length"
+    assert route.closed and core.metrics.generations[0]["finish_reason"] == reason
 
 
 def test_core_generate_refuses_a_spent_token_budget_before_starting():
