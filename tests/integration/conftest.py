@@ -25,6 +25,21 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def fresh_metrics_agent(ray_cluster):
+    """Restart the session's Ray for a module that reads counters from Prometheus. Ray's metrics
+    agent keeps at most 2,000 label sets per metric name for its lifetime (OpenTelemetry's
+    cardinality limit, deployments/monitoring/README.md); a whole integration session's apps,
+    statuses and replica WorkerIds approach it, and past it new series are never exported."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    ray.init(num_cpus=NUM_CPUS, logging_level="WARNING", log_to_driver=True)
+    yield ray.get_runtime_context().gcs_address
+
+
 @pytest.fixture(scope="session")
 def registry_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("registry"))

@@ -52,7 +52,8 @@ def _wait_for(predicate, timeout_s=30.0):
         time.sleep(0.5)
 
 
-def test_shadow_mirrors_live_traffic_and_the_share_changes_live(trained, registry_root, serve_cleanup):
+def test_shadow_mirrors_live_traffic_and_the_share_changes_live(trained, registry_root, fresh_metrics_agent,
+                                                              serve_cleanup):
     from ray import serve
     from sklearn.datasets import load_digits
 
