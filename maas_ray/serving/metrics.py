@@ -83,9 +83,7 @@ from typing import Any, Iterable, Optional
 # _sum / _count. Re-exported here: callers use metrics.REQUESTS, metrics.EXPORTED_NAMES, ...
 from maas_ray.serving.metric_names import (
     BATCH_SIZE,
-    BUCKET,
     COMPLETION_TOKENS,
-    COUNT,
     ENGINE_KV_USAGE,
     ENGINE_RUNNING,
     ENGINE_WAITING,
@@ -97,7 +95,6 @@ from maas_ray.serving.metric_names import (
     LABEL_APP,
     LABEL_ERROR,
     LABEL_FINISH_REASON,
-    LABEL_LE,
     LABEL_MODEL,
     LABEL_PROTOCOL,
     LABEL_STAGE,
@@ -112,7 +109,6 @@ from maas_ray.serving.metric_names import (
     SHADOW_DIFF,
     SHADOW_DROPPED,
     STAGE_LATENCY,
-    SUM,
     TIME_TO_FIRST_TOKEN,
     VERSION_STATE,
 )

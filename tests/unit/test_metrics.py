@@ -17,10 +17,7 @@ import yaml
 from maas_ray.serving import metrics as m
 from maas_ray.serving.metric_names import (
     BATCH_SIZE,
-    BUCKET,
-    COUNT,
     ERRORS,
-    HISTOGRAM_PARTS,
     IN_FLIGHT,
     PAYLOAD_LOG_DROPPED,
     REQUEST_LATENCY,
@@ -29,7 +26,6 @@ from maas_ray.serving.metric_names import (
     SHADOW_DIFF,
     SHADOW_DROPPED,
     STAGE_LATENCY,
-    SUM,
     VERSION_STATE,
 )
 from maas_ray.serving.metrics import LATENCY_BUCKETS, STAGES, ServingMetrics
