@@ -395,12 +395,13 @@ def run(result: dict[str, Any], work: Path, graceful_removal: bool = True) -> No
         "print('MAAS_RESULT ' + json.dumps({'model_version': r['model_version'],\n"
         "    'labels': [str(v) for v in MaasClient.output(r, 'label').tolist()],\n"
         "    'true': [str(v) for v in y[-20:].tolist()],\n"
-        "    'job_node_id': ray.get_runtime_context().get_node_id()}))\n"
+        "    'job_node_id': ray.get_runtime_context().get_node_id()}), flush=True)\n"
     )
     log("submitting the handle client job")
     hjob = submit_job("multinode-handle-client", [sys.executable, "-c", client_code], timeout=120)
+    # Ray's job log can run a worker's log line into the same output line, so read just the JSON.
     lines = [line for line in hjob["output"].splitlines() if line.startswith("MAAS_RESULT ")]
-    hjob["result"] = json.loads(lines[-1][len("MAAS_RESULT "):]) if lines else None
+    hjob["result"] = json.JSONDecoder().raw_decode(lines[-1][len("MAAS_RESULT "):])[0] if lines else None
     if hjob["result"]:
         res = hjob["result"]
         res["correct"] = sum(a == b for a, b in zip(res["labels"], res["true"]))

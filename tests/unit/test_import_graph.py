@@ -8,6 +8,8 @@ under ``if TYPE_CHECKING:`` too (an arrow back up is one whether or not it runs)
 from __future__ import annotations
 
 import ast
+import functools
+import json
 import os
 import subprocess
 import sys
@@ -80,10 +82,25 @@ def _imports(path: Path, module: str, known: set[str]) -> set[str]:
     return out - {module}
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph_here() -> dict[str, set[str]]:
     modules = _modules()
     known = set(modules)
     return {m: _imports(p, m, known) for m, p in modules.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _graph_cached() -> str:
+    # Parsed in a fresh interpreter: CPython 3.11 before 3.11.8 keeps the AST converter's
+    # recursion depth per interpreter, not per thread, so ``ast.parse`` here raced with threads
+    # earlier integration tests left in this process ("AST constructor recursion depth mismatch").
+    code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import {Path(__file__).stem} as g; " \
+           "print(json.dumps({m: sorted(e) for m, e in g._graph_here().items()}))"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                          timeout=120).stdout
+
+
+def _graph() -> dict[str, set[str]]:
+    return {m: set(e) for m, e in json.loads(_graph_cached()).items()}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
