@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from maas_ray.train.lm.config import is_lm_config
     from maas_ray.train.tabular import is_tabular_config
 
-    if is_lm_config(args.config, args.model):  # `model: decoder-lm`: a language model (docs/generative.md)
+    if is_lm_config(args.config, args.model, args.kind):  # `model: decoder-lm` or `kind: generative` (docs/generative.md)
         quick_train_reports()
         return _train_lm(args)
     if is_tabular_config(args.config):  # `kind: tabular`: trees / scikit-learn (docs/tabular.md)

@@ -1,10 +1,13 @@
 """Real Ray Train DDP (2 CPU workers) on a decoder-lm: train on the reference corpus, publish a
 kind: generative version, and check what serving relies on: the manifest, the checksummed
-tokenizer, and onnxruntime's greedy continuation (KV cache) equal to torch's from the weights."""
+tokenizer, and onnxruntime's greedy continuation (KV cache) equal to torch's from the weights.
+And a user's own causal LM by import path (a GRU, served by recompute): trained with DDP,
+fine-tuned from its published weights, served by Serve and streamed by the stock openai client."""
 
 import hashlib
 import math
 
+import httpx
 import pytest
 
 from maas_ray.registry import Registry
@@ -14,6 +17,7 @@ from maas_ray.train.lm.config import LMTrainConfig
 from maas_ray.train.lm.export import GreedyRunner
 from maas_ray.train.lm.pipeline import train_and_publish_lm
 from maas_ray.train.lm.publish import load_published_lm
+from tests.helpers import HTTP_PORT, wait_until
 from tests.helpers.lm import torch_greedy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -77,3 +81,54 @@ def test_fine_tune_from_parent_reuses_its_tokenizer(runs):
     assert m.files["tokenizer.json"].sha256 == first.manifest.files["tokenizer.json"].sha256
     # it starts from the parent's weights: one more epoch does not undo two
     assert second.history[0]["val_loss"] < first.history[0]["val_loss"]
+
+
+@pytest.fixture(scope="module")
+def gru(ray_cluster, tmp_path_factory):
+    """gru:1 from a factory by import path (2 epochs), gru:2 fine-tuned from it, both served."""
+    from ray import serve
+
+    from maas_ray.serving.deploy import deploy
+
+    root = tmp_path_factory.mktemp("gru")
+    reg = Registry(str(root / "registry"))
+    common = {**TINY, "model": "tests.factories:gru_lm", "model_args": {"context_length": 32, "dim": 48},
+              "model_name": "gru", "kind": "generative", "score_prompts": 0,
+              "storage_path": str(root / "runs"), "corpus_dir": str(root / "corpus")}
+    first = train_and_publish_lm(LMTrainConfig.load(None, run_name="gru-v1", **common), reg)
+    second = train_and_publish_lm(LMTrainConfig.load(None, run_name="gru-v2", parent="gru:1", **{**common, "epochs": 1}), reg)
+    deploy({"http_options": {"host": "127.0.0.1", "port": HTTP_PORT}, "applications": [{
+        "name": "gru", "route_prefix": "/", "import_path": "maas_ray.serving.app:build_app",
+        "logging_config": {"enable_access_log": False},
+        "args": {"registry_root": str(root / "registry"), "ingress": {"ray_actor_options": {"num_cpus": 0.25}},
+                 "models": [{"name": "gru", "placement": "ingress", "versions": [{"version": 1}, {"version": 2}]}]},
+    }]})
+    url = f"http://127.0.0.1:{HTTP_PORT}"
+    wait_until(lambda: httpx.get(f"{url}/v2/models/gru/versions/2/ready", timeout=5).status_code == 200, 120)
+    yield reg, first, second, url
+    serve.shutdown()
+
+
+def test_own_factory_trains_fine_tunes_and_streams_through_openai(gru):
+    from openai import OpenAI
+
+    from maas_ray.serving.generate.tokenizer import LMTokenizer
+
+    reg, first, second, url = gru
+    m = first.manifest
+    assert m.kind == "generative" and m.model_spec["model"] == "tests.factories:gru_lm"
+    assert m.model_spec["cache"] == "recompute" and m.generation.num_layers == 1 and not m.generation.has_position_ids
+    assert first.history[1]["val_loss"] < first.history[0]["val_loss"] and m.metrics["parity_max_abs_diff"] <= 1e-3
+    assert first.test_perplexity < 300  # it learned something: below a uniform guess over the vocabulary
+    # fine-tuning rebuilt the factory's model from the published weights and started there
+    assert second.manifest.parent.version == 1 and second.history[0]["val_loss"] < first.history[0]["val_loss"]
+
+    oa = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    for version in (1, 2):
+        tokenizer = LMTokenizer.from_bytes(reg.read_file("gru", version, "tokenizer.json"), reg.describe("gru", version).generation)
+        ids = torch_greedy(reg, "gru", version, tokenizer.encode("the small cat"), 12)
+        eos = tokenizer.eos_token_id
+        want = tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
+        stream = oa.completions.create(model=f"gru:{version}", prompt="the small cat", max_tokens=12, temperature=0,
+                                       stream=True)
+        assert "".join(c.choices[0].text for c in stream if c.choices) == want

@@ -9,7 +9,7 @@ fields added and the classifier-only ones refused.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import (
@@ -60,12 +60,23 @@ class LMTrainConfig(TrainConfig):
     """A ``decoder-lm`` training run: next-token loss with Ray Train DDP, checkpoints selected on
     the lowest validation loss, test perplexity once, export with a KV cache, parity, publish."""
 
+    kind: Literal["generative"] = Field(
+        default="generative",
+        description="'generative': train a language model. Implied by model: decoder-lm; set it (YAML or "
+        "--kind generative) to train a factory by import path as one.",
+    )
     model_name: ModelName = Field(default="lm", description="Registry model to publish to.")
-    model: str = Field(default=FAMILY, description=f"The model family: {FAMILY!r} (GPT-2's architecture).")
+    model: str = Field(
+        default=FAMILY,
+        description=f"{FAMILY!r} (GPT-2's architecture) or 'package.module:factory': factory(vocab_size=..., "
+        "context_length=..., **model_args) returns a causal nn.Module mapping (batch, seq) int64 ids to "
+        "(batch, seq, vocab_size) logits (docs/generative.md, 'Your own language model').",
+    )
     model_args: dict[str, Any] = Field(
         default_factory=dict,
         description="decoder-lm hyper-parameters (a JSON object on the command line): context_length, dim, "
-        "heads, layers, dropout. vocab_size comes from the tokenizer (see vocab_size).",
+        "heads, layers, dropout. For a factory: its keyword arguments, context_length required. vocab_size "
+        "comes from the tokenizer (see vocab_size).",
     )
     data: str = Field(
         default=REFERENCE_CORPUS,
@@ -99,8 +110,9 @@ class LMTrainConfig(TrainConfig):
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
-        if v != FAMILY:
-            raise ValueError(f"model must be {FAMILY!r} for a language model, got {v!r}")
+        if v != FAMILY and not _IMPORT_PATH.match(v):
+            raise ValueError(f"model must be {FAMILY!r} or an import path 'package.module:factory' for a "
+                             f"language model, got {v!r}")
         return v
 
     @field_validator("data")
@@ -117,11 +129,19 @@ class LMTrainConfig(TrainConfig):
         refused = [f for f in CLASSIFIER_ONLY if getattr(self, f) != type(self).model_fields[f].get_default(call_default_factory=True)]
         if refused:
             raise ValueError(f"{refused} do not apply to {FAMILY} (classifier fields)")
-        try:  # vocab_size is the tokenizer's; anything else in model_args is checked now
-            args = DecoderLMArgs.model_validate({**self.model_args, "vocab_size": self.model_args.get("vocab_size", self.vocab_size)})
-        except ValidationError as exc:
-            raise ValueError(format_validation_error(exc, f"model_args of {FAMILY}")) from exc
-        self.model_args = args.model_dump(exclude={"vocab_size"})
+        if self.model == FAMILY:
+            try:  # vocab_size is the tokenizer's; anything else in model_args is checked now
+                args = DecoderLMArgs.model_validate({**self.model_args, "vocab_size": self.model_args.get("vocab_size", self.vocab_size)})
+            except ValidationError as exc:
+                raise ValueError(format_validation_error(exc, f"model_args of {FAMILY}")) from exc
+            self.model_args = args.model_dump(exclude={"vocab_size"})
+        else:  # a factory's own arguments are its business; the two the pipeline passes are ours
+            ctx = self.model_args.get("context_length")
+            if isinstance(ctx, bool) or not isinstance(ctx, int) or not 2 <= ctx <= 65536:
+                raise ValueError(f"model_args of {self.model} need context_length, an int in [2, 65536], got {ctx!r}")
+            if "vocab_size" in self.model_args:
+                raise ValueError(f"model_args of {self.model} must not set vocab_size ({self.model_args['vocab_size']!r}): "
+                                 "the factory gets the trained tokenizer's (set the vocab_size field)")
         self.corpus_dir = os.path.abspath(os.path.expanduser(self.corpus_dir))
         if "://" not in self.storage_path:
             self.storage_path = os.path.abspath(os.path.expanduser(self.storage_path))
@@ -137,11 +157,14 @@ class LMTrainConfig(TrainConfig):
         return load_config(cls, path, overrides, "language-model training config")
 
 
-def is_lm_config(path: Optional[str], model_flag: Optional[str] = None) -> bool:
-    """Whether ``maas train`` was asked for a language model: ``--model decoder-lm``, or a YAML
-    whose ``model`` is decoder-lm (False for unreadable files: the loader reports those)."""
-    if model_flag is not None:
-        return model_flag == FAMILY
+def is_lm_config(path: Optional[str], model_flag: Optional[str] = None, kind_flag: Optional[str] = None) -> bool:
+    """Whether ``maas train`` was asked for a language model: ``--model decoder-lm``, ``--kind
+    generative``, or a YAML whose ``model`` is decoder-lm or whose ``kind`` is generative (False for
+    unreadable files: the loader reports those)."""
+    if kind_flag is not None:
+        return True  # LMTrainConfig is the only config with a --kind flag; it validates the value
+    if model_flag == FAMILY:
+        return True
     if not path:
         return False
     try:
@@ -149,4 +172,4 @@ def is_lm_config(path: Optional[str], model_flag: Optional[str] = None) -> bool:
             raw = yaml.safe_load(f)
     except (OSError, yaml.YAMLError):
         return False
-    return isinstance(raw, dict) and raw.get("model") == FAMILY
+    return isinstance(raw, dict) and (raw.get("model") == FAMILY or raw.get("kind") == "generative")

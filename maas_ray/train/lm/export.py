@@ -79,18 +79,32 @@ def export_lm(model: DecoderLM) -> bytes:
             )
         except Exception as exc:  # torch raises many types for unsupported ops
             raise ConfigError(f"cannot export the language model to ONNX: {type(exc).__name__}: {exc}") from exc
-    return buf.getvalue()
+    return _fix_vocab_axis(buf.getvalue(), a.vocab_size)
 
 
-def generation_spec(args: DecoderLMArgs, tokenizer_json: str) -> GenerationSpec:
-    """What serving needs to run the exported graph with this tokenizer."""
+def _fix_vocab_axis(onnx_bytes: bytes, vocab_size: int) -> bytes:
+    """The logits' vocab axis as a number: shape inference leaves it symbolic when the logits come
+    out of a gather (a recompute graph), and serving reads the vocabulary from it."""
+    import onnx
+
+    model = onnx.load_model_from_string(onnx_bytes)
+    dim = next(o for o in model.graph.output if o.name == LOGITS).type.tensor_type.shape.dim[2]
+    if dim.HasField("dim_value"):
+        return onnx_bytes
+    dim.dim_value = vocab_size
+    return model.SerializeToString()
+
+
+def generation_spec(args: DecoderLMArgs, tokenizer_json: str, has_position_ids: bool = True) -> GenerationSpec:
+    """What serving needs to run the exported graph with this tokenizer (a recompute graph,
+    :mod:`~maas_ray.train.lm.imported`, has no ``position_ids`` input: the exporter drops it)."""
     special = tk.special_token_ids(tokenizer_json)
     eos = special[tk.EOS]
     return GenerationSpec(
         context_length=args.context_length, vocab_size=args.vocab_size, num_layers=args.layers,
         num_kv_heads=args.heads, head_dim=args.head_dim, kv_dtype="FP32",
         past_key=PAST_KEY, past_value=PAST_VALUE, present_key=PRESENT_KEY, present_value=PRESENT_VALUE,
-        has_position_ids=True, tokenizer_file="tokenizer.json",
+        has_position_ids=has_position_ids, tokenizer_file="tokenizer.json",
         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, special_tokens=special, chat_template=tk.CHAT_TEMPLATE,
     )
 
@@ -113,10 +127,13 @@ class GreedyRunner:
     def __init__(self, model: DecoderLM, session=None):
         self.model, self.session = model, session
         self.names = past_names(model.args.layers)
+        self.positions = session is not None and POSITION_IDS in {i.name for i in session.get_inputs()}
 
     def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray]):
         if self.session is not None:
-            feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: pos, **dict(zip(self.names, past))}
+            feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, **dict(zip(self.names, past))}
+            if self.positions:
+                feeds[POSITION_IDS] = pos
             out = self.session.run(None, feeds)
             return out[0], out[1:]
         with torch.no_grad():

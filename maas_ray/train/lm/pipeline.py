@@ -13,20 +13,18 @@ from typing import Any, Callable, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from maas_ray.errors import TrainingError
+from maas_ray.errors import ConfigError, TrainingError
 from maas_ray.registry import Manifest, Registry
 from maas_ray.train.lm import tokenizer as tk
-from maas_ray.train.lm.config import REFERENCE_CORPUS, DecoderLMArgs, LMTrainConfig
+from maas_ray.train.lm.config import REFERENCE_CORPUS, LMTrainConfig
 from maas_ray.train.lm.data import LMSplits, load_lm_splits
-from maas_ray.train.lm.model import DecoderLM
 from maas_ray.train.lm.publish import (
-    FAMILY,
     export_and_check,
     load_published_lm,
     publish_lm,
 )
 from maas_ray.train.lm.reference import greedy_texts, score_reference
-from maas_ray.train.lm.task import TASK_PATH, token_loss_sums
+from maas_ray.train.lm.task import TASK_PATH, build, model_spec, token_loss_sums
 from maas_ray.train.loop import load_state, train_loop_per_worker
 from maas_ray.train.pipeline import _cluster_has_gpu, _fit_with_progress
 
@@ -81,7 +79,7 @@ def _trainer(cfg: LMTrainConfig, loop_config: dict[str, Any], use_gpu: bool):
     ), run_name
 
 
-def perplexity(model: DecoderLM, splits: LMSplits) -> float:
+def perplexity(model: torch.nn.Module, splits: LMSplits) -> float:
     sums = token_loss_sums(model, torch.from_numpy(splits.x_test), torch.from_numpy(splits.y_test))
     return math.exp(min((sums[0] / sums[1]).item(), 50.0))
 
@@ -93,8 +91,8 @@ def train_and_publish_lm(
     on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
     ray_init: Optional[dict[str, Any]] = None,
 ) -> LMTrainReport:
-    """Train a ``decoder-lm`` with Ray Train DDP on the connected Ray cluster (started locally if
-    none) and publish it. ``on_epoch`` gets rank 0's metrics after every epoch
+    """Train a ``decoder-lm`` (or a factory's causal LM, ``cfg.model`` an import path) with Ray
+    Train DDP on the connected Ray cluster (started locally if none) and publish it. ``on_epoch`` gets rank 0's metrics after every epoch
     (:func:`format_lm_epoch` makes the console line); by default they are logged at INFO.
 
     With ``cfg.parent`` the parent's architecture and tokenizer are reused and its weights are
@@ -107,19 +105,26 @@ def train_and_publish_lm(
     registry = registry or Registry()
     parent = load_published_lm(registry, *cfg.parent.split(":")) if cfg.parent else None
     if parent is not None:  # fine-tuning keeps the parent's architecture and tokenizer
-        parent_args = parent.model.args.model_dump(exclude={"vocab_size"})
-        if cfg.model_args != parent_args:
-            logger.warning("fine-tuning keeps the parent's model_args %s, not %s", parent_args, cfg.model_args)
-            cfg = cfg.model_copy(update={"model_args": parent_args})
+        parent_model = parent.spec["model"]
+        parent_args = {k: v for k, v in parent.spec["model_args"].items() if k != "vocab_size"}
+        if (cfg.model, cfg.model_args) != (parent_model, parent_args):
+            logger.warning("fine-tuning keeps the parent's model %s %s, not %s %s", parent_model, parent_args,
+                           cfg.model, cfg.model_args)
+            cfg = cfg.model_copy(update={"model": parent_model, "model_args": parent_args})
     if not ray.is_initialized() and ("://" in cfg.data or os.path.isdir(cfg.data)):
         ray.init(**(ray_init or {}))  # a folder or prefix of tables is read with Ray Data; no workers yet
     splits = load_lm_splits(cfg, tokenizer_json=parent.tokenizer_json if parent else None)
     vocab = tk.load(splits.tokenizer_json).get_vocab_size()
-    args = DecoderLMArgs.model_validate({**cfg.model_args, "vocab_size": vocab})
     torch.manual_seed(cfg.seed)
-    spec_doc = {"model": FAMILY, "model_args": args.model_dump()}
-    with torch.no_grad():  # fails here, before any worker, if the model cannot run the data
-        DecoderLM(args).eval()(torch.from_numpy(splits.x_train[:1]))
+    spec_doc = model_spec(cfg.model, cfg.model_args, vocab)
+    try:  # fails here, before any worker, if the model cannot be built or run the data
+        with torch.no_grad():
+            build(spec_doc, probe=True).eval()(torch.from_numpy(splits.x_train[:1]))
+    except ConfigError:
+        raise
+    except Exception as exc:  # user code
+        raise ConfigError(f"model {cfg.model!r} failed on a window of {cfg.context_length} training tokens: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
     if not ray.is_initialized():
         ray.init(**(ray_init or {}))
@@ -134,11 +139,11 @@ def train_and_publish_lm(
         "progress": Queue(),
     }
     trainer, run_name = _trainer(cfg, loop_config, use_gpu)
-    logger.info("training %s (%s %s): %d %s workers, run %s", cfg.model_name, FAMILY, args.model_dump(),
+    logger.info("training %s (%s %s): %d %s workers, run %s", cfg.model_name, cfg.model, spec_doc["model_args"],
                 cfg.num_workers, "GPU" if use_gpu else "CPU", run_name)
     report_epoch = on_epoch or (lambda m: logger.info("%s", format_lm_epoch(m)))
     t0 = time.perf_counter()
-    result = _fit_with_progress(trainer, lambda m: report_epoch({**m, "context_length": args.context_length}),
+    result = _fit_with_progress(trainer, lambda m: report_epoch({**m, "context_length": cfg.context_length}),
                                 loop_config["progress"])
     ray.kill(loop_config["progress"].actor)
     wall = time.perf_counter() - t0
@@ -150,7 +155,7 @@ def train_and_publish_lm(
     with best.as_directory() as path:
         state = load_state(path)
 
-    model = DecoderLM(args)
+    model = build(spec_doc)
     model.load_state_dict(state["model"])
     model.eval()
     test_ppl = perplexity(model, splits)  # once, on the chosen checkpoint
@@ -168,7 +173,7 @@ def train_and_publish_lm(
     manifest = publish_lm(
         registry, cfg.model_name, model, splits.tokenizer_json, exported, metrics=metrics,
         training_config=cfg.model_dump(mode="json"), parent=parent.ref if parent else None, dataset=splits.identity,
-        description=f"{FAMILY} {args.model_dump()} trained on {splits.identity['source']}",
+        description=f"{cfg.model} {spec_doc['model_args']} trained on {splits.identity['source']}",
     )
     ret = result.return_value or {}
     history = ret.get("history", [])

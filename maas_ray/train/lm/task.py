@@ -10,13 +10,26 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from maas_ray.train.lm.config import DecoderLMArgs, LMTrainConfig
+from maas_ray.train.lm.config import FAMILY, DecoderLMArgs, LMTrainConfig
+from maas_ray.train.lm.imported import build_imported
 from maas_ray.train.lm.model import DecoderLM
 from maas_ray.train.loop import Task
 
 
-def build(spec: dict[str, Any]) -> DecoderLM:
-    return DecoderLM(DecoderLMArgs.model_validate(spec["model_args"]))
+def build(spec: dict[str, Any], probe: bool = False) -> nn.Module:
+    """The model of a spec: ``{"model": "decoder-lm", "model_args"}`` (vocab_size inside), or
+    ``{"model": "package.module:factory", "model_args", "vocab_size"}``
+    (:mod:`~maas_ray.train.lm.imported`; ``probe`` checks its output shape and causality)."""
+    if spec["model"] == FAMILY:
+        return DecoderLM(DecoderLMArgs.model_validate(spec["model_args"]))
+    return build_imported(spec["model"], spec["model_args"], int(spec["vocab_size"]), probe=probe)
+
+
+def model_spec(model: str, model_args: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """The spec :func:`build` takes, for a config's model and the trained tokenizer's vocabulary."""
+    if model == FAMILY:
+        return {"model": FAMILY, "model_args": DecoderLMArgs.model_validate({**model_args, "vocab_size": vocab_size}).model_dump()}
+    return {"model": model, "model_args": dict(model_args), "vocab_size": vocab_size}
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
