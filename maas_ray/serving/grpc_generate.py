@@ -14,8 +14,9 @@ Triton's decoupled models::
     client.stop_stream()          # waits for the open generations; cancel_requests=True cancels them
 
 Request (one ``ModelInferRequest`` per generation; any number per stream, generated at the same
-time): one input ``text_input`` (BYTES, one element: the UTF-8 prompt), sampling fields as
-request ``parameters`` with the names and checks of the OIP generate extension
+time): one input ``text_input`` (BYTES, one element: the UTF-8 prompt) and optionally
+``stop_words`` (BYTES, the stop strings: a list, which a scalar request parameter cannot carry),
+sampling fields as request ``parameters`` with the names and checks of the OIP generate extension
 (:func:`maas_ray.serving.codecs.generate.decode_generate`: ``max_tokens``, ``temperature``,
 ``top_p``, ``top_k``, ``seed``, ``stop``, ...); ``model_version`` pins a version; the sticky key
 is the app's ``request_key_header`` as metadata or a request parameter, as for ``ModelInfer``.
@@ -74,10 +75,12 @@ logger = logging.getLogger(__name__)
 
 PROTOCOL = "grpc_generate"
 TEXT_INPUT = "text_input"
+STOP_WORDS = "stop_words"  # optional BYTES input: a list of stop strings, as TensorRT-LLM's ensemble takes them
 TEXT_OUTPUT = "text_output"
 FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
-SCHEMA = RequestSchema(inputs={TEXT_INPUT: frozenset({"BYTES"})}, outputs=(TEXT_OUTPUT,))
+SCHEMA = RequestSchema(inputs={TEXT_INPUT: frozenset({"BYTES"}), STOP_WORDS: frozenset({"BYTES"})},
+                       outputs=(TEXT_OUTPUT,), optional=frozenset({STOP_WORDS}))
 _DONE = object()  # a reader or generation task finished (GrpcGenerateService.stream)
 
 
@@ -104,6 +107,14 @@ def decode_stream_request(request: Any, limits: Any, key_header: str) -> tuple[G
     if type(empty_final) is not bool:
         raise invalid(f"parameters.{EMPTY_FINAL}", "a boolean", empty_final)
     sticky = params.pop(key_header, None)
+    if STOP_WORDS in decoded.tensors:  # a list, which a scalar request parameter cannot carry
+        if "stop" in params or STOP_WORDS in params:
+            raise InvalidInputError(f"inputs[{STOP_WORDS}]: give stop strings as this input or as a parameter, not both")
+        try:
+            words = [bytes(w).decode("utf-8") for w in decoded.tensors[STOP_WORDS].reshape(-1)]
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"inputs[{STOP_WORDS}]: a stop string is not valid UTF-8 ({exc.reason})") from exc
+        params["stop"] = oip.check_stop(words, f"inputs[{STOP_WORDS}]")  # errors name the input
     body: dict[str, Any] = {TEXT_INPUT: text}
     if params:
         body["parameters"] = params

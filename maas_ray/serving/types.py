@@ -62,6 +62,7 @@ class RequestSchema:
     inputs: dict[str, frozenset[str]]  # request input name -> accepted OIP datatypes
     outputs: tuple[str, ...]  # output names the response can carry (after postprocessing)
     nullable: frozenset[str] = frozenset()  # inputs whose values may be missing (null / NaN)
+    optional: frozenset[str] = frozenset()  # inputs a request may leave out
 
     @classmethod
     def of(cls, pre: _DeclaresInputs, post: _DeclaresOutputs) -> "RequestSchema":

@@ -89,7 +89,12 @@ def _stream(headers: dict, requests: list[dict], *, cancel_after: int = 0) -> li
     try:
         client.start_stream(callback, headers=headers)
         for kw in requests:
-            client.async_stream_infer(kw.pop("model", "lm"), [_prompt(kw.pop("prompt", PROMPTS[0]))], **kw)
+            inputs = [_prompt(kw.pop("prompt", PROMPTS[0]))]
+            if "stop_words" in kw:  # the optional list input
+                words = np.array([w.encode() for w in kw.pop("stop_words")], dtype=object)
+                inputs.append(tg.InferInput("stop_words", [len(words)], "BYTES"))
+                inputs[-1].set_data_from_numpy(words)
+            client.async_stream_infer(kw.pop("model", "lm"), inputs, **kw)
         if cancel_after:
             out = [got.get(timeout=60) for _ in range(cancel_after)]
             client.stop_stream(cancel_requests=True)
@@ -134,6 +139,14 @@ def test_streamed_tokens_joined_equal_the_http_completion(served):
     assert a[-1][2]["finish_reason"] in ("stop", "length") and a[-1][2]["completion_tokens"] >= 1
     b = [r for r in responses if r[0] == "b"]
     assert b[-1][1] is None and b[-1][2]["triton_final_response"] is True  # no outputs, final flag
+    # several stop strings: the stop_words input, as the HTTP route's stop list
+    full = want[PROMPTS[0]]
+    stops = [full[len(full) // 2:len(full) // 2 + 2], "\u2603never"]
+    r = http.post("/v2/models/lm/generate", json={"text_input": PROMPTS[0], "parameters": {**sampling, "stop": stops}})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["text_output"]) < len(full)  # the stop string cut it short
+    assert _texts(_stream(headers, [{"prompt": PROMPTS[0], "request_id": "s", "parameters": sampling,
+                                     "stop_words": stops}])) == {"s": r.json()["text_output"]}
 
 
 def test_bad_input_unknown_model_keys_and_wrong_kind_answer_in_stream_with_their_codes(served):

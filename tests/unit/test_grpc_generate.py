@@ -50,6 +50,43 @@ def request(model: str = "lm", prompts: Any = ("once upon",), *, parameters: Opt
     return req
 
 
+def _with_stop_words(req: Any, words: Any, shape: Optional[list] = None) -> Any:
+    """Add the optional ``stop_words`` input as tritonclient sends a BYTES tensor (raw contents)."""
+    import tritonclient.grpc as tg
+    from tritonclient.grpc._utils import _get_inference_request
+
+    arr = np.array([w.encode() if isinstance(w, str) else w for w in words], dtype=object)
+    stop = tg.InferInput("stop_words", shape or [len(words)], "BYTES")
+    stop.set_data_from_numpy(arr.reshape(shape or [len(words)]))
+    prompt = tg.InferInput("text_input", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([req.raw_input_contents[0][4:]], dtype=object))
+    out = _get_inference_request(model_name=req.model_name, inputs=[prompt, stop], model_version="", request_id="",
+                                 outputs=None, sequence_id=0, sequence_start=False, sequence_end=False, priority=0,
+                                 timeout=None, parameters=None)
+    out.parameters.MergeFrom(req.parameters)
+    return out
+
+
+def test_stop_words_input_carries_a_list_of_stop_strings():
+    gen, _, _ = decode_stream_request(_with_stop_words(request(parameters={"max_tokens": 4}), ["\n", "é."]),
+                                      Limits(), KEY_HEADER)
+    assert gen.sampling.stop == ["\n", "é."] and gen.sampling.max_tokens == 4 and gen.prompt == "once upon"
+    gen, _, _ = decode_stream_request(_with_stop_words(request(), ["a", "b"], shape=[1, 2]), Limits(), KEY_HEADER)
+    assert gen.sampling.stop == ["a", "b"]  # TensorRT-LLM's ensemble sends [batch, n]
+
+
+@pytest.mark.parametrize("req, message", [
+    (lambda: _with_stop_words(request(parameters={"stop": "x"}), ["y"]), "as this input or as a parameter, not both"),
+    (lambda: _with_stop_words(request(), [b"\xff"]), "inputs[stop_words]: a stop string is not valid UTF-8"),
+    (lambda: _with_stop_words(request(), [str(i) for i in range(17)]), "at most 16 stop strings"),
+    (lambda: _with_stop_words(request(), [""]), "inputs[stop_words][0]: expected a string of 1..256 characters"),
+])
+def test_stop_words_input_is_checked_like_the_parameter(req, message):
+    with pytest.raises(InvalidInputError) as err:
+        decode_stream_request(req(), Limits(), KEY_HEADER)
+    assert message in err.value.message
+
+
 def _with_int_flag(req: Any) -> Any:
     req.parameters["triton_enable_empty_final_response"].int64_param = 1  # tritonclient sends a bool
     return req

@@ -293,8 +293,9 @@ def check_all_inputs(total: int, seen: Any, schema: RequestSchema, limits: "Limi
             f"inputs: {total} elements in all, over the limit of {limits.max_tensor_elements} (max_tensor_elements)"
         )
     if len(seen) != len(schema.inputs):
-        missing = [n for n in schema.inputs if n not in seen]
-        raise InvalidInputError(f"inputs: missing input(s) {missing}; this model takes {list(schema.inputs)}")
+        missing = [n for n in schema.inputs if n not in seen and n not in schema.optional]
+        if missing:
+            raise InvalidInputError(f"inputs: missing input(s) {missing}; this model takes {list(schema.inputs)}")
 
 
 
