@@ -12,6 +12,8 @@ registry (random weights rarely emit EOS, so outputs run to ``--output-tokens``)
 - ``load``: closed loop at each concurrency c: c clients each keep one greedy request
   (``--prompt-tokens`` of prompt, ``max_tokens`` uniform in ``--output-tokens`` x (1 +- ``--output-spread``),
   so sequences finish and join at different steps) in flight for ``--requests`` requests in all. Output tokens/s; TTFT p50/p99; inter-token latency p50/p99; engine steps.
+  The engine thread's own time per output token outside ``session.run`` (step wall time minus
+  onnxruntime wall time: Python, numpy copies, waits for the GIL) is ``engine_outside_ort_us_per_token``.
   Beside it, the **static-batch limit**: the same c prompts prefilled together and decoded
   together by a bare loop over the session (argmax, no engine): engine / limit is the ratio. Both
   also per CPU second of this process (``time.process_time``), which other load on the machine
@@ -109,6 +111,30 @@ def _static_limit(runner, spec, prompts: list[list[int]], output_tokens: int) ->
     return n * output_tokens / (time.perf_counter() - t0), n * output_tokens / (time.process_time() - c0)
 
 
+def _time_steps(engine) -> dict:
+    """Wall time of the engine's steps and of its onnxruntime passes inside them (wraps the
+    instance's methods; read after the run)."""
+    timing = {"step": 0.0, "ort": 0.0}
+    run, step = engine.runner.run, engine._step
+
+    def timed_run(*a):
+        t = time.perf_counter()
+        try:
+            return run(*a)
+        finally:
+            timing["ort"] += time.perf_counter() - t
+
+    def timed_step():
+        t = time.perf_counter()
+        try:
+            step()
+        finally:
+            timing["step"] += time.perf_counter() - t
+
+    engine.runner.run, engine._step = timed_run, timed_step
+    return timing
+
+
 def part_load(args, loaded, out: dict) -> None:
     from maas_ray.serving.generate import EngineConfig, GenerationEngine, LMTokenizer
     from maas_ray.serving.generate.kv import GraphRunner
@@ -121,13 +147,16 @@ def part_load(args, loaded, out: dict) -> None:
     for c, compact in [(c, k) for c in args.concurrency for k in args.compact_after_steps]:
         config = EngineConfig(max_num_seqs=max(c, 1), prefill_chunk_tokens=args.prefill_chunk_tokens,
                               compact_after_steps=compact)
-        engine = GenerationEngine(session, spec, tok, config).start()
+        engine = GenerationEngine(session, spec, tok, config)
+        timing = _time_steps(engine)
+        engine.start()
         n = max(args.requests, 2 * c)
         prompts = _prompts(spec, n, args.prompt_tokens, seed=c)
         spread = int(args.output_tokens * args.output_spread)
         lengths = np.random.default_rng(c).integers(args.output_tokens - spread, args.output_tokens + spread + 1, n)
         asyncio.run(_closed_loop(engine, prompts[: min(c, 4)], c, [4] * 4))  # warm-up
         before = engine.stats()
+        timing.update(step=0.0, ort=0.0)
         wall, cpu, tokens, ttft, itl = asyncio.run(_closed_loop(engine, prompts, c, lengths.tolist()))
         st = engine.stats()
         engine.stop()
@@ -143,6 +172,8 @@ def part_load(args, loaded, out: dict) -> None:
             "joins_in_place": st["joins_in_place"] - before["joins_in_place"],
             "batch_rebuilds": st["batch_rebuilds"] - before["batch_rebuilds"],
             "tokens_per_cpu_s": round(tokens / cpu, 1),
+            "engine_outside_ort_us_per_token": round(1e6 * (timing["step"] - timing["ort"]) / tokens, 1),
+            "engine_ort_us_per_token": round(1e6 * timing["ort"] / tokens, 1),
             "static_batch_limit_tokens_per_s": round(limit, 1), "engine_over_limit": round(tokens / wall / limit, 3),
             "static_batch_limit_tokens_per_cpu_s": round(limit_cpu, 1),
             "engine_over_limit_cpu": round(tokens / cpu / limit_cpu, 3),
@@ -152,7 +183,9 @@ def part_load(args, loaded, out: dict) -> None:
               f" ratio {row['engine_over_limit']:.2f}; per CPU-s {row['tokens_per_cpu_s']:.0f} vs "
               f"{row['static_batch_limit_tokens_per_cpu_s']:.0f}, ratio {row['engine_over_limit_cpu']:.2f})  TTFT p50/p99 {row['ttft_p50_ms']:.1f}/{row['ttft_p99_ms']:.1f} ms"
               f"  ITL p50/p99 {row['itl_p50_ms']:.2f}/{row['itl_p99_ms']:.2f} ms  steps {row['steps']}"
-              f"  cache rebuilds {row['batch_rebuilds']}, joins in place {row['joins_in_place']}", flush=True)
+              f"  cache rebuilds {row['batch_rebuilds']}, joins in place {row['joins_in_place']}"
+              f"  engine thread per token: {row['engine_outside_ort_us_per_token']:.1f} us outside session.run,"
+              f" {row['engine_ort_us_per_token']:.1f} us in it", flush=True)
     out["load"] = rows
 
 

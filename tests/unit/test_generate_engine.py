@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -14,6 +15,7 @@ from maas_ray.errors import InferenceError, InvalidInputError, ModelNotReadyErro
 from maas_ray.registry import Registry
 from maas_ray.runtime import create_session
 from maas_ray.serving.generate import EngineConfig, GenerationEngine, LMTokenizer
+from maas_ray.serving.generate.kv import GraphRunner
 from maas_ray.serving.types import SamplingParams
 from tests.helpers.lm import publish_tiny_lm
 
@@ -205,6 +207,29 @@ def test_the_io_binding_path_gives_the_same_tokens(lm):
     assert outs[0][0] == lm.reference(prompts[1], 30)
     for i, (ids, out) in enumerate(zip(prompts, outs[1:])):
         assert out[0] == lm.reference(ids, 8 + 4 * i)
+
+
+def test_a_cpu_session_is_run_through_its_binding_with_the_outputs_of_session_run(lm):
+    class Wrapped:  # a session without onnxruntime's C binding: runs go through its run()
+        _sess = None
+
+        def __init__(self, session):
+            self._session = session
+
+        def __getattr__(self, name):
+            return getattr(self._session, name)
+
+    direct, wrapped = GraphRunner(lm.session, lm.spec), GraphRunner(Wrapped(lm.session), lm.spec)
+    assert direct._sess_run is not None and wrapped._sess_run is None
+    ids = np.array([lm.tokenizer.encode(PROMPTS[1])], np.int64)
+    mask, positions = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None, :]
+    steps = []
+    for runner in (direct, wrapped):
+        logits, kv = runner.run(ids, mask, positions, runner.empty(1))
+        last, mask1 = logits.argmax(axis=1)[:, None], np.ones((1, ids.shape[1] + 1), np.int64)
+        logits1, kv1 = runner.run(last, mask1, np.array([[ids.shape[1]]], np.int64), kv)
+        steps.append([logits, *kv, logits1, *kv1])
+    assert all(np.array_equal(a, b) for a, b in zip(*steps))
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_and_outputs_do_not_change(lm, engine):

@@ -127,3 +127,24 @@ def test_streaming_skips_special_tokens_and_flush_returns_an_unfinished_characte
     assert detok.push(ids[1:-1]) == ""  # half an emoji: held back
     assert detok.flush() == "\ufffd"  # the stream ended inside the character
     assert detok.flush() == ""
+
+
+def test_detokenizers_of_a_version_share_single_token_texts_and_stream_the_same_text(tok):
+    from maas_ray.serving.generate.tokenizer import IncrementalDetokenizer
+
+    texts = ["héllo wörld", "日本語のテキスト", "emoji 🎉🎈 party", "the small cat sat on the mat"]
+    streams = [tok.encode(t)[1:] for t in texts]
+    shared = [tok.detokenizer() for _ in texts]
+    pieces: list[list[str]] = [[] for _ in texts]
+    for step in range(max(map(len, streams))):  # interleaved, as the rows of an engine step
+        for i, ids in enumerate(streams):
+            if step < len(ids):
+                pieces[i].append(shared[i].push([ids[step]]))
+    for i, text in enumerate(texts):
+        pieces[i].append(shared[i].flush())
+        assert "".join(pieces[i]) == text
+        alone = IncrementalDetokenizer(tok._tok)  # a cache of its own
+        assert [alone.push([t]) for t in streams[i]] + [alone.flush()] == pieces[i]
+    cache = shared[0]._token_texts
+    assert cache and all(d._token_texts is cache for d in shared)
+    assert all(text == tok.decode([t]) for t, text in cache.items())

@@ -312,6 +312,8 @@ class GenerationEngine:
                 self._cancel_pending = True
 
     def _reap(self) -> None:
+        if not self._cancel_pending:  # read without the lock: a cancel missed now is reaped next step
+            return
         with self._cv:
             if not self._cancel_pending:
                 return
@@ -332,18 +334,19 @@ class GenerationEngine:
             self._batch.leave(leaving, self._counters["steps"])
 
     def _admit(self) -> None:
-        with self._cv:
-            while self._waiting:
-                s = self._waiting[0]
-                if len(self._prefilling) + self._batch.live >= self.config.max_num_seqs:
-                    break
-                if self._reserved + s.need > self.kv_capacity_tokens:
-                    break
-                self._waiting.popleft()
-                s.reserve = s.need
-                self._reserved += s.reserve
-                self._prefilling.append(s)
-                self._counters["prompt_tokens"] += len(s.prompt)
+        if self._waiting:  # read without the lock: a request queued meanwhile is admitted next step
+            with self._cv:
+                while self._waiting:
+                    s = self._waiting[0]
+                    if len(self._prefilling) + self._batch.live >= self.config.max_num_seqs:
+                        break
+                    if self._reserved + s.need > self.kv_capacity_tokens:
+                        break
+                    self._waiting.popleft()
+                    s.reserve = s.need
+                    self._reserved += s.reserve
+                    self._prefilling.append(s)
+                    self._counters["prompt_tokens"] += len(s.prompt)
         running = len(self._prefilling) + self._batch.live
         self._counters["max_running"] = max(self._counters["max_running"], running)
 
@@ -392,9 +395,9 @@ class GenerationEngine:
         sampling = SamplingBatch([s.params for s in group], [s.generator for s in group])
         tokens = sample(logits, sampling)
         lengths = np.array([len(s.prompt) for s in group], np.int64)
-        alive = self._accept(group, tokens, out)
-        if alive.any():
-            keep = np.flatnonzero(alive)
+        finished = self._accept(group, tokens, out)
+        if len(finished) < len(group):
+            keep = np.array([i for i in range(len(group)) if i not in finished], np.int64)
             kv, mask = select(self.runner.to_host(present), mask, keep)
             if self._batch.live:
                 self._counters["joined_running"] += len(keep)
@@ -414,43 +417,50 @@ class GenerationEngine:
             return
         tokens = sample(logits, b.sampling)
         b.advance(present, mask, tokens)
-        alive = self._accept(b.seqs, tokens, out)
-        if not alive.all():
-            b.leave(np.flatnonzero(~alive).tolist(), self._counters["steps"])
+        finished = self._accept(b.seqs, tokens, out)
+        if finished:
+            b.leave(finished, self._counters["steps"])
 
     # -- per-token bookkeeping ---------------------------------------------------------------
 
-    def _accept(self, seqs: Sequence[Optional[_Seq]], tokens: np.ndarray, out: _Outbox) -> np.ndarray:
-        """Text, stop and length checks for each sequence's new token; returns which go on.
-        A sequence holds at most context_length tokens, prompt and generated together."""
+    def _accept(self, seqs: Sequence[Optional[_Seq]], tokens: np.ndarray, out: _Outbox) -> list[int]:
+        """Text, stop and length checks for each sequence's new token; returns the rows that
+        finished. A sequence holds at most context_length tokens, prompt and generated together.
+        Runs once per row per step: attribute lookups are hoisted and counters summed once."""
         eos, ctx = self.spec.eos_token_id, self.spec.context_length
-        alive = np.ones(len(seqs), bool)
-        for i, (s, t) in enumerate(zip(seqs, tokens.tolist())):
-            if s is None or s.cancelled:  # a free row; a consumer gone (the next step's reap frees it)
-                continue
-            self._counters["generated_tokens"] += 1
-            s.generated += 1
-            finish = None
-            if t == eos:
-                text, hit = self._stop_filter(s, s.detok.flush())
-                text += "" if hit else s.held
-                finish = "stop"
-            else:
-                text, hit = self._stop_filter(s, s.detok.push([t]))
-                if hit:
+        stop_filter, put = self._stop_filter, out.put
+        finished: list[int] = []
+        accepted = 0
+        try:
+            for i, t in enumerate(tokens.tolist()):
+                s = seqs[i]
+                if s is None or s.cancelled:  # a free row; a consumer gone (the next step's reap frees it)
+                    continue
+                accepted += 1
+                s.generated += 1
+                finish = None
+                if t == eos:
+                    text, hit = stop_filter(s, s.detok.flush())
+                    text += "" if hit else s.held
                     finish = "stop"
-                elif s.generated >= s.params.max_tokens or len(s.prompt) + s.generated >= ctx:
-                    tail, hit = self._stop_filter(s, s.detok.flush())
-                    text += tail + ("" if hit else s.held)
-                    finish = "stop" if hit else "length"
-            out.put(s, GenerationChunk(text=text, token_ids=[t], finish_reason=finish,
+                else:
+                    text, hit = stop_filter(s, s.detok.push([t]))
+                    if hit:
+                        finish = "stop"
+                    elif s.generated >= s.params.max_tokens or len(s.prompt) + s.generated >= ctx:
+                        tail, hit = stop_filter(s, s.detok.flush())
+                        text += tail + ("" if hit else s.held)
+                        finish = "stop" if hit else "length"
+                put(s, GenerationChunk(text=text, token_ids=[t], finish_reason=finish,
                                        prompt_tokens=len(s.prompt), completion_tokens=s.generated))
-            if finish is not None:
-                s.done = True
-                alive[i] = False
-                self._release(s)
-                self._counters["finished"] += 1
-        return alive
+                if finish is not None:
+                    s.done = True
+                    finished.append(i)
+                    self._release(s)
+        finally:  # counted once per pass, also when a row raised
+            self._counters["generated_tokens"] += accepted
+            self._counters["finished"] += len(finished)
+        return finished
 
     @staticmethod
     def _stop_filter(s: _Seq, text: str) -> tuple[str, bool]:

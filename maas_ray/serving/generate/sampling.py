@@ -63,10 +63,10 @@ def sample(logits: np.ndarray, batch: SamplingBatch) -> np.ndarray:
     if logits.shape[0] != len(batch):
         raise ValueError(f"logits have {logits.shape[0]} rows, the sampling batch {len(batch)}")
     if not len(batch.sampled_rows):  # all greedy: one argmax, no gather
-        return np.argmax(logits, axis=1)
+        return logits.argmax(axis=1)
     out = np.empty(len(batch), np.int64)
     if len(batch.greedy_rows):
-        out[batch.greedy_rows] = np.argmax(logits[batch.greedy_rows], axis=1)
+        out[batch.greedy_rows] = logits[batch.greedy_rows].argmax(axis=1)
     rows = batch.sampled_rows
     if len(rows):
         u = np.array([batch.generators[r].random() for r in rows], np.float64)  # one draw per row per step

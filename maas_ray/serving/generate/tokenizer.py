@@ -48,6 +48,7 @@ class LMTokenizer:
         names = sorted(self._specials, key=len, reverse=True)
         self._special_re = re.compile("|".join(re.escape(n) for n in names)) if names else None
         self._template = None
+        self._token_texts: dict[int, str] = {}  # shared by this version's detokenizers (at most the vocab)
 
     @classmethod
     def from_bytes(cls, tokenizer_json: bytes, spec: GenerationSpec) -> "LMTokenizer":
@@ -122,7 +123,7 @@ class LMTokenizer:
 
     def detokenizer(self) -> "IncrementalDetokenizer":
         """A fresh streaming decoder for one sequence."""
-        return IncrementalDetokenizer(self._tok)
+        return IncrementalDetokenizer(self._tok, self._token_texts)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -218,17 +219,33 @@ class IncrementalDetokenizer:
     until the next token completes it; :meth:`flush` returns whatever is left.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, token_texts: Optional[dict[int, str]] = None) -> None:
         self._tok = tokenizer
+        # The context window is most often the one token emitted last: its text is a function of
+        # the id alone, so it is decoded once per id (a dict shared by a version's sequences)
+        # instead of once per step; one decode per token is left.
+        self._token_texts = {} if token_texts is None else token_texts
         self._ids: list[int] = []
         self._prefix = 0  # _ids[_prefix:_read] decoded is text already returned (the context window)
         self._read = 0
 
+    def _window_text(self) -> str:
+        """The text of the context window ``_ids[_prefix:_read]``."""
+        n = self._read - self._prefix
+        if n == 0:
+            return ""
+        if n == 1:
+            t = self._ids[self._prefix]
+            text = self._token_texts.get(t)
+            if text is None:
+                text = self._token_texts[t] = self._tok.decode([t], skip_special_tokens=True)
+            return text
+        return self._tok.decode(self._ids[self._prefix:self._read], skip_special_tokens=True)
+
     def push(self, ids: list[int]) -> str:
         self._ids.extend(ids)
-        decode = self._tok.decode
-        prefix_text = decode(self._ids[self._prefix:self._read], skip_special_tokens=True)
-        text = decode(self._ids[self._prefix:], skip_special_tokens=True)
+        prefix_text = self._window_text()
+        text = self._tok.decode(self._ids[self._prefix:], skip_special_tokens=True)
         if len(text) > len(prefix_text) and not text.endswith(_REPLACEMENT):
             new = text[len(prefix_text):]
             del self._ids[:self._read]  # keep the window bounded
@@ -238,7 +255,7 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """The text held back (an incomplete character at the end decodes as U+FFFD)."""
-        prefix_text = self._tok.decode(self._ids[self._prefix:self._read], skip_special_tokens=True)
+        prefix_text = self._window_text()
         text = self._tok.decode(self._ids[self._prefix:], skip_special_tokens=True)
         self._prefix = self._read = len(self._ids)
         return text[len(prefix_text):]
