@@ -9,7 +9,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -70,6 +70,10 @@ class Task:
     higher_is_better: bool
     # (model, x_val, y_val, rank, world) -> {metric: value, ...}; the same value on every worker
     evaluate: Callable[[nn.Module, torch.Tensor, torch.Tensor, int, int], dict[str, float]]
+    # Ray Data shards: (model, this worker's validation batches (x, y) on device, device, world) ->
+    # the same metrics as evaluate, from sums over the shard all-reduced; None: in-memory data only
+    evaluate_stream: Optional[Callable[[nn.Module, Iterable[tuple[torch.Tensor, torch.Tensor]], torch.device, int], dict[str, float]]] = None
+    eval_batch_size: int = 1024  # validation rows per forward pass on a shard
 
 
 def _build_classifier(spec: dict[str, Any]) -> nn.Module:
@@ -80,7 +84,20 @@ def _evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ran
     return {"val_accuracy": accuracy(model, x, y)}  # every worker: the same value, the same stop
 
 
-CLASSIFY = Task(TrainConfig, _build_classifier, nn.CrossEntropyLoss(), "val_accuracy", True, _evaluate_classifier)
+@torch.no_grad()
+def _evaluate_classifier_stream(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                                device: torch.device, world: int) -> dict[str, float]:
+    model.eval()
+    counts = torch.zeros(2, device=device)  # (correct, seen) on this worker's shard
+    for x, y in batches:
+        counts += torch.stack([(model(x).argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=device)])
+    if world > 1:
+        torch.distributed.all_reduce(counts)
+    return {"val_accuracy": (counts[0] / counts[1].clamp(min=1)).item()}
+
+
+CLASSIFY = Task(TrainConfig, _build_classifier, nn.CrossEntropyLoss(), "val_accuracy", True, _evaluate_classifier,
+                _evaluate_classifier_stream)
 
 
 def resolve_task(path: Optional[str]) -> Task:
@@ -121,24 +138,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
     bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if streamed:
-        assert task is CLASSIFY, "Ray Data streaming feeds classifiers only"
-        rows_per_worker = math.ceil(loop_config["rows"]["train"] / world)
+        if task.evaluate_stream is None:
+            raise ValueError(f"task {loop_config.get('task')!r} has no evaluate_stream: it cannot read Ray Data shards")
+        # streaming_split(equal=True) gives every worker rows // world rows (the remainder is
+        # dropped), so every worker runs the same number of batches and DDP steps stay in lockstep
+        rows_per_worker = loop_config["rows"]["train"] // world
         batches_per_epoch = math.ceil(rows_per_worker / cfg.batch_size)  # for the LR schedule only
 
         def train_batches(epoch: int):
-            shard = ray.train.get_dataset_shard("train")  # equal-sized shards: DDP steps stay in lockstep
+            shard = ray.train.get_dataset_shard("train")
             for b in shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch):
                 yield b["x"], b["y"]
 
         def val_metrics() -> dict[str, float]:
-            bare.eval()
-            counts = torch.zeros(2, device=device)  # (correct, seen) on this worker's shard
-            with torch.no_grad():
-                for b in ray.train.get_dataset_shard("validation").iter_torch_batches(batch_size=1024, device=device):
-                    counts += torch.stack([(bare(b["x"]).argmax(1) == b["y"]).sum().float(), torch.tensor(float(len(b["y"])), device=device)])
-            if world > 1:
-                torch.distributed.all_reduce(counts)
-            return {"val_accuracy": (counts[0] / counts[1].clamp(min=1)).item()}
+            shard = ray.train.get_dataset_shard("validation")
+            batches = ((b["x"], b["y"]) for b in shard.iter_torch_batches(batch_size=task.eval_batch_size, device=device))
+            return task.evaluate_stream(bare, batches, device, world)
     else:
         loader = DataLoader(
             # Object-store arrays are read-only; torch wants writable memory for its tensors.
@@ -213,6 +228,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             "train_loss": (loss_sum[0] / loss_sum[1]).item(),
             **val,
             "samples_per_s": loss_sum[1].item() / train_seconds,
+            "train_samples": loss_sum[1].item(),  # all workers' rows this epoch
+            "data_streamed": float(streamed),  # 1.0: the rows came from Ray Data shards
             "epoch_seconds": time.perf_counter() - t0,
             "resumed_from_epoch": start_epoch,
         }

@@ -1,7 +1,9 @@
 """decoder-lm data read through Ray Data (real Ray): a folder of parquet files trains and publishes
 with the folder as the manifest's dataset identity; documents come back in file order, then row
-order; a missing 'text' column is a ConfigError naming the source and the columns found."""
+order; a missing 'text' column is a ConfigError naming the source and the columns found. With
+data_loading: ray_data the windows are made in Ray Data and reach two DDP workers as dataset shards."""
 
+import math
 import uuid
 
 import pandas as pd
@@ -14,7 +16,7 @@ from maas_ray.errors import ConfigError
 from maas_ray.registry import Registry
 from maas_ray.train.lm import corpus
 from maas_ray.train.lm.config import LMTrainConfig
-from maas_ray.train.lm.data import read_documents
+from maas_ray.train.lm.data import load_lm_splits, read_documents
 from maas_ray.train.lm.pipeline import train_and_publish_lm
 from tests.helpers.s3 import BUCKET
 
@@ -50,6 +52,31 @@ def test_a_folder_of_parquet_files_trains_and_publishes(ray_cluster, tmp_path):
     assert ds["file_count"] == 3 and ds["files"] == [str(f) for f in files]
     assert sum(ds["documents"].values()) == len(docs) and len(ds["content_sha256"]) == 64
     assert 1 < report.test_perplexity < 300
+    assert not report.streamed and "streamed" not in ds  # small, data_loading auto: in memory as before
+    assert all(h["data_streamed"] == 0.0 for h in report.history)
+
+
+def test_a_folder_streamed_through_ray_data_trains_two_workers_on_shards(ray_cluster, tmp_path):
+    docs = corpus.documents(600, seed=6)
+    files = _write_parts(tmp_path / "corpus", docs)
+    cfg = LMTrainConfig.load(None, model_name="lm-streamed", data=str(tmp_path / "corpus"), run_name="lm-streamed",
+                             storage_path=str(tmp_path / "runs"), data_loading="ray_data", tokenizer_sample_documents=300,
+                             **{**TINY, "num_workers": 2})
+    report = train_and_publish_lm(cfg, Registry(str(tmp_path / "registry")))
+    m, ds = report.manifest, report.manifest.dataset
+    assert (m.model, m.version, m.kind) == ("lm-streamed", 1, "generative") and report.streamed
+    assert ds["streamed"] is True and ds["loading"] == "ray_data" and ds["files"] == [str(f) for f in files]
+    assert sum(ds["documents"].values()) == len(docs) and ds["tokenizer_sample_documents"] == 300
+    assert all(n > 0 for n in ds["rows"].values())
+    # the workers read their windows from equal dataset shards: rows // 2 each, every epoch
+    assert [h["data_streamed"] for h in report.history] == [1.0, 1.0]
+    assert [h["train_samples"] for h in report.history] == [2 * (ds["rows"]["train"] // 2)] * 2
+    assert report.history[1]["val_loss"] < report.history[0]["val_loss"]
+    assert math.isfinite(report.test_perplexity) and 1 < report.test_perplexity < 300
+    # rebuilt in memory (as `maas optimize` replays a version's data): the same documents per
+    # split, the same content hash
+    again = load_lm_splits(cfg)
+    assert again.identity["documents"] == ds["documents"] and again.identity["content_sha256"] == ds["content_sha256"]
 
 
 def test_jsonl_folder_and_missing_text_column(ray_cluster, tmp_path):

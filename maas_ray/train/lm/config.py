@@ -29,8 +29,7 @@ FAMILY = "decoder-lm"
 REFERENCE_CORPUS = "reference"  # maas_ray.train.lm.corpus
 TABLE_SUFFIXES = (".parquet", ".jsonl")  # one document per row of a `text` column
 # TrainConfig fields that mean nothing for a language model: refused when set.
-CLASSIFIER_ONLY = ("max_seq_len", "class_labels", "min_test_accuracy", "data_loading",
-                   "ray_data_threshold_bytes", "external_data_threshold_bytes")
+CLASSIFIER_ONLY = ("max_seq_len", "class_labels", "min_test_accuracy", "external_data_threshold_bytes")
 
 
 class DecoderLMArgs(BaseModel):
@@ -86,6 +85,25 @@ class LMTrainConfig(TrainConfig):
         ".parquet/.jsonl files with a 'text' column or one remote such file (read through Ray Data), or "
         "'package.module:loader' returning a list of documents.",
     )
+    data_loading: Literal["auto", "memory", "ray_data"] = Field(
+        default="auto",
+        description="How the workers get the windows: 'memory' (documents read, tokenized and windowed on the "
+        "driver, the windows shared through the object store), 'ray_data' (a folder, object-store prefix or "
+        "remote file of .parquet/.jsonl with a 'text' column only: split by a hash of each document, tokenized "
+        "and windowed in Ray Data, each split's windows materialized in the object store and fed to the "
+        "workers as equal dataset shards), 'auto' (ray_data for such table sources whose files total more "
+        "than ray_data_threshold_bytes, else memory).",
+    )
+    ray_data_threshold_bytes: int = Field(
+        default=256 * 1024**2, ge=0,
+        description="data_loading 'auto': table sources whose files total more bytes than this are streamed.",
+    )
+    tokenizer_sample_documents: int = Field(
+        default=50000, ge=100,
+        description="Streamed data (data_loading ray_data): the tokenizer is trained on at most this many "
+        "training documents, a seeded uniform sample drawn while the driver reads the text once (memory "
+        "loading trains it on every training document; fine-tuning uses the parent's).",
+    )
     epochs: int = Field(default=6, ge=1, description="Epochs to train (at most; see patience).")
     batch_size: int = Field(default=16, ge=1, description="Per-worker sequences (of context_length tokens) per micro-step.")
     lr: float = Field(default=2e-3, gt=0.0, description="Peak Adam learning rate.")
@@ -129,6 +147,9 @@ class LMTrainConfig(TrainConfig):
         refused = [f for f in CLASSIFIER_ONLY if getattr(self, f) != type(self).model_fields[f].get_default(call_default_factory=True)]
         if refused:
             raise ValueError(f"{refused} do not apply to {FAMILY} (classifier fields)")
+        if self.data_loading == "ray_data" and not ("://" in self.data or os.path.isdir(self.data)):
+            raise ValueError(f"data_loading 'ray_data' needs a folder or object-store prefix of {'/'.join(TABLE_SUFFIXES)} "
+                             f"files with a 'text' column (or one remote such file), got data {self.data!r}")
         if self.model == FAMILY:
             try:  # vocab_size is the tokenizer's; anything else in model_args is checked now
                 args = DecoderLMArgs.model_validate({**self.model_args, "vocab_size": self.model_args.get("vocab_size", self.vocab_size)})

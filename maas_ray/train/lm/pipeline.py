@@ -17,14 +17,26 @@ from maas_ray.errors import ConfigError, TrainingError
 from maas_ray.registry import Manifest, Registry
 from maas_ray.train.lm import tokenizer as tk
 from maas_ray.train.lm.config import REFERENCE_CORPUS, LMTrainConfig
-from maas_ray.train.lm.data import LMSplits, load_lm_splits
+from maas_ray.train.lm.data import (
+    LMSplits,
+    LMStreams,
+    load_lm_splits,
+    load_lm_streams,
+    streamed_source,
+)
 from maas_ray.train.lm.publish import (
     export_and_check,
     load_published_lm,
     publish_lm,
 )
 from maas_ray.train.lm.reference import greedy_texts, score_reference
-from maas_ray.train.lm.task import TASK_PATH, build, model_spec, token_loss_sums
+from maas_ray.train.lm.task import (
+    TASK_PATH,
+    batches_loss_sums,
+    build,
+    model_spec,
+    token_loss_sums,
+)
 from maas_ray.train.loop import load_state, train_loop_per_worker
 from maas_ray.train.pipeline import _cluster_has_gpu, _fit_with_progress
 
@@ -50,6 +62,8 @@ class LMTrainReport(BaseModel):
     resumed_from_epoch: int
     wall_seconds: float = Field(description="Ray Train fit, from start to the last epoch.")
     checkpoint_path: str
+    streamed: bool = Field(default=False, description="The windows were tokenized in Ray Data and reached the "
+                           "workers as dataset shards (data_loading), not as arrays in the object store.")
 
 
 def format_lm_epoch(m: dict[str, Any]) -> str:
@@ -61,14 +75,14 @@ def format_lm_epoch(m: dict[str, Any]) -> str:
     )
 
 
-def _trainer(cfg: LMTrainConfig, loop_config: dict[str, Any], use_gpu: bool):
+def _trainer(cfg: LMTrainConfig, loop_config: dict[str, Any], use_gpu: bool, datasets: Optional[dict[str, Any]] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
 
     run_name = cfg.run_name or f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config,
+        train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,  # each split: equal shards
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
@@ -79,8 +93,14 @@ def _trainer(cfg: LMTrainConfig, loop_config: dict[str, Any], use_gpu: bool):
     ), run_name
 
 
-def perplexity(model: torch.nn.Module, splits: LMSplits) -> float:
-    sums = token_loss_sums(model, torch.from_numpy(splits.x_test), torch.from_numpy(splits.y_test))
+def perplexity(model: torch.nn.Module, splits: LMSplits | LMStreams) -> float:
+    """On the test windows; streamed: batch by batch, never one array on the driver."""
+    if isinstance(splits, LMStreams):
+        model.eval()
+        batches = splits.datasets["test"].iter_torch_batches(batch_size=32)
+        sums = batches_loss_sums(model, ((b["x"], b["y"]) for b in batches))
+    else:
+        sums = token_loss_sums(model, torch.from_numpy(splits.x_test), torch.from_numpy(splits.y_test))
     return math.exp(min((sums[0] / sums[1]).item(), 50.0))
 
 
@@ -113,13 +133,24 @@ def train_and_publish_lm(
             cfg = cfg.model_copy(update={"model": parent_model, "model_args": parent_args})
     if not ray.is_initialized() and ("://" in cfg.data or os.path.isdir(cfg.data)):
         ray.init(**(ray_init or {}))  # a folder or prefix of tables is read with Ray Data; no workers yet
-    splits = load_lm_splits(cfg, tokenizer_json=parent.tokenizer_json if parent else None)
+    suffix = streamed_source(cfg)
+    splits: LMSplits | LMStreams
+    if suffix is not None:  # tokenized and windowed in Ray Data, fed to the workers as shards
+        splits = load_lm_streams(cfg, suffix, tokenizer_json=parent.tokenizer_json if parent else None)
+        if splits.identity["rows"]["train"] < cfg.num_workers:
+            raise ConfigError(f"the train split has {splits.identity['rows']['train']} windows, fewer than "
+                              f"num_workers ({cfg.num_workers}): every worker needs one")
+        first_window = torch.tensor(splits.datasets["train"].take_batch(1, batch_format="numpy")["x"])  # a copy: read-only
+    else:
+        splits = load_lm_splits(cfg, tokenizer_json=parent.tokenizer_json if parent else None)
+        first_window = torch.from_numpy(splits.x_train[:1])
+    streamed = isinstance(splits, LMStreams)
     vocab = tk.load(splits.tokenizer_json).get_vocab_size()
     torch.manual_seed(cfg.seed)
     spec_doc = model_spec(cfg.model, cfg.model_args, vocab)
     try:  # fails here, before any worker, if the model cannot be built or run the data
         with torch.no_grad():
-            build(spec_doc, probe=True).eval()(torch.from_numpy(splits.x_train[:1]))
+            build(spec_doc, probe=True).eval()(first_window)
     except ConfigError:
         raise
     except Exception as exc:  # user code
@@ -133,14 +164,16 @@ def train_and_publish_lm(
         "task": TASK_PATH,
         "train_config": cfg.model_dump(),
         "model_spec": spec_doc,
-        "splits": ray.put(splits),
+        "splits": None if streamed else ray.put(splits),  # None: the loop reads its dataset shards
         "rows": splits.identity["rows"],
         "init_state": ray.put(parent.model.state_dict()) if parent else None,
         "progress": Queue(),
     }
-    trainer, run_name = _trainer(cfg, loop_config, use_gpu)
-    logger.info("training %s (%s %s): %d %s workers, run %s", cfg.model_name, cfg.model, spec_doc["model_args"],
-                cfg.num_workers, "GPU" if use_gpu else "CPU", run_name)
+    datasets = {"train": splits.datasets["train"], "validation": splits.datasets["validation"]} if streamed else None
+    trainer, run_name = _trainer(cfg, loop_config, use_gpu, datasets)
+    logger.info("training %s (%s %s): %d %s workers, run %s, data %s", cfg.model_name, cfg.model, spec_doc["model_args"],
+                cfg.num_workers, "GPU" if use_gpu else "CPU", run_name,
+                "streamed with Ray Data" if streamed else "in memory (object store)")
     report_epoch = on_epoch or (lambda m: logger.info("%s", format_lm_epoch(m)))
     t0 = time.perf_counter()
     result = _fit_with_progress(trainer, lambda m: report_epoch({**m, "context_length": cfg.context_length}),
@@ -182,6 +215,6 @@ def train_and_publish_lm(
         best_epoch=int(state["epoch"]), history=history, samples=samples, scores=scores,
         parity_max_abs_diff=exported.parity_max_abs_diff, export_seconds=exported.export_seconds,
         epochs_run=len(history), resumed_from_epoch=int(ret.get("start_epoch", 0)), wall_seconds=wall,
-        checkpoint_path=best.path,
+        checkpoint_path=best.path, streamed=streamed,
     )
 

@@ -4,7 +4,7 @@ next-token cross-entropy, checkpoints selected on the lowest validation loss."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -50,14 +50,33 @@ def token_loss_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_si
     return out
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> dict[str, float]:
-    """Validation loss and perplexity: each worker scores its share of the windows, all-reduced."""
-    sums = token_loss_sums(model, x[rank::world], y[rank::world])
+def _loss_metrics(sums: torch.Tensor, world: int) -> dict[str, float]:
     if world > 1:
         torch.distributed.all_reduce(sums)
     loss = (sums[0] / sums[1].clamp(min=1)).item()
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
 
-LM_TASK = Task(LMTrainConfig, build, next_token_loss, "val_loss", False, evaluate)
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> dict[str, float]:
+    """Validation loss and perplexity: each worker scores its share of the windows, all-reduced."""
+    return _loss_metrics(token_loss_sums(model, x[rank::world], y[rank::world]), world)
+
+
+@torch.no_grad()
+def batches_loss_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """:func:`token_loss_sums` over batches of windows (a Ray Data shard or dataset), float64."""
+    out = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in batches:
+        out += token_loss_sums(model, x, y, batch_size=len(x))
+    return out
+
+
+def evaluate_stream(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                    world: int) -> dict[str, float]:
+    """:func:`evaluate` on this worker's validation shard: the sums over it, all-reduced."""
+    return _loss_metrics(batches_loss_sums(model, batches, device), world)
+
+
+LM_TASK = Task(LMTrainConfig, build, next_token_loss, "val_loss", False, evaluate, evaluate_stream, eval_batch_size=32)
 TASK_PATH = f"{__name__}:LM_TASK"
