@@ -139,10 +139,13 @@ class TrainConfig(BaseModel):
         description="How workers get the data: 'memory' (loaded on the driver, one copy in the object "
         "store), 'ray_data' (parquet of feature columns + 'label', one file or a directory or s3:// prefix "
         "of them, streamed to each worker as a Ray Dataset shard, never collected on the driver), 'auto' "
-        "(ray_data for s3:// data and .parquet files larger than ray_data_threshold_bytes).",
+        "(ray_data for s3:// data and .parquet files larger than ray_data_threshold_bytes). Language models "
+        "(kind: generative): 'ray_data' tokenizes a folder or prefix of parquet/jsonl 'text' files in Ray Data "
+        "(docs/generative.md, Data).",
     )
     ray_data_threshold_bytes: int = Field(
-        default=256 * 1024**2, ge=0, description="'auto' data_loading streams .parquet files above this size."
+        default=256 * 1024**2, ge=0,
+        description="'auto' data_loading streams .parquet files (a language model's table files) above this size."
     )
     vocab_size: int = Field(default=2000, ge=3, description="Text data: most tokens the trained tokenizer keeps.")
     max_seq_len: int = Field(default=32, ge=1, description="Text data: tokens per text (padded/truncated).")

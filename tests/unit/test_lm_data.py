@@ -121,6 +121,18 @@ def test_every_source_splits_by_document_and_windows(tmp_path, source):
     assert json.loads(splits.tokenizer_json)["model"]["type"] == "BPE"
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_missing_and_blank_text_rows_are_no_documents(tmp_path, suffix):
+    import pandas as pd
+
+    from maas_ray.train.lm.data import read_documents
+
+    frame = pd.DataFrame({"text": ["a cat", None, "  ", "a dog"]})
+    data = str(tmp_path / f"c.{suffix}")
+    frame.to_json(data, orient="records", lines=True) if suffix == "jsonl" else frame.to_parquet(data)
+    assert read_documents(LMTrainConfig.load(None, data=data)) == ["a cat", "a dog"]
+
+
 def test_bad_data_is_a_config_error(tmp_path):
     from maas_ray.train.lm.data import load_lm_splits
 

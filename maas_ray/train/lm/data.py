@@ -177,7 +177,7 @@ def _read_documents(cfg: LMTrainConfig) -> tuple[list[str], dict[str, Any]]:
             table = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_json(path, lines=True)
             if "text" not in table.columns:
                 raise ConfigError(f"{data!r} has no 'text' column (columns: {list(table.columns)})")
-            return [t for t in table["text"].astype(str).tolist() if t.strip()], {}
+            return _clean(table["text"].dropna().tolist()), {}  # a missing row is no document, not "None"
         return _paragraphs(path.read_text(encoding="utf-8")), {}
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # missing file, not UTF-8, bad table
         raise ConfigError(f"cannot read training text {data!r}: {exc}") from exc
