@@ -190,7 +190,7 @@ def held_out_tokens(pm: Manifest, tokenizer_json: str, cfg: OptimizeConfig) -> H
     from pydantic import ValidationError
 
     from maas_ray.train.lm import tokenizer as tk  # tokenizers + numpy; no torch
-    from maas_ray.train.lm.config import FAMILY, LMTrainConfig
+    from maas_ray.train.lm.config import LMTrainConfig
     from maas_ray.train.lm.data import load_lm_splits, read_documents, windows
 
     ref = f"{pm.model}:{pm.version}"
@@ -202,9 +202,9 @@ def held_out_tokens(pm: Manifest, tokenizer_json: str, cfg: OptimizeConfig) -> H
         source = f"eval_text {cfg.eval_text} (sha256 {digest[:12]}..., {len(docs)} documents)"
     else:
         tc = pm.training_config or {}
-        if "data" not in tc or (pm.model_spec or {}).get("model") != FAMILY:
+        if "data" not in tc or "corpus_documents" not in tc:  # an LMTrainConfig: `maas train` trained it (any LM)
             raise ConfigError(
-                f"{ref} records no {FAMILY} training data (published outside `maas train`?): "
+                f"{ref} records no language-model training data (published outside `maas train`?): "
                 "pass --eval-text FILE to measure perplexity on"
             )
         try:

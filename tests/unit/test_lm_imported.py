@@ -178,3 +178,25 @@ def test_the_engine_serves_a_recompute_graph_with_continuous_batching(tmp_path):
     for ids, n, got in zip(prompts, lengths, outputs):
         want = _alone_greedy(lm.module, ids, n)
         assert got == (want[: want.index(eos) + 1] if eos in want else want)
+
+
+def test_maas_optimize_int8_measures_a_factory_version_on_its_training_data(tmp_path, capsys):
+    """`maas optimize --int8` reads the recorded LMTrainConfig of a factory's version (not only
+    decoder-lm's) for its held-out perplexity."""
+    from maas_ray.cli import main
+
+    docs = corpus.documents(300, seed=0)
+    text = tmp_path / "c.txt"
+    text.write_text("\n\n".join(docs))
+    cfg = LMTrainConfig.load(None, data=str(text), model="tests.factories:gru_lm",
+                             model_args={"context_length": 32, "dim": 32}, vocab_size=300)
+    tokenizer_json = tk.train_tokenizer(docs, vocab_size=300)
+    torch.manual_seed(0)
+    lm = build_imported(cfg.model, cfg.model_args, tk.load(tokenizer_json).get_vocab_size()).eval()
+    reg = Registry(str(tmp_path / "reg"))
+    publish_lm(reg, "gru", lm, tokenizer_json, export_and_check(lm, tokenizer_json, ["the cat"], decode_steps=4),
+               training_config=cfg.model_dump(mode="json"))
+    assert main(["optimize", "gru:1", "--int8", "--registry", reg.root, "--max-perplexity-increase", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("published gru:2 (int8 of gru:1)  perplexity ") and " on 1024 tokens " in out
+    assert reg.describe("gru", 2).model_spec["cache"] == RECOMPUTE

@@ -90,7 +90,7 @@ def test_cli_prints_one_summary_line(lm, capsys):
     (["--fp16"], "error: tiny-lm:1 is a generative version: --fp16 is not supported for it, only --int8"),
     (["--graph"], "error: tiny-lm:1 is a generative version: --graph is not supported for it, only --int8"),
     (["--int8", "--static"], "error: tiny-lm:1 is a generative version: --int8 --static is not supported for it"),
-    (["--int8"], "error: tiny-lm:1 records no decoder-lm training data (published outside `maas train`?): "
+    (["--int8"], "error: tiny-lm:1 records no language-model training data (published outside `maas train`?): "
                  "pass --eval-text FILE"),
     (["--int8", "--eval-text", "/nonexistent.txt"], "error: optimize: eval_text: Value error, eval_text must be a "
                                                     "readable text file, got '/nonexistent.txt'"),
