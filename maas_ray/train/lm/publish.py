@@ -22,14 +22,14 @@ from maas_ray.registry import ExtraFile, Manifest, ParentRef, ProcessorSpec, Reg
 from maas_ray.registry.kv_layout import read_kv_layout
 from maas_ray.train.lm import tokenizer as tk
 from maas_ray.train.lm.export import export_lm, generation_spec, parity_check_lm
-from maas_ray.train.lm.imported import ImportedLM, build_imported
+from maas_ray.train.lm.imported import ImportedLM
 from maas_ray.train.lm.model import (
     DecoderLM,
-    DecoderLMArgs,
     hf_gpt2_config,
     load_weights,
     weights_state_dict,
 )
+from maas_ray.train.lm.task import build
 
 logger = logging.getLogger(__name__)
 FAMILY = "decoder-lm"
@@ -127,12 +127,9 @@ def load_published_lm(registry: Registry, name: str, version: Any = None) -> Pub
                           f"(missing {missing or 'generation'})")
     loaded = registry.load(name, manifest.version, files=[WEIGHTS_FILE, SPEC_FILE, TOKENIZER_FILE])
     doc = json.loads(loaded.files[SPEC_FILE])
-    if doc.get("model") == FAMILY:
-        model: LM = DecoderLM(DecoderLMArgs.model_validate(doc["model_args"]))
-    elif "vocab_size" in doc and isinstance(doc.get("model_args"), dict):
-        model = build_imported(doc["model"], doc["model_args"], int(doc["vocab_size"]), probe=False)
-    else:
+    if doc.get("model") != FAMILY and not ("vocab_size" in doc and isinstance(doc.get("model_args"), dict)):
         raise ConfigError(f"{name}:{manifest.version} is a {doc.get('model')!r} model, not a language model")
+    model: LM = build(doc)  # the spec doc is the training task's model spec
     try:
         state = state_from_bytes(loaded.files[WEIGHTS_FILE])
         if isinstance(model, DecoderLM):
